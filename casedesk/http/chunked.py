@@ -1,0 +1,100 @@
+"""Hand de-framing of a chunked HTTP/1.1 body (RFC 9112 §7.1), strict.
+
+Why by hand: llama-server sends one SSE event per chunk, so this runs once per streamed token,
+and h11 spends about 11 µs per chunk where this spends about 1 µs (bench/). h11 still parses
+the response head; this takes over the body only. Compared with h11 on the same bytes, split
+at every possible point, in tests/test_chunked.py.
+"""
+
+from __future__ import annotations
+
+import re
+
+_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?")
+_MAX_LINE = 4096
+
+
+class ChunkedError(Exception):
+    """The peer broke chunked framing: the connection cannot be trusted or reused."""
+
+
+class ChunkedDecoder:
+    """Feed raw bytes, get body bytes; `done` once the last chunk and trailers are read."""
+
+    __slots__ = ("_buf", "_remaining", "_state", "done")
+
+    # states
+    _SIZE, _DATA, _DATA_END, _TRAILER = range(4)
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._remaining = 0
+        self._state = self._SIZE
+        self.done = False
+
+    def feed(self, data: bytes) -> bytes:
+        """Return the body bytes contained in `data` (possibly b""). Raise ChunkedError."""
+        if self.done:
+            if data:
+                raise ChunkedError("bytes after the end of the chunked body")
+            return b""
+        if not self._buf and self._state == self._SIZE:
+            # Fast path: `data` is exactly one whole chunk, as llama-server writes them.
+            end = data.find(b"\r\n", 0, _MAX_LINE)
+            if end > 0:
+                size = _size(data[:end])
+                start = end + 2
+                if size and len(data) == start + size + 2 and data.endswith(b"\r\n"):
+                    return data[start : start + size]
+        return self._feed_slow(data)
+
+    def _feed_slow(self, data: bytes) -> bytes:
+        buf = self._buf + data if self._buf else data
+        out: list[bytes] = []
+        pos = 0
+        n = len(buf)
+        while pos < n:
+            state = self._state
+            if state == self._DATA:
+                take = min(self._remaining, n - pos)
+                out.append(buf[pos : pos + take])
+                pos += take
+                self._remaining -= take
+                if self._remaining == 0:
+                    self._state = self._DATA_END
+                continue
+            end = buf.find(b"\r\n", pos)
+            if end < 0:
+                if n - pos > _MAX_LINE:
+                    raise ChunkedError("chunk line too long")
+                break
+            line = buf[pos:end]
+            pos = end + 2
+            if state == self._SIZE:
+                size = _size(line)
+                if size == 0:
+                    self._state = self._TRAILER
+                else:
+                    self._remaining = size
+                    self._state = self._DATA
+            elif state == self._DATA_END:
+                if line:
+                    raise ChunkedError("chunk data longer than its declared size")
+                self._state = self._SIZE
+            else:  # trailers end with an empty line
+                if not line:
+                    self.done = True
+                    if pos != n:
+                        raise ChunkedError("bytes after the end of the chunked body")
+                    break
+        self._buf = buf[pos:] if pos < n else b""
+        if len(out) == 1:
+            return out[0]
+        return b"".join(out)
+
+
+def _size(line: bytes) -> int:
+    match = _SIZE_LINE.fullmatch(line)
+    if match is None:
+        raise ChunkedError(f"bad chunk size line {line[:40]!r}")
+    return int(match.group(1), 16)

@@ -1,0 +1,431 @@
+"""HttpProtocol: one asyncio.Protocol per client connection, driving h11 as the server.
+
+h11 owns the connection state machine and the message heads; this module owns the socket:
+limits, timeouts, keep-alive, flow control, and the response writer handlers use. It knows
+HTTP and nothing of Anthropic (errors come in as ApiError values and go out as JSON).
+The shape follows uvicorn's h11 protocol (one class per connection, one dispatch loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import h11
+
+from casedesk.anthropic.errors import ApiError
+
+log = logging.getLogger("casedesk.http")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_header_bytes: int = 64 * 1024
+    max_connections: int = 1024
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    keepalive_timeout: float = 75.0
+
+
+@dataclass(slots=True)
+class Request:
+    """A complete request: the body is read in full before a handler sees it."""
+
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
+    body: bytes
+    client: str
+    request_id: str
+
+
+Handler = Callable[[Request, "ResponseWriter"], Awaitable[None]]
+
+
+def new_request_id() -> str:
+    return "req_" + os.urandom(12).hex()
+
+
+class ConnectionTracker:
+    """The open connections of one listening server: the connection cap and shutdown use it."""
+
+    def __init__(self) -> None:
+        self.open: set[HttpProtocol] = set()
+        self.idle_changed = asyncio.Event()
+
+    def busy(self) -> list[HttpProtocol]:
+        return [p for p in self.open if p.handling]
+
+
+class ResponseWriter:
+    """Writes one response: a whole one (`send`) or a streamed one (`start_stream`, `write`…, `end`).
+
+    Streamed bodies are framed as chunks by hand: h11 spends about 4 µs framing one chunk and
+    this is the per-token hot path (shared/design.md "The hot path"); the head and the final
+    zero-chunk still go through h11 so its state machine stays exact. See
+    tests/test_http_server.py::test_hand_chunk_framing_matches_h11.
+    """
+
+    __slots__ = ("_protocol", "request_id", "status", "started", "finished", "_hand_chunked", "head_only", "bytes_sent")
+
+    def __init__(self, protocol: HttpProtocol, request_id: str, head_only: bool) -> None:
+        self._protocol = protocol
+        self.request_id = request_id
+        self.status = 0
+        self.started = False
+        self.finished = False
+        self._hand_chunked = False
+        self.head_only = head_only
+        self.bytes_sent = 0
+
+    @property
+    def disconnected(self) -> bool:
+        return self._protocol.closed
+
+    def _head(self, status: int, headers: list[tuple[str, str]]) -> h11.Response:
+        if self.started:
+            raise RuntimeError("response already started")
+        self.started = True
+        self.status = status
+        headers.append(("request-id", self.request_id))
+        return h11.Response(status_code=status, headers=headers)
+
+    def send(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str = "application/json",
+        headers: tuple[tuple[str, str], ...] = (),
+        close: bool = False,
+    ) -> None:
+        """Send a whole response with a Content-Length body."""
+        conn = self._protocol.conn
+        head = [("content-type", content_type), ("content-length", str(len(body))), *headers]
+        if close:
+            head.append(("connection", "close"))
+        data = conn.send(self._head(status, head))
+        if body and not self.head_only:
+            data += conn.send(h11.Data(data=body))
+        data += conn.send(h11.EndOfMessage())
+        self.finished = True
+        self.bytes_sent += len(body)
+        self._protocol.write(data)
+
+    def send_error(self, error: ApiError, close: bool = False) -> None:
+        self.send(error.status, error.body(), headers=error.headers, close=close)
+
+    def start_stream(
+        self,
+        status: int = 200,
+        content_type: str = "text/event-stream",
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        """Send the head of a streamed (chunked) response; body pieces follow with write()."""
+        conn = self._protocol.conn
+        head = [("content-type", content_type), ("cache-control", "no-cache"), *headers]
+        data = conn.send(self._head(status, head))
+        # h11 frames the body as chunks exactly when the peer speaks HTTP/1.1 and no length
+        # was given; HTTP/1.0 peers get a close-delimited body, framed by h11 itself.
+        self._hand_chunked = conn.their_http_version == b"1.1"
+        self._protocol.write(data)
+
+    def write(self, data: bytes) -> None:
+        """Send one body piece now (one chunk, one transport.write: nothing is batched)."""
+        if not data or self.finished:
+            return
+        self.bytes_sent += len(data)
+        if self._hand_chunked:
+            self._protocol.write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            self._protocol.write(self._protocol.conn.send(h11.Data(data=data)))
+
+    def end(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self._protocol.write(self._protocol.conn.send(h11.EndOfMessage()))
+
+    async def drain(self) -> None:
+        """Wait while the client's socket buffer is full (flow control)."""
+        await self._protocol.drain()
+
+    def set_flow_listener(self, listener: FlowListener | None) -> None:
+        """Tell `listener` when the client stops and starts reading (back-pressure upstream)."""
+        self._protocol.flow_listener = listener
+
+
+class FlowListener:
+    """What a relay does when the client's socket fills up and drains again."""
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+
+class HttpProtocol(asyncio.Protocol):
+    """One client connection: parse with h11, run one handler task per request, keep alive."""
+
+    def __init__(self, handler: Handler, limits: ServerLimits, tracker: ConnectionTracker) -> None:
+        self._handler = handler
+        self._limits = limits
+        self._tracker = tracker
+        self._loop = asyncio.get_running_loop()
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
+        self.transport: asyncio.Transport | None = None
+        self.client = ""
+        self.closed = False
+        self.flow_listener: FlowListener | None = None
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._reading_paused = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._head: h11.Request | None = None
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._task: asyncio.Task[None] | None = None
+        self.writer: ResponseWriter | None = None
+
+    @property
+    def handling(self) -> bool:
+        return self._task is not None
+
+    # -- asyncio callbacks -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        self.client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
+        self._tracker.open.add(self)
+        if len(self._tracker.open) > self._limits.max_connections:
+            log.warning("connection cap %d reached; refusing %s", self._limits.max_connections, self.client)
+            error = ApiError(529, "too many open connections to this gateway; retry shortly")
+            body = error.body()
+            transport.write(
+                b"HTTP/1.1 529 Overloaded\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                b"content-length: %d\r\n\r\n%b" % (len(body), body)
+            )
+            self.close()
+            return
+        self._arm_timer(self._limits.header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._cancel_timer()
+        self._tracker.open.discard(self)
+        self._tracker.idle_changed.set()
+        self._writable.set()  # wake writers so they notice the disconnect
+        if self._task is not None:
+            self._task.cancel()
+
+    def eof_received(self) -> bool | None:
+        # A client that closes its side is gone: close, which cancels any running handler so
+        # the upstream request is abandoned at once (llama-server then frees the slot).
+        return None
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.receive_data(data)
+        self._handle_events()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+        if self.flow_listener is not None:
+            self.flow_listener.pause()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+        if self.flow_listener is not None:
+            self.flow_listener.resume()
+
+    # -- writing -------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        if not self._writable.is_set():
+            await self._writable.wait()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    # -- the dispatch loop -------------------------------------------------------------------
+
+    def _handle_events(self) -> None:
+        while not self.closed:
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._reject(exc.error_status_hint, f"malformed HTTP request: {exc}")
+                return
+            if event is h11.NEED_DATA:
+                return
+            if event is h11.PAUSED:
+                # A pipelined request waits until the current response is complete.
+                if not self._reading_paused and self.transport is not None:
+                    self.transport.pause_reading()
+                    self._reading_paused = True
+                return
+            kind = type(event)
+            if kind is h11.Data:
+                self._body_size += len(event.data)
+                if self._body_size > self._limits.max_body_bytes:
+                    self._reject_too_large()
+                    return
+                self._body.append(event.data)
+            elif kind is h11.Request:
+                self._on_request_head(event)
+            elif kind is h11.EndOfMessage:
+                self._dispatch()
+            elif kind is h11.ConnectionClosed:
+                self.close()
+                return
+
+    def _on_request_head(self, head: h11.Request) -> None:
+        self._head = head
+        self._body = []
+        self._body_size = 0
+        for name, value in head.headers:
+            if name == b"content-length" and int(value) > self._limits.max_body_bytes:
+                self._reject_too_large()
+                return
+        self._arm_timer(self._limits.body_timeout)
+
+    def _reject_too_large(self) -> None:
+        self._reject(413, f"request body is larger than the limit of {self._limits.max_body_bytes} bytes")
+
+    def _reject(self, status: int, message: str) -> None:
+        """Answer a request we will not handle, then close: the rest of its bytes are unread."""
+        error = ApiError(status, message)
+        if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE) and self._task is None:
+            try:
+                writer = ResponseWriter(self, new_request_id(), head_only=False)
+                writer.send_error(error, close=True)
+            except h11.LocalProtocolError:
+                pass
+        self.close()
+
+    def _dispatch(self) -> None:
+        head = self._head
+        assert head is not None
+        self._cancel_timer()
+        target = head.target.decode("latin-1")
+        path, _, query = target.partition("?")
+        headers: dict[str, str] = {}
+        for name, value in head.headers:
+            key = name.decode("latin-1")
+            text = value.decode("latin-1")
+            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        method = head.method.decode("ascii", "replace")
+        request = Request(
+            method=method,
+            path=path,
+            query=query,
+            headers=headers,
+            body=b"".join(self._body),
+            client=self.client,
+            request_id=new_request_id(),
+        )
+        self._body = []
+        self.writer = ResponseWriter(self, request.request_id, head_only=method == "HEAD")
+        self._task = self._loop.create_task(self._run(request, self.writer))
+
+    async def _run(self, request: Request, writer: ResponseWriter) -> None:
+        try:
+            await self._handler(request, writer)
+            if not writer.started:
+                raise RuntimeError(f"handler for {request.path} sent no response")
+        except asyncio.CancelledError:
+            pass
+        except ApiError as error:
+            self._fail(writer, error)
+        except Exception:
+            log.exception("handler failed for %s %s", request.method, request.path)
+            self._fail(writer, ApiError(500, "internal error in the gateway; see its log"))
+        finally:
+            self._task = None
+            self.writer = None
+            self.flow_listener = None
+            self._tracker.idle_changed.set()
+            self._cycle_done()
+
+    def _fail(self, writer: ResponseWriter, error: ApiError) -> None:
+        if self.closed:
+            return
+        if not writer.started:
+            writer.send_error(error)
+        elif not writer.finished:
+            writer.write(error.sse_event())
+            writer.end()
+
+    def _cycle_done(self) -> None:
+        if self.closed:
+            return
+        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+            self.conn.start_next_cycle()
+            self._arm_timer(self._limits.keepalive_timeout)
+            if self._reading_paused and self.transport is not None:
+                self._reading_paused = False
+                self.transport.resume_reading()
+            self._handle_events()
+        else:
+            self.close()
+
+    # -- timers --------------------------------------------------------------------------------
+
+    def _arm_timer(self, seconds: float) -> None:
+        self._cancel_timer()
+        self._timer = self._loop.call_later(seconds, self._on_timeout)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timeout(self) -> None:
+        """Idle keep-alive, or a client too slow sending its request: drop it."""
+        self._timer = None
+        if self._task is None:
+            if self.conn.their_state is h11.SEND_BODY or (
+                self.conn.their_state is h11.IDLE and self.conn.client_is_waiting_for_100_continue
+            ):
+                self._reject(408, "timed out waiting for the request body")
+            else:
+                self.close()
+
+    def shutdown_if_idle(self) -> bool:
+        """Close this connection now if no request is in progress (graceful shutdown)."""
+        if self._task is None and self.conn.their_state is h11.IDLE:
+            self.close()
+            return True
+        return False
+
+
+async def start_server(
+    handler: Handler,
+    limits: ServerLimits,
+    tracker: ConnectionTracker,
+    host: str | None = None,
+    port: int | None = None,
+    sock: socket.socket | None = None,
+    reuse_port: bool = False,
+) -> asyncio.Server:
+    """Listen on host:port (or an already bound socket, e.g. from systemd) and serve."""
+    loop = asyncio.get_running_loop()
+    factory = lambda: HttpProtocol(handler, limits, tracker)  # noqa: E731
+    if sock is not None:
+        return await loop.create_server(factory, sock=sock, backlog=2048)
+    return await loop.create_server(
+        factory, host=host, port=port, backlog=2048, reuse_address=True, reuse_port=reuse_port or None
+    )

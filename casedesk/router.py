@@ -1,0 +1,74 @@
+"""Path patterns → handler and path parameters; 404 for unknown paths, 405 for wrong methods.
+
+Patterns are split on "/" and matched segment by segment, exactly: a `{name}` segment takes
+one whole non-empty segment, so there is no traversal and no partial match. A trailing `*`
+segment takes the rest of the path (used for HEAD probes of a base URL).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from casedesk.anthropic.errors import ApiError
+
+RouteHandler = Callable[..., Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    methods: frozenset[str]
+    segments: tuple[str, ...]
+    handler: RouteHandler
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    handler: RouteHandler
+    params: dict[str, str]
+
+
+class Router:
+    def __init__(self) -> None:
+        self._routes: list[Route] = []
+
+    def add(self, methods: str | tuple[str, ...], pattern: str, handler: RouteHandler) -> None:
+        names = (methods,) if isinstance(methods, str) else methods
+        self._routes.append(Route(frozenset(names), tuple(pattern.strip("/").split("/")), handler))
+
+    def resolve(self, method: str, path: str) -> Match:
+        """The route for this request; ApiError 404 or 405 (with `allow`) when there is none."""
+        parts = path.strip("/").split("/")
+        if "" in parts and path.strip("/"):
+            raise ApiError(404, f"no route for {path}")
+        allowed: set[str] = set()
+        for route in self._routes:
+            params = _match(route.segments, parts)
+            if params is None:
+                continue
+            if method in route.methods:
+                return Match(route.handler, params)
+            if route.segments[-1] != "*":  # a catch-all never makes a path "known"
+                allowed |= route.methods
+        if allowed:
+            allow = ", ".join(sorted(allowed))
+            raise ApiError(405, f"method {method} not allowed on {path}; use {allow}", headers=(("allow", allow),))
+        raise ApiError(404, f"no route for {path}")
+
+
+def _match(segments: tuple[str, ...], parts: list[str]) -> dict[str, Any] | None:
+    params: dict[str, str] = {}
+    for i, segment in enumerate(segments):
+        if segment == "*":
+            return params
+        if i >= len(parts):
+            return None
+        part = parts[i]
+        if segment.startswith("{") and segment.endswith("}"):
+            if not part:
+                return None
+            params[segment[1:-1]] = part
+        elif segment != part:
+            return None
+    return params if len(parts) == len(segments) else None

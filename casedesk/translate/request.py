@@ -1,0 +1,192 @@
+"""Anthropic Messages request → llama-server `POST /v1/chat/completions` body.
+
+Pure: dicts in, dict out, no I/O. The mapping is shared/protocol.md §3; each rule is pinned
+by a test in tests/test_translate_request.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from casedesk.anthropic.schema import MessagesRequest
+
+
+def to_chat_request(request: MessagesRequest, *, stream: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": request.model,
+        "messages": to_chat_messages(request),
+        "max_tokens": request.max_tokens,
+    }
+    for key in ("temperature", "top_p", "top_k"):
+        value = getattr(request, key)
+        if value is not None:
+            body[key] = value
+    if request.stop_sequences:
+        body["stop"] = list(request.stop_sequences)
+    if request.tools:
+        body.update(_tools(request))
+    if request.thinking == "disabled":
+        body["chat_template_kwargs"] = {"enable_thinking": False}
+    elif request.thinking_budget is not None:
+        body["reasoning_budget"] = request.thinking_budget
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+        # prompt_progress chunks arrive while the prompt is processed: message_start then
+        # carries the real input token count, and long prefills become pings.
+        body["return_progress"] = True
+    else:
+        body["stream"] = False
+    return body
+
+
+def to_chat_messages(request: MessagesRequest) -> list[dict[str, Any]]:
+    """The conversation in llama-server's (OpenAI) message shape, system prompt first."""
+    out: list[dict[str, Any]] = []
+    if request.system:
+        out.append({"role": "system", "content": "\n\n".join(b["text"] for b in request.system)})
+    for message in request.messages:
+        role = message["role"]
+        content = message["content"]
+        if isinstance(content, str):
+            out.append({"role": role, "content": content})
+        elif role == "assistant":
+            out.append(_assistant(content))
+        elif role == "system":
+            out.append({"role": "system", "content": _joined_text(content)})
+        else:
+            out.extend(_user(content))
+    return out
+
+
+def _assistant(blocks: list[dict[str, Any]]) -> dict[str, Any]:
+    texts: list[str] = []
+    reasoning: list[str] = []
+    calls: list[dict[str, Any]] = []
+    for block in blocks:
+        kind = block["type"]
+        if kind == "text":
+            texts.append(block["text"])
+        elif kind == "thinking":
+            reasoning.append(block["thinking"])
+        elif kind == "tool_use":
+            calls.append(
+                {
+                    "id": block["id"],
+                    "type": "function",
+                    "function": {"name": block["name"], "arguments": orjson.dumps(block["input"]).decode()},
+                }
+            )
+        # redacted_thinking carries nothing a local model can read: dropped.
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(texts)}
+    if reasoning:
+        message["reasoning_content"] = "\n".join(reasoning)
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def _user(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tool results first, as `tool` messages in order; then the rest as one user message."""
+    tool_messages: list[dict[str, Any]] = []
+    parts: list[dict[str, Any]] = []
+    for block in blocks:
+        if block["type"] == "tool_result":
+            text, images = _tool_result_content(block.get("content"))
+            if block.get("is_error"):
+                text = f"Error: {text}" if text else "Error"
+            tool_messages.append({"role": "tool", "tool_call_id": block["tool_use_id"], "content": text})
+            parts.extend(images)
+        else:
+            part = _part(block)
+            if part is not None:
+                parts.append(part)
+    out = tool_messages
+    if parts:
+        out.append({"role": "user", "content": _content(parts)})
+    elif not tool_messages:
+        out.append({"role": "user", "content": ""})
+    return out
+
+
+def _tool_result_content(content: Any) -> tuple[str, list[dict[str, Any]]]:
+    if content is None:
+        return "", []
+    if isinstance(content, str):
+        return content, []
+    texts: list[str] = []
+    images: list[dict[str, Any]] = []
+    for block in content:
+        part = _part(block)
+        if part is None:
+            continue
+        if part["type"] == "text":
+            texts.append(part["text"])
+        else:
+            images.append(part)
+    return "\n".join(texts), images
+
+
+def _part(block: dict[str, Any]) -> dict[str, Any] | None:
+    kind = block["type"]
+    if kind == "text":
+        return {"type": "text", "text": block["text"]}
+    if kind == "image":
+        source = block["source"]
+        if source["type"] == "base64":
+            url = f"data:{source['media_type']};base64,{source['data']}"
+        else:
+            url = source["url"]
+        return {"type": "image_url", "image_url": {"url": url}}
+    if kind == "document":
+        return {"type": "text", "text": _document_text(block)}
+    return None  # thinking blocks in a user turn have no meaning: dropped
+
+
+def _document_text(block: dict[str, Any]) -> str:
+    source = block["source"]
+    if source["type"] == "text":
+        text = source["data"]
+    else:
+        inner = source["content"]
+        text = inner if isinstance(inner, str) else "\n".join(b.get("text", "") for b in inner if isinstance(b, dict))
+    title = block.get("title")
+    return f"{title}\n\n{text}" if isinstance(title, str) and title else text
+
+
+def _content(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+    """A plain string unless there are images: every chat template takes strings."""
+    if all(p["type"] == "text" for p in parts):
+        return "\n".join(p["text"] for p in parts)
+    return parts
+
+
+def _joined_text(blocks: list[dict[str, Any]]) -> str:
+    return "\n".join(b["text"] for b in blocks if b.get("type") == "text")
+
+
+def _tools(request: MessagesRequest) -> dict[str, Any]:
+    tools = request.tools or []
+    choice = request.tool_choice or {"type": "auto"}
+    if choice["type"] == "tool":
+        # llama-server takes tool_choice only as a string (an object silently means "auto"):
+        # "this tool" is "required" with the list narrowed to that one tool.
+        tools = [t for t in tools if t["name"] == choice["name"]]
+    mapped = {"auto": "auto", "any": "required", "tool": "required", "none": "none"}[choice["type"]]
+    return {
+        "tools": [
+            {
+                "type": "function",
+                "function": {
+                    "name": t["name"],
+                    "description": t.get("description", ""),
+                    "parameters": t["input_schema"],
+                },
+            }
+            for t in tools
+        ],
+        "tool_choice": mapped,
+        "parallel_tool_calls": not choice.get("disable_parallel_tool_use", False),
+    }

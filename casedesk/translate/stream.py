@@ -1,0 +1,233 @@
+"""StreamTranslator: llama-server chat chunks → Anthropic server-sent events, as bytes.
+
+A sans-I/O state machine over content blocks (text, thinking, tool_use), in the manner of
+h11: `feed(chunk)` returns the bytes to write now, `finish()` the closing events. The I/O
+layer calls it once per upstream chunk and writes what it returns at once.
+
+Hot path: a text or thinking delta is the same event each time but for the text, so its
+bytes are pre-encoded around one `orjson.dumps(text)` (tests compare them with the obvious
+`orjson.dumps(event)` encoding).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+
+from casedesk.http.sse import encode_event
+from casedesk.translate.response import (
+    new_message_id,
+    new_tool_use_id,
+    stop_reason_of,
+    thinking_signature,
+    usage_of,
+)
+
+log = logging.getLogger("casedesk.translate")
+
+PING = b'event: ping\ndata: {"type":"ping"}\n\n'
+_SUPPRESSED_PING_EVERY = 32  # chunks of reasoning nobody asked for between two pings
+
+
+class StreamTranslator:
+    __slots__ = (
+        "model", "message_id", "wants_thinking", "started", "finished", "_index", "_block",
+        "_text_prefix", "_thinking_prefix", "_thinking_text", "_tool_blocks", "_current_tool",
+        "_finish_reason", "_usage", "_input_tokens", "_cached_tokens", "_suppressed", "has_tool_use",
+        "output_text_chunks", "stop_sequence",
+    )
+
+    def __init__(self, model: str, *, wants_thinking: bool, message_id: str | None = None) -> None:
+        self.model = model
+        self.message_id = message_id or new_message_id()
+        self.wants_thinking = wants_thinking
+        self.started = False
+        self.finished = False
+        self._index = -1
+        self._block: str | None = None  # "text" | "thinking" | "tool_use" | None
+        self._text_prefix = b""
+        self._thinking_prefix = b""
+        self._thinking_text: list[str] = []
+        self._tool_blocks: dict[int, int] = {}  # upstream tool-call index → our block index
+        self._current_tool: int | None = None
+        self._finish_reason: str | None = None
+        self._usage: dict[str, Any] | None = None
+        self._input_tokens = 0
+        self._cached_tokens = 0
+        self._suppressed = 0
+        self.has_tool_use = False
+        self.output_text_chunks = 0
+        self.stop_sequence: str | None = None
+
+    # -- input ----------------------------------------------------------------------------
+
+    def feed(self, chunk: dict[str, Any]) -> bytes:
+        """The events for one upstream chunk (b"" when it changes nothing a client sees)."""
+        out = b""
+        progress = chunk.get("prompt_progress")
+        if progress is not None:
+            if self.started:
+                return PING  # a long prompt is still being processed: keep the client informed
+            total = int(progress.get("total") or 0)
+            self._cached_tokens = int(progress.get("cache") or 0)
+            self._input_tokens = max(total - self._cached_tokens, 0)
+            return self._message_start()
+        if not self.started:
+            out = self._message_start()
+        choices = chunk.get("choices")
+        if choices:
+            choice = choices[0]
+            delta = choice.get("delta")
+            if delta:
+                reasoning = delta.get("reasoning_content")
+                if reasoning:
+                    out += self._reasoning(reasoning)
+                text = delta.get("content")
+                if text:
+                    out += self.text(text)
+                calls = delta.get("tool_calls")
+                if calls:
+                    out += self._tool_calls(calls)
+            reason = choice.get("finish_reason")
+            if reason:
+                self._finish_reason = reason
+        usage = chunk.get("usage")
+        if usage:
+            self._usage = usage
+        return out
+
+    def text(self, text: str) -> bytes:
+        """A text delta (also used by the stop-sequence matcher for released text)."""
+        out = b""
+        if self._block != "text":
+            out = self._open(b'{"type":"text","text":""}', "text")
+            self._text_prefix = (
+                b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
+                b'"delta":{"type":"text_delta","text":' % self._index
+            )
+        self.output_text_chunks += 1
+        return out + self._text_prefix + orjson.dumps(text) + b"}}\n\n"
+
+    def _reasoning(self, reasoning: str) -> bytes:
+        if not self.wants_thinking:
+            self._suppressed += 1
+            return PING if self._suppressed % _SUPPRESSED_PING_EVERY == 1 else b""
+        out = b""
+        if self._block != "thinking":
+            out = self._open(b'{"type":"thinking","thinking":"","signature":""}', "thinking")
+            self._thinking_prefix = (
+                b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
+                b'"delta":{"type":"thinking_delta","thinking":' % self._index
+            )
+            self._thinking_text = []
+        self._thinking_text.append(reasoning)
+        return out + self._thinking_prefix + orjson.dumps(reasoning) + b"}}\n\n"
+
+    def _tool_calls(self, calls: list[dict[str, Any]]) -> bytes:
+        out = b""
+        for call in calls:
+            upstream_index = int(call.get("index") or 0)
+            function = call.get("function") or {}
+            if upstream_index not in self._tool_blocks:
+                block = {
+                    "type": "tool_use",
+                    "id": call.get("id") or new_tool_use_id(),
+                    "name": function.get("name") or "",
+                    "input": {},
+                }
+                out += self._open(orjson.dumps(block), "tool_use")
+                self._tool_blocks[upstream_index] = self._index
+                self._current_tool = upstream_index
+                self.has_tool_use = True
+            elif upstream_index != self._current_tool:
+                # Blocks are sequential; llama-server finishes one call before the next.
+                log.warning("arguments for an earlier tool call (index %d) dropped", upstream_index)
+                continue
+            arguments = function.get("arguments")
+            if arguments:
+                out += encode_event(
+                    b"content_block_delta",
+                    {
+                        "type": "content_block_delta",
+                        "index": self._index,
+                        "delta": {"type": "input_json_delta", "partial_json": arguments},
+                    },
+                )
+        return out
+
+    # -- blocks -----------------------------------------------------------------------------
+
+    def _open(self, content_block: bytes, kind: str) -> bytes:
+        out = self._close()
+        self._index += 1
+        self._block = kind
+        return out + (
+            b'event: content_block_start\ndata: {"type":"content_block_start","index":%d,"content_block":%b}\n\n'
+            % (self._index, content_block)
+        )
+
+    def _close(self) -> bytes:
+        if self._block is None:
+            return b""
+        out = b""
+        if self._block == "thinking":
+            signature = thinking_signature("".join(self._thinking_text))
+            out = encode_event(
+                b"content_block_delta",
+                {"type": "content_block_delta", "index": self._index, "delta": {"type": "signature_delta", "signature": signature}},
+            )
+        self._block = None
+        self._current_tool = None
+        return out + b'event: content_block_stop\ndata: {"type":"content_block_stop","index":%d}\n\n' % self._index
+
+    def _message_start(self) -> bytes:
+        self.started = True
+        message = {
+            "id": self.message_id,
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {
+                "input_tokens": self._input_tokens,
+                "output_tokens": 0,
+                "cache_creation_input_tokens": 0,
+                "cache_read_input_tokens": self._cached_tokens,
+            },
+        }
+        return encode_event(b"message_start", {"type": "message_start", "message": message})
+
+    # -- the end ------------------------------------------------------------------------------
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._finish_reason
+
+    def finish(self, usage: dict[str, Any] | None = None) -> bytes:
+        """Close the open block, then `message_delta` (stop reason, usage) and `message_stop`."""
+        if self.finished:
+            return b""
+        self.finished = True
+        out = b"" if self.started else self._message_start()
+        out += self._close()
+        final = usage_of(usage or self._usage)
+        if not (usage or self._usage):
+            final["input_tokens"] = self._input_tokens
+            final["cache_read_input_tokens"] = self._cached_tokens
+        if self.stop_sequence is not None:
+            stop_reason = "stop_sequence"
+        else:
+            stop_reason = stop_reason_of(self._finish_reason, self.has_tool_use)
+        out += encode_event(
+            b"message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": stop_reason, "stop_sequence": self.stop_sequence},
+                "usage": final,
+            },
+        )
+        return out + b'event: message_stop\ndata: {"type":"message_stop"}\n\n'

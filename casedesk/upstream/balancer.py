@@ -1,0 +1,87 @@
+"""Pick an upstream for a request: healthy ones first, then the fewest requests in flight.
+
+An upstream that fails to connect or answers 5xx is taken out for a backoff that doubles
+with each consecutive failure (1 s up to 60 s); it is tried again after that, and a success
+brings it back. When every upstream is out, they are still tried (best first): a box with a
+single llama-server should not refuse requests for a minute after one restart.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from casedesk.upstream.client import Exchange, open_exchange
+from casedesk.upstream.pool import UpstreamError, UpstreamPool
+
+_BASE_BACKOFF = 1.0
+_MAX_BACKOFF = 60.0
+
+
+@dataclass(slots=True)
+class UpstreamState:
+    pool: UpstreamPool
+    failures: int = 0
+    down_until: float = 0.0
+    requests: int = 0
+    errors: int = 0
+
+    @property
+    def healthy(self) -> bool:
+        return self.down_until <= time.monotonic()
+
+
+class Balancer:
+    def __init__(self, pools: list[UpstreamPool]) -> None:
+        self.states = [UpstreamState(pool) for pool in pools]
+
+    def candidates(self) -> list[UpstreamState]:
+        """Upstreams in the order to try them."""
+        now = time.monotonic()
+        if len(self.states) == 1:
+            return self.states
+        return sorted(self.states, key=lambda s: (s.down_until > now, s.pool.in_flight))
+
+    def failed(self, state: UpstreamState) -> None:
+        state.failures += 1
+        state.errors += 1
+        backoff = min(_MAX_BACKOFF, _BASE_BACKOFF * 2 ** (state.failures - 1))
+        state.down_until = time.monotonic() + backoff
+
+    def succeeded(self, state: UpstreamState) -> None:
+        state.requests += 1
+        if state.failures:
+            state.failures = 0
+            state.down_until = 0.0
+
+    def close(self) -> None:
+        for state in self.states:
+            state.pool.close()
+
+
+async def open_with_failover(
+    balancer: Balancer, method: str, path: str, body: bytes | None, read_timeout: float
+) -> tuple[Exchange, UpstreamState]:
+    """Send to the best upstream; before any byte reaches the client, move on to the next one
+    when an upstream cannot be reached or answers 5xx. The last answer is returned as it is
+    (the caller maps a non-200 to an error); UpstreamError when none could be reached."""
+    candidates = balancer.candidates()
+    last_error: UpstreamError | None = None
+    for position, state in enumerate(candidates):
+        is_last = position == len(candidates) - 1
+        try:
+            exchange = await open_exchange(state.pool, method, path, body, read_timeout)
+        except UpstreamError as exc:
+            balancer.failed(state)
+            last_error = exc
+            continue
+        if exchange.head.status >= 500:
+            balancer.failed(state)
+            if not is_last:
+                exchange.close()
+                continue
+        else:
+            balancer.succeeded(state)
+        return exchange, state
+    assert last_error is not None
+    raise last_error
