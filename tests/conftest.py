@@ -1,0 +1,1 @@
+"""Shared fixtures: the fake llama-server and a CaseDesk gateway on ephemeral ports."""
