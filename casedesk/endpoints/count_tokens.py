@@ -35,9 +35,10 @@ async def handle_count_tokens(gateway: Gateway, request: Request, writer: Respon
     prompt = templated.get("prompt")
     if not isinstance(prompt, str):
         raise ApiError(502, "upstream /apply-template answered without a prompt")
-    # The template already holds the special tokens (BOS and turn markers) as text.
+    # Tokenized the way llama-server tokenizes a templated prompt for generation: special
+    # tokens added (BOS) and the template's turn markers parsed as special tokens.
     tokens = await _call(
-        model.balancer, "/tokenize", {"content": prompt, "add_special": False, "parse_special": True}, timeout
+        model.balancer, "/tokenize", {"content": prompt, "add_special": True, "parse_special": True}, timeout
     )
     if not isinstance(tokens.get("tokens"), list):
         raise ApiError(502, "upstream /tokenize answered without tokens")

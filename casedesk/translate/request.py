@@ -25,6 +25,11 @@ def to_chat_request(request: MessagesRequest, *, stream: bool) -> dict[str, Any]
             body[key] = value
     if request.stop_sequences:
         body["stop"] = list(request.stop_sequences)
+        # The OpenAI-style answer does not say which stop word fired; with `verbose` the
+        # final chunk (or answer) carries `__verbose.stop_type == "word"` and
+        # `__verbose.stopping_word` (checked on llama-server 11434). Asked only when needed:
+        # that object also repeats the prompt.
+        body["verbose"] = True
     if request.tools:
         body.update(_tools(request))
     if request.thinking == "disabled":

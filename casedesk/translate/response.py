@@ -67,18 +67,24 @@ def tool_input(arguments: Any) -> dict[str, Any]:
     return parsed if isinstance(parsed, dict) else {"_value": parsed}
 
 
+def matched_stop_sequence(payload: dict[str, Any]) -> str | None:
+    """The stop sequence that ended the answer, from llama-server's `__verbose` object."""
+    verbose = payload.get("__verbose")
+    if isinstance(verbose, dict) and verbose.get("stop_type") == "word":
+        word = verbose.get("stopping_word")
+        if isinstance(word, str) and word:
+            return word
+    return None
+
+
 def to_message(
     completion: dict[str, Any],
     model: str,
     *,
     wants_thinking: bool,
     message_id: str | None = None,
-    stop_sequence: str | None = None,
 ) -> dict[str, Any]:
-    """The Anthropic message for a whole chat completion.
-
-    stop_sequence: the stop sequence that ended the answer, when one did (found by the caller).
-    """
+    """The Anthropic message for a whole chat completion."""
     choices = completion.get("choices") or [{}]
     choice = choices[0]
     message = choice.get("message") or {}
@@ -100,6 +106,7 @@ def to_message(
             }
         )
     has_tool_use = any(block["type"] == "tool_use" for block in content)
+    stop_sequence = matched_stop_sequence(completion)
     stop_reason = "stop_sequence" if stop_sequence is not None else stop_reason_of(choice.get("finish_reason"), has_tool_use)
     return {
         "id": message_id or new_message_id(),

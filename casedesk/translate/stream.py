@@ -18,6 +18,7 @@ import orjson
 
 from casedesk.http.sse import encode_event
 from casedesk.translate.response import (
+    matched_stop_sequence,
     new_message_id,
     new_tool_use_id,
     stop_reason_of,
@@ -36,7 +37,7 @@ class StreamTranslator:
         "model", "message_id", "wants_thinking", "started", "finished", "_index", "_block",
         "_text_prefix", "_thinking_prefix", "_thinking_text", "_tool_blocks", "_current_tool",
         "_finish_reason", "_usage", "_input_tokens", "_cached_tokens", "_suppressed", "has_tool_use",
-        "output_text_chunks", "stop_sequence",
+        "stop_sequence",
     )
 
     def __init__(self, model: str, *, wants_thinking: bool, message_id: str | None = None) -> None:
@@ -58,7 +59,6 @@ class StreamTranslator:
         self._cached_tokens = 0
         self._suppressed = 0
         self.has_tool_use = False
-        self.output_text_chunks = 0
         self.stop_sequence: str | None = None
 
     # -- input ----------------------------------------------------------------------------
@@ -86,20 +86,21 @@ class StreamTranslator:
                     out += self._reasoning(reasoning)
                 text = delta.get("content")
                 if text:
-                    out += self.text(text)
+                    out += self._text(text)
                 calls = delta.get("tool_calls")
                 if calls:
                     out += self._tool_calls(calls)
             reason = choice.get("finish_reason")
             if reason:
                 self._finish_reason = reason
+                if "__verbose" in chunk:
+                    self.stop_sequence = matched_stop_sequence(chunk)
         usage = chunk.get("usage")
         if usage:
             self._usage = usage
         return out
 
-    def text(self, text: str) -> bytes:
-        """A text delta (also used by the stop-sequence matcher for released text)."""
+    def _text(self, text: str) -> bytes:
         out = b""
         if self._block != "text":
             out = self._open(b'{"type":"text","text":""}', "text")
@@ -107,7 +108,6 @@ class StreamTranslator:
                 b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
                 b'"delta":{"type":"text_delta","text":' % self._index
             )
-        self.output_text_chunks += 1
         return out + self._text_prefix + orjson.dumps(text) + b"}}\n\n"
 
     def _reasoning(self, reasoning: str) -> bytes:

@@ -89,6 +89,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._on_lost(self)
 
     def eof_received(self) -> bool | None:
+        if self._mode == self._HEAD and not self.received_any:
+            # Closed before answering: on a reused socket the server never saw the request.
+            self._fail(UpstreamError("upstream closed the connection before answering", retryable=self.requests_sent > 1))
+            return None
         if self._h11 is not None and self._mode in (self._HEAD, self._BODY_H11):
             # Close-delimited bodies end here; h11 turns EOF into the end of the message.
             self._h11.receive_data(b"")
