@@ -45,6 +45,7 @@ class ManagedServer:
     host: str = "127.0.0.1"
     port: int = 0  # 0: pick a free port at start
     startup_timeout: float = 300.0
+    chat_template_file: str | None = None  # a Jinja chat template, resolved against the config's folder
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,8 +293,20 @@ def _managed(checker: _Checker, prefix: str, raw: Any, base_dir: Path | None) ->
         host = "127.0.0.1"
     port = checker.number(raw, "port", prefix, 0, integer=True, exclusive=False)
     startup_timeout = checker.number(raw, "startup_timeout", prefix, 300.0)
-    checker.unknown(raw, {"model", "args", "binary", "host", "port", "startup_timeout"}, prefix)
+    template = raw.get("chat_template_file")
+    if template is not None:
+        if not isinstance(template, str):
+            checker.problem(f"{prefix}.chat_template_file", "must be a path string")
+            template = None
+        else:
+            path = Path(template) if base_dir is None or Path(template).is_absolute() else base_dir / template
+            if not path.is_file():
+                checker.problem(f"{prefix}.chat_template_file", f"no such file: {path}")
+            template = str(path)
+    checker.unknown(
+        raw, {"model", "args", "binary", "host", "port", "startup_timeout", "chat_template_file"}, prefix
+    )
     return ManagedServer(
         model=model, args=tuple(args), binary=binary, host=host, port=port,
-        startup_timeout=startup_timeout,
+        startup_timeout=startup_timeout, chat_template_file=template,
     )

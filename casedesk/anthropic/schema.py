@@ -38,6 +38,10 @@ class MessagesRequest:
     def wants_thinking(self) -> bool:
         return self.thinking in ("enabled", "adaptive")
 
+    @property
+    def single_tool_use(self) -> bool:
+        return bool(self.tool_choice and self.tool_choice.get("disable_parallel_tool_use"))
+
 
 def parse_messages_request(body: Any, *, count_only: bool = False) -> MessagesRequest:
     """Check a Messages API body. `count_only`: the count_tokens shape (no max_tokens)."""

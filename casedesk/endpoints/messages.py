@@ -51,7 +51,9 @@ async def handle_messages(gateway: Gateway, request: Request, writer: ResponseWr
                 completion = await exchange.read_json()
                 if not isinstance(completion, dict):
                     raise ApiError(502, "upstream answered with an unexpected JSON shape")
-                message = to_message(completion, parsed.model, wants_thinking=parsed.wants_thinking)
+                message = to_message(
+                    completion, parsed.model, wants_thinking=parsed.wants_thinking, single_tool_use=parsed.single_tool_use
+                )
                 writer.send(200, orjson.dumps(message))
         finally:
             exchange.close()
@@ -80,6 +82,8 @@ class _StreamRelay:
         self.error: str | None = None
 
     def on_data(self, payload: bytes) -> None:
+        if self.done:
+            return
         if payload == b"[DONE]":
             self.done = True
             return
@@ -94,6 +98,9 @@ class _StreamRelay:
         out = self.translator.feed(chunk)
         if out:
             self.writer.write(out)
+        if self.translator.cut:
+            self.done = True
+            self.exchange.conn.abort()  # the answer is complete; llama-server stops here
 
     def on_error(self, payload: bytes) -> None:
         self.fail(stream_error_message(payload))
@@ -112,7 +119,9 @@ class _StreamRelay:
 
 
 async def _relay_stream(exchange: Exchange, parsed: MessagesRequest, writer: ResponseWriter) -> None:
-    translator = StreamTranslator(parsed.model, wants_thinking=parsed.wants_thinking)
+    translator = StreamTranslator(
+        parsed.model, wants_thinking=parsed.wants_thinking, single_tool_use=parsed.single_tool_use
+    )
     relay = _StreamRelay(exchange, translator, writer)
     decoder = SseDecoder(relay.on_data, relay.on_error)
     writer.start_stream()
@@ -120,7 +129,8 @@ async def _relay_stream(exchange: Exchange, parsed: MessagesRequest, writer: Res
     try:
         await exchange.relay(decoder.feed)
     except UpstreamError as exc:
-        relay.error = relay.error or str(exc)
+        if not translator.cut:
+            relay.error = relay.error or str(exc)
     if relay.error is None and not relay.done and translator.finish_reason is None:
         relay.error = "upstream ended the stream before the answer was complete"
     if relay.error is not None:

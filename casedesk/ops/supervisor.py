@@ -83,7 +83,10 @@ class ManagedProcess:
     async def start(self) -> None:
         binary = await asyncio.to_thread(resolve_binary, self.spec)
         model = await asyncio.to_thread(resolve_model, self.spec)
-        self._command = [binary, "-m", model, "--host", self.spec.host, "--port", str(self.port), *self.spec.args]
+        self._command = [binary, "-m", model, "--host", self.spec.host, "--port", str(self.port)]
+        if self.spec.chat_template_file:
+            self._command += ["--jinja", "--chat-template-file", self.spec.chat_template_file]
+        self._command += self.spec.args
         await self._spawn_and_wait()
         self._watch = asyncio.create_task(self._watch_forever(), name=f"watch {self.name}")
 

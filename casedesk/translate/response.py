@@ -48,6 +48,9 @@ def usage_of(usage: dict[str, Any] | None) -> dict[str, int]:
 
 
 def stop_reason_of(finish_reason: str | None, has_tool_use: bool) -> str:
+    """max_tokens wins (a tool call may be cut short); then any tool call means tool_use."""
+    if finish_reason == "length":
+        return "max_tokens"
     if has_tool_use:
         return "tool_use"
     return STOP_REASONS.get(finish_reason or "stop", "end_turn")
@@ -82,9 +85,14 @@ def to_message(
     model: str,
     *,
     wants_thinking: bool,
+    single_tool_use: bool = False,
     message_id: str | None = None,
 ) -> dict[str, Any]:
-    """The Anthropic message for a whole chat completion."""
+    """The Anthropic message for a whole chat completion.
+
+    single_tool_use: the request disabled parallel tool use; llama-server's grammar may still
+    have produced several calls, and only the first is kept (that is where the answer ends).
+    """
     choices = completion.get("choices") or [{}]
     choice = choices[0]
     message = choice.get("message") or {}
@@ -95,7 +103,11 @@ def to_message(
     text = message.get("content")
     if text:
         content.append({"type": "text", "text": text})
-    for call in message.get("tool_calls") or []:
+    calls = message.get("tool_calls") or []
+    if single_tool_use and len(calls) > 1:
+        calls = calls[:1]
+        choice = {**choice, "finish_reason": "tool_calls"}
+    for call in calls:
         function = call.get("function") or {}
         content.append(
             {

@@ -37,10 +37,12 @@ class StreamTranslator:
         "model", "message_id", "wants_thinking", "started", "finished", "_index", "_block",
         "_text_prefix", "_thinking_prefix", "_thinking_text", "_tool_blocks", "_current_tool",
         "_finish_reason", "_usage", "_input_tokens", "_cached_tokens", "_suppressed", "has_tool_use",
-        "stop_sequence",
+        "stop_sequence", "single_tool_use", "cut", "_deltas",
     )
 
-    def __init__(self, model: str, *, wants_thinking: bool, message_id: str | None = None) -> None:
+    def __init__(
+        self, model: str, *, wants_thinking: bool, single_tool_use: bool = False, message_id: str | None = None
+    ) -> None:
         self.model = model
         self.message_id = message_id or new_message_id()
         self.wants_thinking = wants_thinking
@@ -60,6 +62,11 @@ class StreamTranslator:
         self._suppressed = 0
         self.has_tool_use = False
         self.stop_sequence: str | None = None
+        # disable_parallel_tool_use: llama-server's grammar may still allow more calls, so a
+        # second call ends the answer here (`cut`): the caller then stops the upstream.
+        self.single_tool_use = single_tool_use
+        self.cut = False
+        self._deltas = 0  # chunks carrying a delta: the output token count if cut short
 
     # -- input ----------------------------------------------------------------------------
 
@@ -81,6 +88,7 @@ class StreamTranslator:
             choice = choices[0]
             delta = choice.get("delta")
             if delta:
+                self._deltas += 1
                 reasoning = delta.get("reasoning_content")
                 if reasoning:
                     out += self._reasoning(reasoning)
@@ -131,6 +139,9 @@ class StreamTranslator:
             upstream_index = int(call.get("index") or 0)
             function = call.get("function") or {}
             if upstream_index not in self._tool_blocks:
+                if self.single_tool_use and self._tool_blocks:
+                    self.cut = True
+                    return out
                 block = {
                     "type": "tool_use",
                     "id": call.get("id") or new_tool_use_id(),
@@ -216,8 +227,11 @@ class StreamTranslator:
         out += self._close()
         final = usage_of(usage or self._usage)
         if not (usage or self._usage):
+            # Cut short before llama-server's usage chunk: llama-server streams one chunk per
+            # generated token that changes the answer, so the count is the chunks seen.
             final["input_tokens"] = self._input_tokens
             final["cache_read_input_tokens"] = self._cached_tokens
+            final["output_tokens"] = self._deltas
         if self.stop_sequence is not None:
             stop_reason = "stop_sequence"
         else:

