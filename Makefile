@@ -22,7 +22,13 @@ $(STAMP): setup.cfg pyproject.toml
 serve: $(STAMP)
 	$(PY) -m casedesk serve --config $(CONFIG)
 
-test: $(STAMP)
+# The TypeScript SDK for its end-to-end suite, pinned by tests/ts/package-lock.json.
+TS_SDK := tests/ts/node_modules/.installed
+$(TS_SDK): tests/ts/package.json tests/ts/package-lock.json
+	cd tests/ts && npm ci --no-audit --no-fund
+	touch $@
+
+test: $(STAMP) $(TS_SDK)
 	$(PY) -m pytest -ra
 
 # Unit and protocol tests only (no real llama-server): seconds, for the edit-test loop.
