@@ -9,6 +9,7 @@ The shape follows uvicorn's h11 protocol (one class per connection, one dispatch
 from __future__ import annotations
 
 import asyncio
+import http
 import logging
 import os
 import socket
@@ -46,6 +47,15 @@ class Request:
 
 
 Handler = Callable[[Request, "ResponseWriter"], Awaitable[None]]
+
+
+def _reason(status: int) -> bytes:
+    if status == 529:
+        return b"Overloaded"  # Anthropic's own status; not in the IANA registry
+    try:
+        return http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
 
 def new_request_id() -> str:
@@ -94,7 +104,7 @@ class ResponseWriter:
         self.started = True
         self.status = status
         headers.append(("request-id", self.request_id))
-        return h11.Response(status_code=status, headers=headers)
+        return h11.Response(status_code=status, headers=headers, reason=_reason(status))
 
     def send(
         self,

@@ -29,9 +29,12 @@ def upstream_error(status: int, body: bytes, upstream: str) -> ApiError:
             400,
             f"prompt is too long: {error['n_prompt_tokens']} tokens > {error.get('n_ctx', '?')} maximum",
         )
+    lowered = message.lower()
+    if "image input is not supported" in lowered or ("image" in lowered and "mmproj" in lowered):
+        # llama-server answers 500 for an image sent to a model without a vision projector:
+        # the request, not the server, is what is wrong.
+        return ApiError(400, f"this model cannot take images (llama-server: {message})")
     if status == 400:
-        if "image" in message.lower() and ("multimodal" in message.lower() or "not supported" in message.lower()):
-            return ApiError(400, f"this model cannot take images: {message}")
         return ApiError(400, message)
     if status == 503:
         return ApiError(529, f"the model is not ready yet (loading): {message}")

@@ -143,3 +143,31 @@ def test_curl_style_request_without_version_header_is_refused(rig: Rig) -> None:
     assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
     assert "anthropic-version" in body["error"]["message"]
     assert caught.value.headers.get("access-control-allow-origin") is None
+
+
+# A 1x1 PNG.
+PIXEL = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgAAIAAAUAAWJ9bC4AAAAASUVORK5CYII="
+
+
+def test_an_image_for_a_model_without_vision_is_a_clear_400(client: anthropic.Anthropic) -> None:
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        client.messages.create(
+            model=MODEL, max_tokens=5,
+            messages=[{"role": "user", "content": [
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PIXEL}},
+                {"type": "text", "text": "What is this?"},
+            ]}],
+        )
+    assert "cannot take images" in str(caught.value)
+
+
+def test_newer_fields_and_headers_are_accepted(client: anthropic.Anthropic) -> None:
+    message = client.messages.create(
+        model=MODEL, max_tokens=5, messages=PROMPT,
+        metadata={"user_id": "u-1"},
+        system=[{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
+        thinking={"type": "adaptive"},
+        extra_body={"context_management": {"edits": []}, "output_config": {}, "service_tier": "auto"},
+        extra_headers={"anthropic-beta": "interleaved-thinking-2025-05-14,context-management-2025-06-27"},
+    )
+    assert message.stop_reason in ("end_turn", "max_tokens")
