@@ -144,8 +144,13 @@ async def run(
     ready: asyncio.Event | None = None,
     stop: asyncio.Event | None = None,
     shutdown_grace: float = 30.0,
+    worker_upstreams: dict[tuple[str, str], list[Upstream]] | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT (or `stop` is set), then finish in-flight requests."""
+    """Serve until SIGTERM/SIGINT (or `stop` is set), then finish in-flight requests.
+
+    worker_upstreams: set in a `--workers` child: the managed servers' URLs, started by the
+    parent; the child then shares the port (SO_REUSEPORT) and manages no process itself.
+    """
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -153,15 +158,16 @@ async def run(
             loop.add_signal_handler(signum, stop.set)
         except (NotImplementedError, RuntimeError, ValueError):
             pass  # not the main thread (tests): `stop` is set by the caller
-    supervisor = Supervisor(config)
+    supervisor = Supervisor(config if worker_upstreams is None else None)
     try:
-        upstreams = await supervisor.start()
+        upstreams = worker_upstreams if worker_upstreams is not None else await supervisor.start()
         gateway = Gateway(config, upstreams)
         tracker = ConnectionTracker()
         settings = config.server
         server = await start_server(
             gateway.handle, limits_of(settings), tracker,
             host=settings.listen_host, port=settings.listen_port, sock=sock,
+            reuse_port=worker_upstreams is not None,
         )
         addresses = ", ".join(str(s.getsockname()) for s in server.sockets)
         log.info("casedesk listening on %s; deployments: %s", addresses, ", ".join(gateway.deployments))

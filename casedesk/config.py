@@ -299,7 +299,7 @@ def _managed(checker: _Checker, prefix: str, raw: Any, base_dir: Path | None) ->
             checker.problem(f"{prefix}.chat_template_file", "must be a path string")
             template = None
         else:
-            path = Path(template) if base_dir is None or Path(template).is_absolute() else base_dir / template
+            path = Path(template) if base_dir is None or Path(template).is_absolute() else (base_dir / template).resolve()
             if not path.is_file():
                 checker.problem(f"{prefix}.chat_template_file", f"no such file: {path}")
             template = str(path)

@@ -160,9 +160,10 @@ class ManagedProcess:
 class Supervisor:
     """All managed llama-servers of a config."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config | None) -> None:
+        """config None: nothing to manage (a worker whose parent manages the servers)."""
         self.processes: dict[tuple[str, str], ManagedProcess] = {}
-        for dep_id, tag in config.managed:
+        for dep_id, tag in config.managed if config is not None else ():
             spec = config.deployments[dep_id].models[tag].llama_server
             assert spec is not None
             self.processes[(dep_id, tag)] = ManagedProcess(f"{dep_id}/{tag}", spec)
