@@ -82,6 +82,7 @@ class Gateway:
         self.settings: ServerSettings = config.server
         self.started_at = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         self.deployments: dict[str, DeploymentRoute] = {}
+        self._health_tasks: list[asyncio.Task[None]] = []
         for dep in config.deployments.values():
             route = DeploymentRoute(dep, Admission(dep.max_concurrency, dep.max_queue, dep.queue_timeout))
             for model in dep.models.values():
@@ -120,10 +121,18 @@ class Gateway:
         except orjson.JSONDecodeError as exc:
             raise invalid_request(f"request body is not valid JSON: {exc}") from None
 
+    def balancers(self) -> list[Balancer]:
+        return [model.balancer for dep in self.deployments.values() for model in dep.models.values()]
+
+    def start_health_checks(self) -> None:
+        interval = self.settings.health_interval
+        self._health_tasks = [asyncio.create_task(b.watch(interval), name="health") for b in self.balancers()]
+
     def close(self) -> None:
-        for dep in self.deployments.values():
-            for model in dep.models.values():
-                model.balancer.close()
+        for task in self._health_tasks:
+            task.cancel()
+        for balancer in self.balancers():
+            balancer.close()
 
 
 def limits_of(settings: ServerSettings) -> ServerLimits:
@@ -162,6 +171,7 @@ async def run(
     try:
         upstreams = worker_upstreams if worker_upstreams is not None else await supervisor.start()
         gateway = Gateway(config, upstreams)
+        gateway.start_health_checks()
         tracker = ConnectionTracker()
         settings = config.server
         server = await start_server(

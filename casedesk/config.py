@@ -78,6 +78,7 @@ class ServerSettings:
     keepalive_timeout: float = 75.0  # idle client connections
     upstream_connect_timeout: float = 5.0
     upstream_read_timeout: float = 300.0  # silence from llama-server before giving up
+    health_interval: float = 5.0  # seconds between active /health checks of each upstream
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +188,7 @@ def _server(checker: _Checker, raw: Any) -> ServerSettings:
     numeric = {
         "max_body_bytes": True, "max_header_bytes": True, "max_connections": True,
         "header_timeout": False, "body_timeout": False, "keepalive_timeout": False,
-        "upstream_connect_timeout": False, "upstream_read_timeout": False,
+        "upstream_connect_timeout": False, "upstream_read_timeout": False, "health_interval": False,
     }
     values = {
         key: checker.number(raw, key, "server", getattr(defaults, key), integer=is_int)

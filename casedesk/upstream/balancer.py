@@ -8,11 +8,15 @@ single llama-server should not refuse requests for a minute after one restart.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from casedesk.upstream.client import Exchange, open_exchange
+from casedesk.upstream.client import Exchange, call_json, open_exchange
 from casedesk.upstream.pool import UpstreamError, UpstreamPool
+
+log = logging.getLogger("casedesk.balancer")
 
 _BASE_BACKOFF = 1.0
 _MAX_BACKOFF = 60.0
@@ -23,8 +27,9 @@ class UpstreamState:
     pool: UpstreamPool
     failures: int = 0
     down_until: float = 0.0
-    requests: int = 0
     errors: int = 0
+    # A one-socket pool of its own, so that health checks never queue behind busy streams.
+    probe: UpstreamPool | None = field(default=None, repr=False)
 
     @property
     def healthy(self) -> bool:
@@ -49,7 +54,6 @@ class Balancer:
         state.down_until = time.monotonic() + backoff
 
     def succeeded(self, state: UpstreamState) -> None:
-        state.requests += 1
         if state.failures:
             state.failures = 0
             state.down_until = 0.0
@@ -57,6 +61,36 @@ class Balancer:
     def close(self) -> None:
         for state in self.states:
             state.pool.close()
+            if state.probe is not None:
+                state.probe.close()
+
+    async def check_health(self, timeout: float = 5.0) -> None:
+        """GET /health on every upstream: 200 brings one back, anything else takes it out."""
+        for state in self.states:
+            if state.probe is None:
+                pool = state.pool
+                state.probe = UpstreamPool(pool.host, pool.port, max_connections=1, connect_timeout=timeout)
+            try:
+                status, _ = await call_json(state.probe, "GET", "/health", None, timeout)
+            except UpstreamError as exc:
+                status, reason = 0, str(exc)
+            else:
+                reason = f"/health answered {status}"
+            if status == 200:
+                if state.failures:
+                    log.info("upstream %s is healthy again", state.pool.authority)
+                self.succeeded(state)
+            elif state.healthy:
+                log.warning("upstream %s taken out: %s", state.pool.authority, reason)
+                self.failed(state)
+            else:
+                self.failed(state)
+
+    async def watch(self, interval: float) -> None:
+        """Check health every `interval` seconds, until cancelled."""
+        while True:
+            await self.check_health()
+            await asyncio.sleep(interval)
 
 
 async def open_with_failover(
