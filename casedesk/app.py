@@ -186,26 +186,34 @@ async def run(
         await stop.wait()
         log.info("shutting down: no new connections; waiting up to %g s for in-flight requests", shutdown_grace)
         server.close()
-        await _drain(tracker, shutdown_grace)
+        force = asyncio.Event()  # a second SIGTERM/SIGINT: end in-flight streams now
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(signum, force.set)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass
+        await _drain(tracker, shutdown_grace, force)
         gateway.close()
     finally:
         await supervisor.stop()
 
 
-async def _drain(tracker: ConnectionTracker, grace: float) -> None:
-    """Close idle connections; let busy ones finish within `grace`; then cut them."""
+async def _drain(tracker: ConnectionTracker, grace: float, force: asyncio.Event) -> None:
+    """Close idle connections; let busy ones finish within `grace` (or until `force` is
+    set); then end the rest, streams with an `event: error` so clients know why."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
     while True:
         for protocol in list(tracker.open):
             protocol.shutdown_if_idle()
-        if not tracker.open or loop.time() >= deadline:
+        if not tracker.open or loop.time() >= deadline or force.is_set():
             break
         tracker.idle_changed.clear()
-        try:
-            await asyncio.wait_for(tracker.idle_changed.wait(), max(0.0, deadline - loop.time()))
-        except asyncio.TimeoutError:
-            pass
+        changed = asyncio.ensure_future(tracker.idle_changed.wait())
+        forced = asyncio.ensure_future(force.wait())
+        await asyncio.wait([changed, forced], timeout=max(0.0, deadline - loop.time()), return_when=asyncio.FIRST_COMPLETED)
+        changed.cancel()
+        forced.cancel()
     for protocol in list(tracker.open):
         if protocol.writer is not None and protocol.writer.started and not protocol.writer.finished:
             protocol.writer.write(ApiError(529, "the gateway is shutting down").sse_event())
