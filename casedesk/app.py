@@ -214,8 +214,13 @@ async def _drain(tracker: ConnectionTracker, grace: float, force: asyncio.Event)
         await asyncio.wait([changed, forced], timeout=max(0.0, deadline - loop.time()), return_when=asyncio.FIRST_COMPLETED)
         changed.cancel()
         forced.cancel()
+    error = ApiError(529, "the gateway is shutting down; retry shortly")
     for protocol in list(tracker.open):
-        if protocol.writer is not None and protocol.writer.started and not protocol.writer.finished:
-            protocol.writer.write(ApiError(529, "the gateway is shutting down").sse_event())
-            protocol.writer.end()
+        writer = protocol.writer
+        if writer is not None and not writer.finished:
+            if writer.started:
+                writer.write(error.sse_event())
+                writer.end()
+            else:
+                writer.send_error(error, close=True)
         protocol.close()
