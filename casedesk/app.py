@@ -139,6 +139,7 @@ def limits_of(settings: ServerSettings) -> ServerLimits:
     return ServerLimits(
         max_body_bytes=settings.max_body_bytes,
         max_header_bytes=settings.max_header_bytes,
+        max_header_count=settings.max_header_count,
         max_connections=settings.max_connections,
         header_timeout=settings.header_timeout,
         body_timeout=settings.body_timeout,
@@ -152,8 +153,10 @@ async def run(
     sock: socket.socket | None = None,
     ready: asyncio.Event | None = None,
     stop: asyncio.Event | None = None,
+    force: asyncio.Event | None = None,
     shutdown_grace: float = 30.0,
     worker_upstreams: dict[tuple[str, str], list[Upstream]] | None = None,
+    handle_signals: bool = True,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or `stop` is set), then finish in-flight requests.
 
@@ -162,11 +165,10 @@ async def run(
     """
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(signum, stop.set)
-        except (NotImplementedError, RuntimeError, ValueError):
-            pass  # not the main thread (tests): `stop` is set by the caller
+    force = force or asyncio.Event()  # a second SIGTERM/SIGINT: end in-flight streams now
+    if handle_signals:
+        loop.add_signal_handler(signal.SIGTERM, lambda: force.set() if stop.is_set() else stop.set())
+        loop.add_signal_handler(signal.SIGINT, lambda: force.set() if stop.is_set() else stop.set())
     supervisor = Supervisor(config if worker_upstreams is None else None)
     try:
         upstreams = worker_upstreams if worker_upstreams is not None else await supervisor.start()
@@ -186,12 +188,6 @@ async def run(
         await stop.wait()
         log.info("shutting down: no new connections; waiting up to %g s for in-flight requests", shutdown_grace)
         server.close()
-        force = asyncio.Event()  # a second SIGTERM/SIGINT: end in-flight streams now
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            try:
-                loop.add_signal_handler(signum, force.set)
-            except (NotImplementedError, RuntimeError, ValueError):
-                pass
         await _drain(tracker, shutdown_grace, force)
         gateway.close()
     finally:

@@ -72,6 +72,7 @@ class ServerSettings:
     listen_port: int = 8787
     max_body_bytes: int = 32 * 1024 * 1024
     max_header_bytes: int = 64 * 1024
+    max_header_count: int = 128
     max_connections: int = 1024
     header_timeout: float = 10.0  # to receive a request head
     body_timeout: float = 60.0  # to receive a request body
@@ -186,7 +187,7 @@ def _server(checker: _Checker, raw: Any) -> ServerSettings:
         except ValueError as exc:
             checker.problem("server.listen", str(exc))
     numeric = {
-        "max_body_bytes": True, "max_header_bytes": True, "max_connections": True,
+        "max_body_bytes": True, "max_header_bytes": True, "max_header_count": True, "max_connections": True,
         "header_timeout": False, "body_timeout": False, "keepalive_timeout": False,
         "upstream_connect_timeout": False, "upstream_read_timeout": False, "health_interval": False,
     }

@@ -27,6 +27,7 @@ log = logging.getLogger("casedesk.http")
 class ServerLimits:
     max_body_bytes: int = 32 * 1024 * 1024
     max_header_bytes: int = 64 * 1024
+    max_header_count: int = 128
     max_connections: int = 1024
     header_timeout: float = 10.0
     body_timeout: float = 60.0
@@ -306,6 +307,12 @@ class HttpProtocol(asyncio.Protocol):
         self._head = head
         self._body = []
         self._body_size = 0
+        # h11 bounds only a head that arrives in pieces; one that arrives whole is checked here.
+        size = len(head.target) + sum(len(name) + len(value) + 4 for name, value in head.headers)
+        if size > self._limits.max_header_bytes or len(head.headers) > self._limits.max_header_count:
+            self._reject(431, f"request headers too large (limits: {self._limits.max_header_bytes} bytes, "
+                              f"{self._limits.max_header_count} fields)")
+            return
         for name, value in head.headers:
             if name == b"content-length" and int(value) > self._limits.max_body_bytes:
                 self._reject_too_large()
