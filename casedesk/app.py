@@ -1,7 +1,7 @@
 """Wiring: config → deployments, pools and routes; the one place the rooms meet.
 
-`Gateway` holds what handlers need (passed to them as an argument, never a global);
-`run()` starts managed llama-servers, listens, and shuts down gracefully on a signal.
+`Gateway` holds what handlers need (passed to them as an argument, never a global). One
+Gateway serves one version of the config: a reload builds a new one (casedesk/service.py).
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ import asyncio
 import hashlib
 import hmac
 import logging
-import signal
-import socket
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -24,8 +22,7 @@ from casedesk.config import Config, Deployment, ServerSettings, Upstream
 from casedesk.endpoints.count_tokens import handle_count_tokens
 from casedesk.endpoints.messages import handle_messages
 from casedesk.endpoints.models import handle_get_model, handle_head_probe, handle_healthz, handle_list_models
-from casedesk.http.server import ConnectionTracker, Request, ResponseWriter, ServerLimits, start_server
-from casedesk.ops.supervisor import Supervisor
+from casedesk.http.server import Request, ResponseWriter, ServerLimits
 from casedesk.router import Router
 from casedesk.upstream.balancer import Balancer
 from casedesk.upstream.pool import UpstreamPool
@@ -83,6 +80,7 @@ class Gateway:
         self.started_at = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         self.deployments: dict[str, DeploymentRoute] = {}
         self._health_tasks: list[asyncio.Task[None]] = []
+        self.active = 0  # requests being handled: a retired Gateway closes when this is 0
         for dep in config.deployments.values():
             route = DeploymentRoute(dep, Admission(dep.max_concurrency, dep.max_queue, dep.queue_timeout))
             for model in dep.models.values():
@@ -102,7 +100,11 @@ class Gateway:
 
     async def handle(self, request: Request, writer: ResponseWriter) -> None:
         match = self.router.resolve(request.method, request.path)
-        await match.handler(self, request, writer, **match.params)
+        self.active += 1
+        try:
+            await match.handler(self, request, writer, **match.params)
+        finally:
+            self.active -= 1
 
     def deployment(self, deployment_id: str) -> DeploymentRoute:
         route = self.deployments.get(deployment_id)
@@ -145,78 +147,3 @@ def limits_of(settings: ServerSettings) -> ServerLimits:
         body_timeout=settings.body_timeout,
         keepalive_timeout=settings.keepalive_timeout,
     )
-
-
-async def run(
-    config: Config,
-    *,
-    sock: socket.socket | None = None,
-    ready: asyncio.Event | None = None,
-    stop: asyncio.Event | None = None,
-    force: asyncio.Event | None = None,
-    shutdown_grace: float = 30.0,
-    worker_upstreams: dict[tuple[str, str], list[Upstream]] | None = None,
-    handle_signals: bool = True,
-) -> None:
-    """Serve until SIGTERM/SIGINT (or `stop` is set), then finish in-flight requests.
-
-    worker_upstreams: set in a `--workers` child: the managed servers' URLs, started by the
-    parent; the child then shares the port (SO_REUSEPORT) and manages no process itself.
-    """
-    loop = asyncio.get_running_loop()
-    stop = stop or asyncio.Event()
-    force = force or asyncio.Event()  # a second SIGTERM/SIGINT: end in-flight streams now
-    if handle_signals:
-        loop.add_signal_handler(signal.SIGTERM, lambda: force.set() if stop.is_set() else stop.set())
-        loop.add_signal_handler(signal.SIGINT, lambda: force.set() if stop.is_set() else stop.set())
-    supervisor = Supervisor(config if worker_upstreams is None else None)
-    try:
-        upstreams = worker_upstreams if worker_upstreams is not None else await supervisor.start()
-        gateway = Gateway(config, upstreams)
-        gateway.start_health_checks()
-        tracker = ConnectionTracker()
-        settings = config.server
-        server = await start_server(
-            gateway.handle, limits_of(settings), tracker,
-            host=settings.listen_host, port=settings.listen_port, sock=sock,
-            reuse_port=worker_upstreams is not None,
-        )
-        addresses = ", ".join(str(s.getsockname()) for s in server.sockets)
-        log.info("casedesk listening on %s; deployments: %s", addresses, ", ".join(gateway.deployments))
-        if ready is not None:
-            ready.set()
-        await stop.wait()
-        log.info("shutting down: no new connections; waiting up to %g s for in-flight requests", shutdown_grace)
-        server.close()
-        await _drain(tracker, shutdown_grace, force)
-        gateway.close()
-    finally:
-        await supervisor.stop()
-
-
-async def _drain(tracker: ConnectionTracker, grace: float, force: asyncio.Event) -> None:
-    """Close idle connections; let busy ones finish within `grace` (or until `force` is
-    set); then end the rest, streams with an `event: error` so clients know why."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + grace
-    while True:
-        for protocol in list(tracker.open):
-            protocol.shutdown_if_idle()
-        if not tracker.open or loop.time() >= deadline or force.is_set():
-            break
-        tracker.idle_changed.clear()
-        changed = asyncio.ensure_future(tracker.idle_changed.wait())
-        forced = asyncio.ensure_future(force.wait())
-        await asyncio.wait([changed, forced], timeout=max(0.0, deadline - loop.time()), return_when=asyncio.FIRST_COMPLETED)
-        changed.cancel()
-        forced.cancel()
-    error = ApiError(529, "the gateway is shutting down; retry shortly")
-    for protocol in list(tracker.open):
-        writer = protocol.writer
-        if writer is not None and not writer.finished:
-            if writer.started:
-                writer.write(error.sse_event())
-                writer.end()
-            else:
-                writer.send_error(error, close=True)
-        protocol.close()

@@ -65,7 +65,7 @@ def serve_command(args: argparse.Namespace) -> int:
             logging.error("--listen: %s", exc)
             return 2
         config = dataclasses.replace(config, server=dataclasses.replace(config.server, listen_host=host, listen_port=port))
-    from casedesk.app import run
+    from casedesk.service import run
     from casedesk.ops.supervisor import SupervisorError
     from casedesk.workers import UPSTREAMS_ENV, decode_upstreams, run_workers
 

@@ -46,6 +46,16 @@ async def run_workers(config: Config, count: int, config_path: str, log_level: s
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    workers: list[asyncio.subprocess.Process] = []
+
+    def forward_reload() -> None:
+        # Each worker re-reads the file; managed llama-servers keep the settings they
+        # started with until a restart (the parent owns them).
+        for worker in workers:
+            if worker.returncode is None:
+                worker.send_signal(signal.SIGHUP)
+
+    loop.add_signal_handler(signal.SIGHUP, forward_reload)
     supervisor = Supervisor(config)
     try:
         upstreams = await supervisor.start()
@@ -55,7 +65,7 @@ async def run_workers(config: Config, count: int, config_path: str, log_level: s
             sys.executable, "-m", "casedesk", "serve", "--config", config_path,
             "--listen", listen, "--log-level", log_level, "--worker",
         ]
-        workers = [await _spawn(command, env) for _ in range(count)]
+        workers.extend([await _spawn(command, env) for _ in range(count)])
         log.info("%d workers serving %s (pids %s)", count, listen, ", ".join(str(w.pid) for w in workers))
         while not stop.is_set():
             waits = {asyncio.ensure_future(w.wait()): i for i, w in enumerate(workers)}

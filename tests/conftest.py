@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from casedesk.app import run
+from casedesk.service import run
 from casedesk.config import Config, parse
 
 

@@ -170,11 +170,40 @@ class Supervisor:
 
     async def start(self) -> dict[tuple[str, str], list[Upstream]]:
         """Start every managed server; the upstream URLs of the models they serve."""
-        upstreams: dict[tuple[str, str], list[Upstream]] = {}
-        for key, process in self.processes.items():
+        for process in self.processes.values():
             await process.start()
-            upstreams[key] = [process.upstream]
-        return upstreams
+        return self.upstreams()
+
+    def upstreams(self) -> dict[tuple[str, str], list[Upstream]]:
+        return {key: [process.upstream] for key, process in self.processes.items()}
+
+    async def reconcile(self, config: Config) -> list[ManagedProcess]:
+        """Make the managed servers match a reloaded config.
+
+        Servers whose settings did not change keep running; new or changed ones are started
+        (if one fails, those just started are stopped and SupervisorError is raised, leaving
+        everything as it was). Returns the servers no longer wanted: the caller stops them
+        once the requests still using them are done.
+        """
+        wanted = {
+            (dep_id, tag): config.deployments[dep_id].models[tag].llama_server
+            for dep_id, tag in config.managed
+        }
+        kept = {key: p for key, p in self.processes.items() if wanted.get(key) == p.spec}
+        started: dict[tuple[str, str], ManagedProcess] = {}
+        try:
+            for key, spec in wanted.items():
+                if key not in kept:
+                    assert spec is not None
+                    process = ManagedProcess(f"{key[0]}/{key[1]}", spec)
+                    await process.start()
+                    started[key] = process
+        except BaseException:
+            await asyncio.gather(*(p.stop() for p in started.values()), return_exceptions=True)
+            raise
+        retired = [p for key, p in self.processes.items() if key not in kept]
+        self.processes = {**kept, **started}
+        return retired
 
     async def stop(self) -> None:
         await asyncio.gather(*(p.stop() for p in self.processes.values()), return_exceptions=True)

@@ -1,0 +1,174 @@
+"""The running service: start, reload on SIGHUP, graceful shutdown on SIGTERM.
+
+A reload builds a new Gateway from the new config and swaps it in for new requests;
+requests already running finish on the old one, whose pools close when it is idle.
+Managed llama-servers whose settings did not change keep running. An invalid new config is
+refused with its problems logged, and the old one stays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+
+from casedesk.anthropic.errors import ApiError
+from casedesk.app import Gateway, limits_of
+from casedesk.config import Config, ConfigError, Upstream, load
+from casedesk.http.server import ConnectionTracker, Request, ResponseWriter, start_server
+from casedesk.ops.supervisor import ManagedProcess, Supervisor, SupervisorError
+
+log = logging.getLogger("casedesk")
+
+
+class Service:
+    def __init__(self, config: Config, worker_upstreams: dict[tuple[str, str], list[Upstream]] | None) -> None:
+        self.config = config
+        self.worker_upstreams = worker_upstreams
+        # A --workers child manages no process: its parent started them and gave their URLs.
+        self.supervisor = Supervisor(config if worker_upstreams is None else None)
+        self.tracker = ConnectionTracker()
+        self.gateway: Gateway | None = None
+        self.server: asyncio.AbstractServer | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    async def handle(self, request: Request, writer: ResponseWriter) -> None:
+        assert self.gateway is not None
+        await self.gateway.handle(request, writer)
+
+    async def start(self, sock: socket.socket | None) -> None:
+        upstreams = self.worker_upstreams if self.worker_upstreams is not None else await self.supervisor.start()
+        self.gateway = Gateway(self.config, upstreams)
+        self.gateway.start_health_checks()
+        settings = self.config.server
+        self.server = await start_server(
+            self.handle, limits_of(settings), self.tracker,
+            host=settings.listen_host, port=settings.listen_port, sock=sock,
+            reuse_port=self.worker_upstreams is not None,
+        )
+        addresses = ", ".join(str(s.getsockname()) for s in self.server.sockets)
+        log.info("casedesk listening on %s; deployments: %s", addresses, ", ".join(self.gateway.deployments))
+
+    async def reload(self) -> bool:
+        """Apply the config file again; False (old config kept) when it is not usable."""
+        if self.config.path is None:
+            log.error("reload: this config was not read from a file")
+            return False
+        try:
+            new = load(self.config.path)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("reload refused, the old config stays: %s", problem)
+            return False
+        if (new.server.listen_host, new.server.listen_port) != (self.config.server.listen_host, self.config.server.listen_port):
+            log.warning("reload: a new listen address takes effect only after a restart")
+        retired: list[ManagedProcess] = []
+        if self.worker_upstreams is None:
+            try:
+                retired = await self.supervisor.reconcile(new)
+            except SupervisorError as exc:
+                log.error("reload refused, the old config stays: %s", exc)
+                return False
+            upstreams = self.supervisor.upstreams()
+        else:
+            upstreams = self.worker_upstreams
+        old = self.gateway
+        self.gateway = Gateway(new, upstreams)
+        self.gateway.start_health_checks()
+        self.config = new
+        if old is not None:
+            task = asyncio.create_task(self._retire(old, retired))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+        log.info("reloaded %s: deployments %s", new.path, ", ".join(self.gateway.deployments))
+        return True
+
+    async def _retire(self, old: Gateway, processes: list[ManagedProcess]) -> None:
+        """Close the old gateway's pools and stop unwanted servers once its requests are done."""
+        while old.active:
+            await asyncio.sleep(0.2)
+        old.close()
+        await asyncio.gather(*(p.stop() for p in processes), return_exceptions=True)
+
+    async def shutdown(self, grace: float, force: asyncio.Event) -> None:
+        log.info("shutting down: no new connections; waiting up to %g s for in-flight requests", grace)
+        if self.server is not None:
+            self.server.close()
+        await _drain(self.tracker, grace, force)
+        for task in list(self._retiring):
+            task.cancel()
+        if self.gateway is not None:
+            self.gateway.close()
+        await self.supervisor.stop()
+
+
+async def run(
+    config: Config,
+    *,
+    sock: socket.socket | None = None,
+    ready: asyncio.Event | None = None,
+    stop: asyncio.Event | None = None,
+    force: asyncio.Event | None = None,
+    reload: asyncio.Event | None = None,
+    shutdown_grace: float = 30.0,
+    worker_upstreams: dict[tuple[str, str], list[Upstream]] | None = None,
+    handle_signals: bool = True,
+) -> None:
+    """Serve until SIGTERM/SIGINT (or `stop`), reloading on SIGHUP (or `reload`).
+
+    A second SIGTERM/SIGINT (or `force`) ends in-flight streams at once.
+    """
+    loop = asyncio.get_running_loop()
+    stop = stop or asyncio.Event()
+    force = force or asyncio.Event()
+    reload = reload or asyncio.Event()
+    if handle_signals:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, lambda: force.set() if stop.is_set() else stop.set())
+        loop.add_signal_handler(signal.SIGHUP, reload.set)
+    service = Service(config, worker_upstreams)
+    try:
+        await service.start(sock)
+        if ready is not None:
+            ready.set()
+        while not stop.is_set():
+            stopping = asyncio.ensure_future(stop.wait())
+            reloading = asyncio.ensure_future(reload.wait())
+            await asyncio.wait([stopping, reloading], return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            reloading.cancel()
+            if reload.is_set() and not stop.is_set():
+                reload.clear()
+                await service.reload()
+        await service.shutdown(shutdown_grace, force)
+    finally:
+        await service.supervisor.stop()
+
+
+async def _drain(tracker: ConnectionTracker, grace: float, force: asyncio.Event) -> None:
+    """Close idle connections; let busy ones finish within `grace` (or until `force` is
+    set); then end the rest, streams with an `event: error` so clients know why."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    while True:
+        for protocol in list(tracker.open):
+            protocol.shutdown_if_idle()
+        if not tracker.open or loop.time() >= deadline or force.is_set():
+            break
+        tracker.idle_changed.clear()
+        changed = asyncio.ensure_future(tracker.idle_changed.wait())
+        forced = asyncio.ensure_future(force.wait())
+        await asyncio.wait([changed, forced], timeout=max(0.0, deadline - loop.time()), return_when=asyncio.FIRST_COMPLETED)
+        changed.cancel()
+        forced.cancel()
+    error = ApiError(529, "the gateway is shutting down; retry shortly")
+    for protocol in list(tracker.open):
+        writer = protocol.writer
+        if writer is not None and not writer.finished:
+            if writer.started:
+                writer.write(error.sse_event())
+                writer.end()
+            else:
+                writer.send_error(error, close=True)
+        protocol.close()
