@@ -34,8 +34,12 @@ def to_chat_request(request: MessagesRequest, *, stream: bool) -> dict[str, Any]
         body.update(_tools(request))
     if request.thinking == "disabled":
         body["chat_template_kwargs"] = {"enable_thinking": False}
-    elif request.thinking_budget is not None:
-        body["reasoning_budget"] = request.thinking_budget
+    elif request.wants_thinking:
+        body["chat_template_kwargs"] = {"enable_thinking": True}
+        if request.thinking_budget is not None:
+            # llama-server's name (tools/server/server-common.cpp); it applies when the
+            # model's template has thinking tags.
+            body["reasoning_budget_tokens"] = request.thinking_budget
     if stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
