@@ -1,25 +1,28 @@
 """POST /proxy/{deployment}/anthropic/v1/messages: the Messages API, streamed or not.
 
 auth → JSON → validation → model tag → admission → translate → upstream (with failover)
-→ translate back → respond. Streams are relayed by callbacks: each upstream chunk is
-de-framed, decoded, translated and written to the client inside the same data_received
-call, with no task switch per token (shared/design.md, "The hot path").
+→ translate back → respond. llama-server is always asked for a stream: a streaming client
+gets each chunk translated and written inside the same data_received call, with no task
+switch per token (shared/design.md, "The hot path"); a non-streaming client gets the chunks
+accumulated into one message. Either way the stall timeout means "no bytes for N seconds",
+never "the answer is long".
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from casedesk.anthropic.errors import ApiError
-from casedesk.anthropic.schema import MessagesRequest, parse_messages_request
+from casedesk.anthropic.schema import parse_messages_request
 from casedesk.http.server import Request, ResponseWriter
 from casedesk.http.sse import SseDecoder
 from casedesk.translate.errors import stream_error_message, upstream_error
 from casedesk.translate.request import to_chat_request
-from casedesk.translate.response import to_message
+from casedesk.translate.response import CompletionAccumulator, to_message
 from casedesk.translate.stream import StreamTranslator
 from casedesk.upstream.balancer import open_with_failover
 from casedesk.upstream.client import Exchange
@@ -36,24 +39,26 @@ CHAT_PATH = "/v1/chat/completions"
 async def handle_messages(gateway: Gateway, request: Request, writer: ResponseWriter, deployment: str) -> None:
     route = gateway.deployment(deployment)
     route.authorize(request.headers)
-    body = gateway.anthropic_body(request)
-    parsed = parse_messages_request(body)
+    parsed = parse_messages_request(gateway.anthropic_body(request))
     model = route.model(parsed.model)
     async with route.admission.slot():
-        payload = orjson.dumps(to_chat_request(parsed, stream=parsed.stream))
+        payload = orjson.dumps(to_chat_request(parsed, stream=True))
         exchange = await _open(gateway, model, payload)
         try:
             if exchange.head.status != 200:
                 raise upstream_error(exchange.head.status, await exchange.read_body(), exchange.pool.authority)
             if parsed.stream:
-                await _relay_stream(exchange, parsed, writer)
-            else:
-                completion = await exchange.read_json()
-                if not isinstance(completion, dict):
-                    raise ApiError(502, "upstream answered with an unexpected JSON shape")
-                message = to_message(
-                    completion, parsed.model, wants_thinking=parsed.wants_thinking, single_tool_use=parsed.single_tool_use
+                translator = StreamTranslator(
+                    parsed.model, wants_thinking=parsed.wants_thinking, single_tool_use=parsed.single_tool_use
                 )
+                await _relay_to_client(exchange, translator, writer)
+            else:
+                accumulator = CompletionAccumulator(single_tool_use=parsed.single_tool_use)
+                relay = _Relay(exchange, accumulator.feed, lambda: accumulator.cut)
+                await relay.run()
+                if relay.error is not None:
+                    raise ApiError(502, f"upstream failed: {relay.error}")
+                message = to_message(accumulator.completion(), parsed.model, wants_thinking=parsed.wants_thinking)
                 writer.send(200, orjson.dumps(message))
         finally:
             exchange.close()
@@ -69,17 +74,32 @@ async def _open(gateway: Gateway, model: ModelRoute, payload: bytes) -> Exchange
     return exchange
 
 
-class _StreamRelay:
-    """The callbacks of one streamed answer: upstream SSE payloads in, client events out."""
+class _Relay:
+    """Reads llama-server's SSE stream: each chunk, decoded, goes to `on_chunk`.
 
-    __slots__ = ("exchange", "translator", "writer", "done", "error")
+    `is_cut()` true after a chunk means the answer is complete early (see StreamTranslator's
+    single_tool_use): the upstream is then closed, which also stops generation there.
+    """
 
-    def __init__(self, exchange: Exchange, translator: StreamTranslator, writer: ResponseWriter) -> None:
+    __slots__ = ("exchange", "on_chunk", "is_cut", "done", "error")
+
+    def __init__(self, exchange: Exchange, on_chunk: Callable[[dict[str, Any]], None], is_cut: Callable[[], bool]) -> None:
         self.exchange = exchange
-        self.translator = translator
-        self.writer = writer
+        self.on_chunk = on_chunk
+        self.is_cut = is_cut
         self.done = False
         self.error: str | None = None
+
+    async def run(self) -> None:
+        """Relay until the stream ends; afterwards `error` says what went wrong, if anything."""
+        decoder = SseDecoder(self.on_data, self.on_error)
+        try:
+            await self.exchange.relay(decoder.feed)
+        except UpstreamError as exc:
+            if not self.is_cut():
+                self.error = self.error or str(exc)
+        if self.error is None and not self.done:
+            self.error = "upstream ended the stream before the answer was complete"
 
     def on_data(self, payload: bytes) -> None:
         if self.done:
@@ -95,10 +115,8 @@ class _StreamRelay:
         if not isinstance(chunk, dict) or "error" in chunk:
             self.fail(stream_error_message(payload))
             return
-        out = self.translator.feed(chunk)
-        if out:
-            self.writer.write(out)
-        if self.translator.cut:
+        self.on_chunk(chunk)
+        if self.is_cut():
             self.done = True
             self.exchange.conn.abort()  # the answer is complete; llama-server stops here
 
@@ -118,24 +136,21 @@ class _StreamRelay:
         self.exchange.resume()
 
 
-async def _relay_stream(exchange: Exchange, parsed: MessagesRequest, writer: ResponseWriter) -> None:
-    translator = StreamTranslator(
-        parsed.model, wants_thinking=parsed.wants_thinking, single_tool_use=parsed.single_tool_use
-    )
-    relay = _StreamRelay(exchange, translator, writer)
-    decoder = SseDecoder(relay.on_data, relay.on_error)
+async def _relay_to_client(exchange: Exchange, translator: StreamTranslator, writer: ResponseWriter) -> None:
+    write = writer.write
+
+    def on_chunk(chunk: dict[str, Any]) -> None:
+        out = translator.feed(chunk)
+        if out:
+            write(out)
+
+    relay = _Relay(exchange, on_chunk, lambda: translator.cut)
     writer.start_stream()
     writer.set_flow_listener(relay)
-    try:
-        await exchange.relay(decoder.feed)
-    except UpstreamError as exc:
-        if not translator.cut:
-            relay.error = relay.error or str(exc)
-    if relay.error is None and not relay.done and translator.finish_reason is None:
-        relay.error = "upstream ended the stream before the answer was complete"
+    await relay.run()
     if relay.error is not None:
         log.warning("stream from %s failed: %s", exchange.pool.authority, relay.error)
-        writer.write(ApiError(529, f"upstream failed mid-stream: {relay.error}").sse_event())
+        write(ApiError(529, f"upstream failed mid-stream: {relay.error}").sse_event())
     else:
-        writer.write(translator.finish())
+        write(translator.finish())
     writer.end()

@@ -80,19 +80,91 @@ def matched_stop_sequence(payload: dict[str, Any]) -> str | None:
     return None
 
 
+class CompletionAccumulator:
+    """Streamed chunks → the completion a non-streamed call would have returned.
+
+    Non-streamed Anthropic requests are streamed from llama-server too: the upstream then
+    never goes silent during a long generation (the stall timeout means "no bytes", not
+    "no answer yet"), and one code path serves both kinds of client.
+    """
+
+    def __init__(self, *, single_tool_use: bool = False) -> None:
+        # single_tool_use: see StreamTranslator; a second tool call ends the answer (`cut`).
+        self.single_tool_use = single_tool_use
+        self.cut = False
+        self.deltas = 0
+        self.content: list[str] = []
+        self.reasoning: list[str] = []
+        self.calls: dict[int, dict[str, Any]] = {}
+        self.finish_reason: str | None = None
+        self.usage: dict[str, Any] | None = None
+        self.verbose: dict[str, Any] | None = None
+        self.prompt_progress: dict[str, Any] | None = None
+
+    def feed(self, chunk: dict[str, Any]) -> None:
+        if "prompt_progress" in chunk:
+            self.prompt_progress = chunk["prompt_progress"]
+            return
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") or {}
+            if delta:
+                self.deltas += 1
+            if delta.get("content"):
+                self.content.append(delta["content"])
+            if delta.get("reasoning_content"):
+                self.reasoning.append(delta["reasoning_content"])
+            for call in delta.get("tool_calls") or ():
+                index = int(call.get("index") or 0)
+                if self.single_tool_use and self.calls and index not in self.calls:
+                    self.cut = True
+                    return
+                slot = self.calls.setdefault(index, {"id": None, "name": "", "arguments": []})
+                function = call.get("function") or {}
+                slot["id"] = slot["id"] or call.get("id")
+                slot["name"] = slot["name"] or function.get("name") or ""
+                if function.get("arguments"):
+                    slot["arguments"].append(function["arguments"])
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        if isinstance(chunk.get("__verbose"), dict):
+            self.verbose = chunk["__verbose"]
+
+    def completion(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.content)}
+        if self.reasoning:
+            message["reasoning_content"] = "".join(self.reasoning)
+        if self.calls:
+            message["tool_calls"] = [
+                {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": "".join(c["arguments"])}}
+                for _, c in sorted(self.calls.items())
+            ]
+        usage = self.usage
+        if usage is None:  # cut short before llama-server's usage chunk (see StreamTranslator)
+            progress = self.prompt_progress or {}
+            usage = {
+                "prompt_tokens": progress.get("total", 0),
+                "completion_tokens": self.deltas,
+                "prompt_tokens_details": {"cached_tokens": progress.get("cache", 0)},
+            }
+        completion: dict[str, Any] = {
+            "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls" if self.cut else self.finish_reason}],
+            "usage": usage,
+        }
+        if self.verbose is not None:
+            completion["__verbose"] = self.verbose
+        return completion
+
+
 def to_message(
     completion: dict[str, Any],
     model: str,
     *,
     wants_thinking: bool,
-    single_tool_use: bool = False,
     message_id: str | None = None,
 ) -> dict[str, Any]:
-    """The Anthropic message for a whole chat completion.
-
-    single_tool_use: the request disabled parallel tool use; llama-server's grammar may still
-    have produced several calls, and only the first is kept (that is where the answer ends).
-    """
+    """The Anthropic message for a whole chat completion."""
     choices = completion.get("choices") or [{}]
     choice = choices[0]
     message = choice.get("message") or {}
@@ -103,11 +175,7 @@ def to_message(
     text = message.get("content")
     if text:
         content.append({"type": "text", "text": text})
-    calls = message.get("tool_calls") or []
-    if single_tool_use and len(calls) > 1:
-        calls = calls[:1]
-        choice = {**choice, "finish_reason": "tool_calls"}
-    for call in calls:
+    for call in message.get("tool_calls") or []:
         function = call.get("function") or {}
         content.append(
             {
