@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from casedesk.admission import Admission
-from casedesk.anthropic.errors import ApiError, authentication_failed, invalid_request, not_found
+from casedesk.anthropic.errors import authentication_failed, invalid_request, not_found
 from casedesk.config import Config, Deployment, ServerSettings, Upstream
 from casedesk.endpoints.count_tokens import handle_count_tokens
 from casedesk.endpoints.messages import handle_messages

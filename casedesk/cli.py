@@ -14,7 +14,9 @@ from casedesk.config import ConfigError, load, split_host_port
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="casedesk", description="Anthropic Messages API gateway for llama.cpp servers")
+    parser = argparse.ArgumentParser(
+        prog="casedesk", description="Anthropic Messages API gateway for llama.cpp servers"
+    )
     parser.add_argument("--version", action="version", version=f"casedesk {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gateway")
@@ -22,7 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--listen", help="HOST:PORT, overrides [server].listen")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument(
-        "--workers", type=int, default=1,
+        "--workers",
+        type=int,
+        default=1,
         help="worker processes sharing the port (SO_REUSEPORT); one serves one core",
     )
     serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a --workers child
@@ -64,7 +68,9 @@ def serve_command(args: argparse.Namespace) -> int:
         except ValueError as exc:
             logging.error("--listen: %s", exc)
             return 2
-        config = dataclasses.replace(config, server=dataclasses.replace(config.server, listen_host=host, listen_port=port))
+        config = dataclasses.replace(
+            config, server=dataclasses.replace(config.server, listen_host=host, listen_port=port)
+        )
     from casedesk.service import run
     from casedesk.ops.supervisor import SupervisorError
     from casedesk.workers import UPSTREAMS_ENV, decode_upstreams, run_workers
@@ -86,7 +92,9 @@ def serve_command(args: argparse.Namespace) -> int:
         logging.error("%s", exc)
         return 1
     except OSError as exc:
-        logging.error("cannot listen on %s:%d: %s", config.server.listen_host, config.server.listen_port, exc.strerror or exc)
+        logging.error(
+            "cannot listen on %s:%d: %s", config.server.listen_host, config.server.listen_port, exc.strerror or exc
+        )
         return 1
     return 0
 

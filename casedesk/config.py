@@ -141,8 +141,15 @@ class _Checker:
                 self.problem(name, f"unknown key (known: {', '.join(sorted(known))})")
 
     def number(
-        self, table: dict[str, Any], key: str, prefix: str, default: float, *,
-        integer: bool = False, minimum: float = 0, exclusive: bool = True,
+        self,
+        table: dict[str, Any],
+        key: str,
+        prefix: str,
+        default: float,
+        *,
+        integer: bool = False,
+        minimum: float = 0,
+        exclusive: bool = True,
     ) -> Any:
         value = table.get(key, default)
         name = f"{prefix}.{key}"
@@ -187,9 +194,16 @@ def _server(checker: _Checker, raw: Any) -> ServerSettings:
         except ValueError as exc:
             checker.problem("server.listen", str(exc))
     numeric = {
-        "max_body_bytes": True, "max_header_bytes": True, "max_header_count": True, "max_connections": True,
-        "header_timeout": False, "body_timeout": False, "keepalive_timeout": False,
-        "upstream_connect_timeout": False, "upstream_read_timeout": False, "health_interval": False,
+        "max_body_bytes": True,
+        "max_header_bytes": True,
+        "max_header_count": True,
+        "max_connections": True,
+        "header_timeout": False,
+        "body_timeout": False,
+        "keepalive_timeout": False,
+        "upstream_connect_timeout": False,
+        "upstream_read_timeout": False,
+        "health_interval": False,
     }
     values = {
         key: checker.number(raw, key, "server", getattr(defaults, key), integer=is_int)
@@ -228,8 +242,12 @@ def _deployment(checker: _Checker, dep_id: str, raw: Any, base_dir: Path | None)
             models[tag] = model
     checker.unknown(raw, {"api_keys_sha256", "max_concurrency", "max_queue", "queue_timeout", "models"}, prefix)
     return Deployment(
-        id=dep_id, models=models, api_keys_sha256=frozenset(hashes),
-        max_concurrency=max_concurrency, max_queue=max_queue, queue_timeout=queue_timeout,
+        id=dep_id,
+        models=models,
+        api_keys_sha256=frozenset(hashes),
+        max_concurrency=max_concurrency,
+        max_queue=max_queue,
+        queue_timeout=queue_timeout,
     )
 
 
@@ -242,7 +260,7 @@ def _model(checker: _Checker, prefix: str, tag: str, raw: Any, base_dir: Path | 
     upstreams: list[Upstream] = []
     raw_upstreams = raw.get("upstreams", [])
     if not isinstance(raw_upstreams, list):
-        checker.problem(f"{prefix}.upstreams", "must be a list of URLs like \"http://127.0.0.1:8080\"")
+        checker.problem(f"{prefix}.upstreams", 'must be a list of URLs like "http://127.0.0.1:8080"')
         raw_upstreams = []
     for i, url in enumerate(raw_upstreams):
         upstream = _upstream(url)
@@ -277,7 +295,7 @@ def _managed(checker: _Checker, prefix: str, raw: Any, base_dir: Path | None) ->
     raw = _table(checker, raw, prefix)
     model = raw.get("model")
     if not isinstance(model, str) or not model:
-        checker.problem(f"{prefix}.model", "must be a .gguf path or \"package:NAME\"")
+        checker.problem(f"{prefix}.model", 'must be a .gguf path or "package:NAME"')
         model = ""
     elif not model.startswith("package:") and base_dir is not None:
         model = str((base_dir / model).resolve()) if not Path(model).is_absolute() else model
@@ -301,14 +319,19 @@ def _managed(checker: _Checker, prefix: str, raw: Any, base_dir: Path | None) ->
             checker.problem(f"{prefix}.chat_template_file", "must be a path string")
             template = None
         else:
-            path = Path(template) if base_dir is None or Path(template).is_absolute() else (base_dir / template).resolve()
+            path = (
+                Path(template) if base_dir is None or Path(template).is_absolute() else (base_dir / template).resolve()
+            )
             if not path.is_file():
                 checker.problem(f"{prefix}.chat_template_file", f"no such file: {path}")
             template = str(path)
-    checker.unknown(
-        raw, {"model", "args", "binary", "host", "port", "startup_timeout", "chat_template_file"}, prefix
-    )
+    checker.unknown(raw, {"model", "args", "binary", "host", "port", "startup_timeout", "chat_template_file"}, prefix)
     return ManagedServer(
-        model=model, args=tuple(args), binary=binary, host=host, port=port,
-        startup_timeout=startup_timeout, chat_template_file=template,
+        model=model,
+        args=tuple(args),
+        binary=binary,
+        host=host,
+        port=port,
+        startup_timeout=startup_timeout,
+        chat_template_file=template,
     )

@@ -43,8 +43,12 @@ class Service:
         self.gateway.start_health_checks()
         settings = self.config.server
         self.server = await start_server(
-            self.handle, limits_of(settings), self.tracker,
-            host=settings.listen_host, port=settings.listen_port, sock=sock,
+            self.handle,
+            limits_of(settings),
+            self.tracker,
+            host=settings.listen_host,
+            port=settings.listen_port,
+            sock=sock,
             reuse_port=self.worker_upstreams is not None,
         )
         addresses = ", ".join(str(s.getsockname()) for s in self.server.sockets)
@@ -61,7 +65,10 @@ class Service:
             for problem in exc.problems:
                 log.error("reload refused, the old config stays: %s", problem)
             return False
-        if (new.server.listen_host, new.server.listen_port) != (self.config.server.listen_host, self.config.server.listen_port):
+        if (new.server.listen_host, new.server.listen_port) != (
+            self.config.server.listen_host,
+            self.config.server.listen_port,
+        ):
             log.warning("reload: a new listen address takes effect only after a restart")
         retired: list[ManagedProcess] = []
         if self.worker_upstreams is None:
@@ -159,7 +166,9 @@ async def _drain(tracker: ConnectionTracker, grace: float, force: asyncio.Event)
         tracker.idle_changed.clear()
         changed = asyncio.ensure_future(tracker.idle_changed.wait())
         forced = asyncio.ensure_future(force.wait())
-        await asyncio.wait([changed, forced], timeout=max(0.0, deadline - loop.time()), return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            [changed, forced], timeout=max(0.0, deadline - loop.time()), return_when=asyncio.FIRST_COMPLETED
+        )
         changed.cancel()
         forced.cancel()
     error = ApiError(529, "the gateway is shutting down; retry shortly")

@@ -62,8 +62,17 @@ async def run_workers(config: Config, count: int, config_path: str, log_level: s
         env = {**os.environ, UPSTREAMS_ENV: encode_upstreams(upstreams)}
         listen = f"{config.server.listen_host}:{config.server.listen_port}"
         command = [
-            sys.executable, "-m", "casedesk", "serve", "--config", config_path,
-            "--listen", listen, "--log-level", log_level, "--worker",
+            sys.executable,
+            "-m",
+            "casedesk",
+            "serve",
+            "--config",
+            config_path,
+            "--listen",
+            listen,
+            "--log-level",
+            log_level,
+            "--worker",
         ]
         workers.extend([await _spawn(command, env) for _ in range(count)])
         log.info("%d workers serving %s (pids %s)", count, listen, ", ".join(str(w.pid) for w in workers))

@@ -52,14 +52,14 @@ def parse_messages_request(body: Any, *, count_only: bool = False) -> MessagesRe
         raise invalid_request("model: Field required")
     if not isinstance(model, str) or not model:
         raise invalid_request(f"model: must be a non-empty string, got {_kind(model)}")
-    if count_only:
-        max_tokens = 1
-    else:
-        max_tokens = body.get("max_tokens")
-        if max_tokens is None:
+    max_tokens: int = 1
+    if not count_only:
+        raw_max = body.get("max_tokens")
+        if raw_max is None:
             raise invalid_request("max_tokens: Field required")
-        if not _is_int(max_tokens) or max_tokens < 1:
-            raise invalid_request(f"max_tokens: must be an integer >= 1, got {max_tokens!r}")
+        if not _is_int(raw_max) or raw_max < 1:
+            raise invalid_request(f"max_tokens: must be an integer >= 1, got {raw_max!r}")
+        max_tokens = raw_max
     messages = body.get("messages")
     if messages is None:
         raise invalid_request("messages: Field required")
@@ -96,7 +96,14 @@ def parse_messages_request(body: Any, *, count_only: bool = False) -> MessagesRe
 def _kind(value: Any) -> str:
     if value is None:
         return "null"
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+    return {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+    }.get(type(value), type(value).__name__)
 
 
 def _is_int(value: Any) -> bool:
@@ -122,7 +129,7 @@ def _system(value: Any) -> list[dict[str, Any]]:
     for i, block in enumerate(value):
         path = f"system.{i}"
         if not isinstance(block, dict) or block.get("type") != "text":
-            raise invalid_request(f"{path}: system blocks must be {{\"type\": \"text\", \"text\": ...}}")
+            raise invalid_request(f'{path}: system blocks must be {{"type": "text", "text": ...}}')
         if not isinstance(block.get("text"), str):
             raise invalid_request(f"{path}.text: must be a string")
     return value
@@ -141,7 +148,7 @@ def _check_message(message: Any, path: str) -> None:
         raise invalid_request(f"{path}: must be an object with role and content, got {_kind(message)}")
     role = message.get("role")
     if role not in ROLES:
-        raise invalid_request(f"{path}.role: must be \"user\" or \"assistant\", got {role!r}")
+        raise invalid_request(f'{path}.role: must be "user" or "assistant", got {role!r}')
     if "content" not in message:
         raise invalid_request(f"{path}.content: Field required")
     content = message["content"]
@@ -207,7 +214,7 @@ def _check_image_source(source: Any, path: str) -> None:
     elif kind == "url":
         _require_str(source, "url", path)
     else:
-        raise invalid_request(f"{path}.type: must be \"base64\" or \"url\", got {kind!r}")
+        raise invalid_request(f'{path}.type: must be "base64" or "url", got {kind!r}')
 
 
 def _check_document_source(source: Any, path: str) -> None:
@@ -222,11 +229,10 @@ def _check_document_source(source: Any, path: str) -> None:
             raise invalid_request(f"{path}.content: must be a string or a list of text blocks")
     elif kind in ("base64", "url", "file"):
         raise invalid_request(
-            f"{path}.type: {kind!r} documents (PDF) are not supported by this gateway; send the text "
-            "as a text source"
+            f"{path}.type: {kind!r} documents (PDF) are not supported by this gateway; send the text as a text source"
         )
     else:
-        raise invalid_request(f"{path}.type: must be \"text\" or \"content\", got {kind!r}")
+        raise invalid_request(f'{path}.type: must be "text" or "content", got {kind!r}')
 
 
 def _tools(value: Any) -> list[dict[str, Any]] | None:
@@ -257,7 +263,7 @@ def _tool_choice(value: Any, tools: list[dict[str, Any]] | None) -> dict[str, An
     if value["type"] == "tool":
         name = value.get("name")
         if not isinstance(name, str):
-            raise invalid_request("tool_choice.name: Field required when type is \"tool\"")
+            raise invalid_request('tool_choice.name: Field required when type is "tool"')
         if not tools or all(t["name"] != name for t in tools):
             raise invalid_request(f"tool_choice.name: no tool named {name!r} in tools")
     if "disable_parallel_tool_use" in value and not isinstance(value["disable_parallel_tool_use"], bool):
@@ -270,11 +276,12 @@ def _thinking(value: Any) -> tuple[str | None, int | None]:
         return None, None
     if not isinstance(value, dict) or value.get("type") not in THINKING_TYPES:
         raise invalid_request("thinking.type: must be one of enabled, adaptive, disabled")
-    budget = value.get("budget_tokens")
-    if value["type"] == "enabled":
-        if not _is_int(budget) or budget < 1:
-            raise invalid_request(f"thinking.budget_tokens: must be an integer >= 1, got {budget!r}")
-    return value["type"], budget if value["type"] == "enabled" else None
+    if value["type"] != "enabled":
+        return value["type"], None
+    budget: Any = value.get("budget_tokens")
+    if not _is_int(budget) or budget < 1:
+        raise invalid_request(f"thinking.budget_tokens: must be an integer >= 1, got {budget!r}")
+    return "enabled", int(budget)
 
 
 def check_version_header(headers: dict[str, str]) -> None:

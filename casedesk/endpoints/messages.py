@@ -83,7 +83,9 @@ class _Relay:
 
     __slots__ = ("exchange", "on_chunk", "is_cut", "done", "error")
 
-    def __init__(self, exchange: Exchange, on_chunk: Callable[[dict[str, Any]], None], is_cut: Callable[[], bool]) -> None:
+    def __init__(
+        self, exchange: Exchange, on_chunk: Callable[[dict[str, Any]], None], is_cut: Callable[[], bool]
+    ) -> None:
         self.exchange = exchange
         self.on_chunk = on_chunk
         self.is_cut = is_cut

@@ -35,7 +35,9 @@ async def handle_list_models(gateway: Gateway, request: Request, writer: Respons
     )
 
 
-async def handle_get_model(gateway: Gateway, request: Request, writer: ResponseWriter, deployment: str, model: str) -> None:
+async def handle_get_model(
+    gateway: Gateway, request: Request, writer: ResponseWriter, deployment: str, model: str
+) -> None:
     route = gateway.deployment(deployment)
     route.authorize(request.headers)
     if model not in route.models:

@@ -15,7 +15,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Protocol, cast
 
 import h11
 
@@ -172,7 +172,7 @@ class ResponseWriter:
         self._protocol.flow_listener = listener
 
 
-class FlowListener:
+class FlowListener(Protocol):
     """What a relay does when the client's socket fills up and drains again."""
 
     def pause(self) -> None: ...
@@ -222,7 +222,7 @@ class HttpProtocol(asyncio.Protocol):
             log.warning("connection cap %d reached; refusing %s", self._limits.max_connections, self.client)
             error = ApiError(529, "too many open connections to this gateway; retry shortly")
             body = error.body()
-            transport.write(
+            self.transport.write(
                 b"HTTP/1.1 529 Overloaded\r\ncontent-type: application/json\r\nconnection: close\r\n"
                 b"content-length: %d\r\n\r\n%b" % (len(body), body)
             )
@@ -289,18 +289,17 @@ class HttpProtocol(asyncio.Protocol):
                     self.transport.pause_reading()
                     self._reading_paused = True
                 return
-            kind = type(event)
-            if kind is h11.Data:
+            if isinstance(event, h11.Data):
                 self._body_size += len(event.data)
                 if self._body_size > self._limits.max_body_bytes:
                     self._reject_too_large()
                     return
                 self._body.append(event.data)
-            elif kind is h11.Request:
+            elif isinstance(event, h11.Request):
                 self._on_request_head(event)
-            elif kind is h11.EndOfMessage:
+            elif isinstance(event, h11.EndOfMessage):
                 self._dispatch()
-            elif kind is h11.ConnectionClosed:
+            elif isinstance(event, h11.ConnectionClosed):
                 self.close()
                 return
 
@@ -311,8 +310,11 @@ class HttpProtocol(asyncio.Protocol):
         # h11 bounds only a head that arrives in pieces; one that arrives whole is checked here.
         size = len(head.target) + sum(len(name) + len(value) + 4 for name, value in head.headers)
         if size > self._limits.max_header_bytes or len(head.headers) > self._limits.max_header_count:
-            self._reject(431, f"request headers too large (limits: {self._limits.max_header_bytes} bytes, "
-                              f"{self._limits.max_header_count} fields)")
+            self._reject(
+                431,
+                f"request headers too large (limits: {self._limits.max_header_bytes} bytes, "
+                f"{self._limits.max_header_count} fields)",
+            )
             return
         for name, value in head.headers:
             if name == b"content-length" and int(value) > self._limits.max_body_bytes:
@@ -445,5 +447,5 @@ async def start_server(
     if sock is not None:
         return await loop.create_server(factory, sock=sock, backlog=2048)
     return await loop.create_server(
-        factory, host=host, port=port, backlog=2048, reuse_address=True, reuse_port=reuse_port or None
+        factory, host=host, port=port or 0, backlog=2048, reuse_address=True, reuse_port=reuse_port or None
     )

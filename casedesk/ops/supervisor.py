@@ -120,7 +120,9 @@ class ManagedProcess:
                 except UpstreamError:
                     pass
                 if time.monotonic() > deadline:
-                    raise SupervisorError(f"llama-server for {self.name} not healthy after {self.spec.startup_timeout:g} s")
+                    raise SupervisorError(
+                        f"llama-server for {self.name} not healthy after {self.spec.startup_timeout:g} s"
+                    )
                 await asyncio.sleep(0.2)
         finally:
             pool.close()
@@ -163,7 +165,9 @@ class Supervisor:
     def __init__(self, config: Config | None) -> None:
         """config None: nothing to manage (a worker whose parent manages the servers)."""
         self.processes: dict[tuple[str, str], ManagedProcess] = {}
-        for dep_id, tag in config.managed if config is not None else ():
+        managed = config.managed if config is not None else ()
+        for dep_id, tag in managed:
+            assert config is not None
             spec = config.deployments[dep_id].models[tag].llama_server
             assert spec is not None
             self.processes[(dep_id, tag)] = ManagedProcess(f"{dep_id}/{tag}", spec)
@@ -185,10 +189,7 @@ class Supervisor:
         everything as it was). Returns the servers no longer wanted: the caller stops them
         once the requests still using them are done.
         """
-        wanted = {
-            (dep_id, tag): config.deployments[dep_id].models[tag].llama_server
-            for dep_id, tag in config.managed
-        }
+        wanted = {(dep_id, tag): config.deployments[dep_id].models[tag].llama_server for dep_id, tag in config.managed}
         kept = {key: p for key, p in self.processes.items() if wanted.get(key) == p.spec}
         started: dict[tuple[str, str], ManagedProcess] = {}
         try:

@@ -137,7 +137,11 @@ class CompletionAccumulator:
             message["reasoning_content"] = "".join(self.reasoning)
         if self.calls:
             message["tool_calls"] = [
-                {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": "".join(c["arguments"])}}
+                {
+                    "id": c["id"],
+                    "type": "function",
+                    "function": {"name": c["name"], "arguments": "".join(c["arguments"])},
+                }
                 for _, c in sorted(self.calls.items())
             ]
         usage = self.usage
@@ -149,7 +153,9 @@ class CompletionAccumulator:
                 "prompt_tokens_details": {"cached_tokens": progress.get("cache", 0)},
             }
         completion: dict[str, Any] = {
-            "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls" if self.cut else self.finish_reason}],
+            "choices": [
+                {"index": 0, "message": message, "finish_reason": "tool_calls" if self.cut else self.finish_reason}
+            ],
             "usage": usage,
         }
         if self.verbose is not None:
@@ -187,7 +193,9 @@ def to_message(
         )
     has_tool_use = any(block["type"] == "tool_use" for block in content)
     stop_sequence = matched_stop_sequence(completion)
-    stop_reason = "stop_sequence" if stop_sequence is not None else stop_reason_of(choice.get("finish_reason"), has_tool_use)
+    stop_reason = (
+        "stop_sequence" if stop_sequence is not None else stop_reason_of(choice.get("finish_reason"), has_tool_use)
+    )
     return {
         "id": message_id or new_message_id(),
         "type": "message",

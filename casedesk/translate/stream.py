@@ -34,10 +34,28 @@ _SUPPRESSED_PING_EVERY = 32  # chunks of reasoning nobody asked for between two 
 
 class StreamTranslator:
     __slots__ = (
-        "model", "message_id", "wants_thinking", "started", "finished", "_index", "_block",
-        "_text_prefix", "_thinking_prefix", "_thinking_text", "_tool_blocks", "_current_tool",
-        "_finish_reason", "_usage", "_input_tokens", "_cached_tokens", "_suppressed", "has_tool_use",
-        "stop_sequence", "single_tool_use", "cut", "_deltas",
+        "model",
+        "message_id",
+        "wants_thinking",
+        "started",
+        "finished",
+        "_index",
+        "_block",
+        "_text_prefix",
+        "_thinking_prefix",
+        "_thinking_text",
+        "_tool_blocks",
+        "_current_tool",
+        "_finish_reason",
+        "_usage",
+        "_input_tokens",
+        "_cached_tokens",
+        "_suppressed",
+        "has_tool_use",
+        "stop_sequence",
+        "single_tool_use",
+        "cut",
+        "_deltas",
     )
 
     def __init__(
@@ -142,7 +160,7 @@ class StreamTranslator:
                 if self.single_tool_use and self._tool_blocks:
                     self.cut = True
                     return out
-                block = {
+                block: dict[str, Any] = {
                     "type": "tool_use",
                     "id": call.get("id") or new_tool_use_id(),
                     "name": function.get("name") or "",
@@ -187,7 +205,11 @@ class StreamTranslator:
             signature = thinking_signature("".join(self._thinking_text))
             out = encode_event(
                 b"content_block_delta",
-                {"type": "content_block_delta", "index": self._index, "delta": {"type": "signature_delta", "signature": signature}},
+                {
+                    "type": "content_block_delta",
+                    "index": self._index,
+                    "delta": {"type": "signature_delta", "signature": signature},
+                },
             )
         self._block = None
         self._current_tool = None
@@ -195,7 +217,7 @@ class StreamTranslator:
 
     def _message_start(self) -> bytes:
         self.started = True
-        message = {
+        message: dict[str, Any] = {
             "id": self.message_id,
             "type": "message",
             "role": "assistant",

@@ -121,7 +121,9 @@ async def open_exchange(
     raise AssertionError("unreachable")
 
 
-async def call_json(pool: UpstreamPool, method: str, path: str, payload: object | None, read_timeout: float) -> tuple[int, object]:
+async def call_json(
+    pool: UpstreamPool, method: str, path: str, payload: object | None, read_timeout: float
+) -> tuple[int, object]:
     """A whole JSON request/response (tokenize, apply-template, health…): (status, parsed body)."""
     body = orjson.dumps(payload) if payload is not None else None
     exchange = await open_exchange(pool, method, path, body, read_timeout)

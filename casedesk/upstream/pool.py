@@ -92,7 +92,9 @@ class UpstreamConnection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         if self._mode == self._HEAD and not self.received_any:
             # Closed before answering: on a reused socket the server never saw the request.
-            self._fail(UpstreamError("upstream closed the connection before answering", retryable=self.requests_sent > 1))
+            self._fail(
+                UpstreamError("upstream closed the connection before answering", retryable=self.requests_sent > 1)
+            )
             return None
         if self._h11 is not None and self._mode in (self._HEAD, self._BODY_H11):
             # Close-delimited bodies end here; h11 turns EOF into the end of the message.
@@ -128,7 +130,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- requests ------------------------------------------------------------------------
 
-    def send_request(self, method: str, target: str, host: str, body: bytes | None, content_type: str = "application/json") -> asyncio.Future[object]:
+    def send_request(
+        self, method: str, target: str, host: str, body: bytes | None, content_type: str = "application/json"
+    ) -> asyncio.Future[object]:
         """Write the request and return a future for its ResponseHead."""
         self._h11 = h11.Connection(h11.CLIENT)
         headers = [("host", host), ("accept", "*/*")]
@@ -187,13 +191,12 @@ class UpstreamConnection(asyncio.Protocol):
                 return
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 return
-            kind = type(event)
-            if kind is h11.Response:
+            if isinstance(event, h11.Response):
                 self._head = _head_of(event, self)
                 self._mode = self._HELD  # h11 buffers the body until the caller picks a mode
                 self._resolve(self._head)
                 return
-            if kind is h11.Data:
+            if isinstance(event, h11.Data):
                 if self._sink is not None:
                     self._sink(bytes(event.data))
                 else:
@@ -203,10 +206,10 @@ class UpstreamConnection(asyncio.Protocol):
                         self.abort()
                         return
                     self._body_parts.append(bytes(event.data))
-            elif kind is h11.EndOfMessage:
+            elif isinstance(event, h11.EndOfMessage):
                 self._finish_body()
                 return
-            elif kind is h11.ConnectionClosed:
+            elif isinstance(event, h11.ConnectionClosed):
                 self._fail(UpstreamError("upstream closed the connection mid-response"))
                 return
 
@@ -332,24 +335,24 @@ class UpstreamPool:
         waiter: asyncio.Future[UpstreamConnection | None] = loop.create_future()
         self._waiters.append(waiter)
         try:
-            conn = await waiter
+            handed = await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
-                handed = waiter.result()
-                if handed is None:
+                result = waiter.result()
+                if result is None:
                     self._total -= 1
                     self._wake_one()
                 else:
-                    self.release(handed)
+                    self.release(result)
             else:
                 try:
                     self._waiters.remove(waiter)
                 except ValueError:
                     pass
             raise
-        if conn is None:  # a slot was freed for us
+        if handed is None:  # a slot was freed for us
             return await self._open_counted()
-        return conn
+        return handed
 
     async def _open_counted(self) -> UpstreamConnection:
         """Open a socket for a slot already counted in _total; give the slot back on failure."""
@@ -363,7 +366,9 @@ class UpstreamPool:
             self._total -= 1
             self._wake_one()
             if isinstance(exc, asyncio.TimeoutError):
-                raise UpstreamError(f"connecting to {self.authority} timed out after {self.connect_timeout:g} s") from None
+                raise UpstreamError(
+                    f"connecting to {self.authority} timed out after {self.connect_timeout:g} s"
+                ) from None
             if isinstance(exc, OSError):
                 reason = exc.strerror or str(exc)
                 raise UpstreamError(f"cannot connect to {self.authority}: {reason}") from None
