@@ -22,6 +22,7 @@ class RunningGateway:
     config: Config
     stop: asyncio.Event
     force: asyncio.Event
+    reload: asyncio.Event
     task: asyncio.Task[None]
 
     def base_url(self, deployment: str = "dep") -> str:
@@ -49,24 +50,27 @@ async def start_gateway() -> AsyncIterator[GatewayFactory]:
     """`await start_gateway(raw_config_dict, shutdown_grace=...)` → a RunningGateway."""
     running: list[RunningGateway] = []
 
-    async def start(raw: dict[str, Any], shutdown_grace: float = 5.0) -> RunningGateway:
-        config = parse(raw)
+    async def start(raw: dict[str, Any] | Config, shutdown_grace: float = 5.0) -> RunningGateway:
+        config = raw if isinstance(raw, Config) else parse(raw)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         sock.listen(1024)
         sock.setblocking(False)
         port = sock.getsockname()[1]
-        ready, stop, force = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        ready, stop, force, reload = asyncio.Event(), asyncio.Event(), asyncio.Event(), asyncio.Event()
         task = asyncio.create_task(
-            run(config, sock=sock, ready=ready, stop=stop, force=force, shutdown_grace=shutdown_grace, handle_signals=False)
+            run(
+                config, sock=sock, ready=ready, stop=stop, force=force, reload=reload,
+                shutdown_grace=shutdown_grace, handle_signals=False,
+            )
         )
         waiter = asyncio.create_task(ready.wait())
         await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
         if task.done():
             waiter.cancel()
             task.result()  # raises what stopped it
-        gateway = RunningGateway(f"http://127.0.0.1:{port}", port, config, stop, force, task)
+        gateway = RunningGateway(f"http://127.0.0.1:{port}", port, config, stop, force, reload, task)
         running.append(gateway)
         return gateway
 

@@ -221,8 +221,6 @@ class UpstreamConnection(asyncio.Protocol):
             and self._h11 is not None
             and (self._mode == self._BODY_CHUNKED or self._h11.their_state is h11.DONE)
         )
-        if self._mode == self._BODY_CHUNKED and self._h11 is not None and self._h11.trailing_data[0]:
-            reusable = False
         result: object = None if self._sink is not None else b"".join(self._body_parts)
         self._mode = self._IDLE
         self._h11 = None

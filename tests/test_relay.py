@@ -1,0 +1,405 @@
+"""CaseDesk between the official SDK and the fake llama-server: translation over real sockets,
+streamed and not, and what happens when the upstream misbehaves."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anthropic
+import h11
+import orjson
+import pytest
+
+from tests.conftest import GatewayFactory, RunningGateway, gateway_config
+from tests.fake_llama import FakeLlamaServer, Reply
+
+ASK = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeLlamaServer]:
+    async with FakeLlamaServer() as server:
+        yield server
+
+
+@pytest.fixture
+async def gateway(fake: FakeLlamaServer, start_gateway: GatewayFactory) -> RunningGateway:
+    return await start_gateway(gateway_config([fake.url]))
+
+
+def sdk(gateway: RunningGateway) -> anthropic.AsyncAnthropic:
+    return anthropic.AsyncAnthropic(base_url=gateway.base_url(), api_key="k", max_retries=0)
+
+
+async def http_post(port: int, path: str, body: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
+    """A plain HTTP/1.1 POST on a fresh socket, read with h11: (status, headers, body)."""
+    payload = orjson.dumps(body)
+    conn = h11.Connection(h11.CLIENT)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    headers = [("host", "x"), ("anthropic-version", "2023-06-01"), ("x-api-key", "k"),
+               ("content-type", "application/json"), ("content-length", str(len(payload)))]
+    writer.write(conn.send(h11.Request(method="POST", target=path, headers=headers)) + conn.send(h11.Data(data=payload))
+                 + conn.send(h11.EndOfMessage()))
+    status, response_headers, data = 0, {}, b""
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await asyncio.wait_for(reader.read(65536), 10))
+        elif isinstance(event, h11.Response):
+            status = event.status_code
+            response_headers = {k.decode(): v.decode() for k, v in event.headers}
+        elif isinstance(event, h11.Data):
+            data += event.data
+        elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+            break
+    writer.close()
+    return status, response_headers, data
+
+
+async def raw_events(gateway: RunningGateway, body: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """POST a streamed request; the (event, data) pairs exactly as they came."""
+    status, headers, data = await http_post(
+        gateway.port, "/proxy/dep/anthropic/v1/messages",
+        {"model": "m", "max_tokens": 100, "messages": ASK, "stream": True, **body},
+    )
+    assert status == 200, data
+    assert headers["content-type"] == "text/event-stream"
+    events = []
+    for block in data.decode().strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.split("\n"))
+        events.append((lines["event"], orjson.loads(lines["data"])))
+    return events
+
+
+async def test_non_streamed_message_with_usage_and_model_tag(fake: FakeLlamaServer, gateway: RunningGateway) -> None:
+    fake.replies.append(Reply(tokens=["Hello", " there"], prompt_tokens=20, cached_tokens=6))
+    message = await sdk(gateway).messages.create(model="m", max_tokens=50, messages=ASK)
+    assert message.content[0].type == "text" and message.content[0].text == "Hello there"
+    assert message.model == "m" and message.id.startswith("msg_")
+    assert message.stop_reason == "end_turn"
+    assert message.usage.input_tokens == 14 and message.usage.cache_read_input_tokens == 6
+    assert message.usage.output_tokens == 2
+
+
+async def test_stream_event_sequence_and_usage_from_the_first_event(fake: FakeLlamaServer, gateway: RunningGateway) -> None:
+    fake.replies.append(Reply(tokens=["a", "b", "c"], prompt_tokens=30, cached_tokens=10, progress_steps=3))
+    events = await raw_events(gateway, {})
+    names = [name for name, _ in events]
+    assert names == [
+        "message_start", "ping", "ping", "content_block_start",
+        "content_block_delta", "content_block_delta", "content_block_delta",
+        "content_block_stop", "message_delta", "message_stop",
+    ]
+    start = events[0][1]["message"]
+    assert start["usage"]["input_tokens"] == 20 and start["usage"]["cache_read_input_tokens"] == 10
+    assert start["content"] == [] and start["stop_reason"] is None and start["model"] == "m"
+    assert [d["delta"]["text"] for n, d in events if n == "content_block_delta"] == ["a", "b", "c"]
+    delta = events[-2][1]
+    assert delta["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
+    assert delta["usage"]["output_tokens"] == 3
+
+
+async def test_upstream_request_asks_for_stream_usage_and_progress(fake: FakeLlamaServer, gateway: RunningGateway) -> None:
+    await sdk(gateway).messages.create(
+        model="m", max_tokens=7, messages=ASK, system="be kind",
+        extra_body={"temperature": 0.5, "top_p": 0.9, "top_k": 5},
+    )
+    body = fake.chat_requests()[-1].body
+    assert body is not None
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert body["return_progress"] is True
+    assert body["messages"][0] == {"role": "system", "content": "be kind"}
+    assert (body["max_tokens"], body["temperature"], body["top_p"], body["top_k"]) == (7, 0.5, 0.9, 5)
+
+
+async def test_thinking_blocks_come_first_with_a_signature_when_asked(fake: FakeLlamaServer, gateway: RunningGateway) -> None:
+    fake.replies.append(Reply(reasoning=["Let me ", "think."], tokens=["42"]))
+    async with sdk(gateway).messages.stream(
+        model="m", max_tokens=2000, messages=ASK, thinking={"type": "enabled", "budget_tokens": 1024}
+    ) as stream:
+        message = await stream.get_final_message()
+    assert [b.type for b in message.content] == ["thinking", "text"]
+    assert message.content[0].thinking == "Let me think." and message.content[0].signature
+    assert message.content[1].text == "42"
+    body = fake.chat_requests()[-1].body or {}
+    assert body["reasoning_budget_tokens"] == 1024
+    assert body["chat_template_kwargs"] == {"enable_thinking": True}
+
+
+async def test_reasoning_nobody_asked_for_is_left_out(fake: FakeLlamaServer, gateway: RunningGateway) -> None:
+    fake.replies.append(Reply(reasoning=["hidden"], tokens=["shown"]))
+    events = await raw_events(gateway, {})
+    assert "thinking" not in orjson.dumps(events).decode()
+    assert any(name == "ping" for name, _ in events)
+    fake.replies.append(Reply(reasoning=["hidden"], tokens=["shown"]))
+    message = await sdk(gateway).messages.create(model="m", max_tokens=50, messages=ASK)
+    assert [b.type for b in message.content] == ["text"]
+
+
+async def test_thinking_disabled_asks_llama_server_not_to_reason(fake: FakeLlamaServer, gateway: RunningGateway) -> None:
+    await sdk(gateway).messages.create(model="m", max_tokens=5, messages=ASK, thinking={"type": "disabled"})
+    assert (fake.chat_requests()[-1].body or {})["chat_template_kwargs"] == {"enable_thinking": False}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_several_tool_calls_become_tool_use_blocks(fake: FakeLlamaServer, gateway: RunningGateway, stream: bool) -> None:
+    fake.replies.append(Reply(tokens=["Checking."], tool_calls=[
+        ("get_weather", ['{"city":', ' "Paris"}']),
+        ("get_time", ['{"zone": "CET"}']),
+    ]))
+    tool = {"name": "get_weather", "input_schema": {"type": "object"}}
+    kwargs: dict[str, Any] = {"model": "m", "max_tokens": 50, "messages": ASK, "tools": [tool, {**tool, "name": "get_time"}]}
+    if stream:
+        async with sdk(gateway).messages.stream(**kwargs) as s:
+            message = await s.get_final_message()
+    else:
+        message = await sdk(gateway).messages.create(**kwargs)
+    assert [b.type for b in message.content] == ["text", "tool_use", "tool_use"]
+    assert message.content[1].name == "get_weather" and message.content[1].input == {"city": "Paris"}
+    assert message.content[1].id == "call_0_fake"
+    assert message.content[2].name == "get_time" and message.content[2].input == {"zone": "CET"}
+    assert message.stop_reason == "tool_use"
+
+
+async def test_streamed_tool_blocks_are_indexed_and_closed_in_order(fake: FakeLlamaServer, gateway: RunningGateway) -> None:
+    fake.replies.append(Reply(tokens=["x"], tool_calls=[("a", ['{"n": 1}']), ("b", ['{"n":', " 2}"])]))
+    events = await raw_events(gateway, {"tools": [{"name": "a", "input_schema": {}}, {"name": "b", "input_schema": {}}]})
+    blocks = [(n, d.get("index"), (d.get("content_block") or d.get("delta") or {}).get("type")) for n, d in events if "content_block" in n]
+    assert blocks == [
+        ("content_block_start", 0, "text"), ("content_block_delta", 0, "text_delta"), ("content_block_stop", 0, None),
+        ("content_block_start", 1, "tool_use"), ("content_block_delta", 1, "input_json_delta"), ("content_block_stop", 1, None),
+        ("content_block_start", 2, "tool_use"), ("content_block_delta", 2, "input_json_delta"),
+        ("content_block_delta", 2, "input_json_delta"), ("content_block_stop", 2, None),
+    ]
+    start = next(d for n, d in events if n == "content_block_start" and d["index"] == 1)
+    assert start["content_block"] == {"type": "tool_use", "id": "call_0_fake", "name": "a", "input": {}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_disable_parallel_tool_use_keeps_one_call_and_stops_the_upstream(
+    fake: FakeLlamaServer, gateway: RunningGateway, stream: bool
+) -> None:
+    fake.replies.append(Reply(tokens=[], tool_calls=[("a", ['{"n": 1}']), ("a", ['{"n": 2}'])], token_delay=0.02))
+    kwargs: dict[str, Any] = {
+        "model": "m", "max_tokens": 50, "messages": ASK, "tools": [{"name": "a", "input_schema": {}}],
+        "tool_choice": {"type": "any", "disable_parallel_tool_use": True},
+    }
+    if stream:
+        async with sdk(gateway).messages.stream(**kwargs) as s:
+            message = await s.get_final_message()
+    else:
+        message = await sdk(gateway).messages.create(**kwargs)
+    assert [(b.type, b.input) for b in message.content] == [("tool_use", {"n": 1})]
+    assert message.stop_reason == "tool_use"
+    body = fake.chat_requests()[-1].body or {}
+    assert body["tool_choice"] == "required" and body["parallel_tool_calls"] is False
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_stop_sequence_is_reported_with_the_matched_string(fake: FakeLlamaServer, gateway: RunningGateway, stream: bool) -> None:
+    fake.replies.append(Reply(tokens=["one", " two", " three", " four"]))
+    kwargs: dict[str, Any] = {"model": "m", "max_tokens": 50, "messages": ASK, "stop_sequences": ["zzz", " three"]}
+    if stream:
+        async with sdk(gateway).messages.stream(**kwargs) as s:
+            message = await s.get_final_message()
+    else:
+        message = await sdk(gateway).messages.create(**kwargs)
+    assert message.stop_reason == "stop_sequence" and message.stop_sequence == " three"
+    assert message.content[0].text == "one two"
+    assert (fake.chat_requests()[-1].body or {})["verbose"] is True
+
+
+async def test_end_of_generation_with_stop_sequences_is_still_end_turn(fake: FakeLlamaServer, gateway: RunningGateway) -> None:
+    message = await sdk(gateway).messages.create(model="m", max_tokens=50, messages=ASK, stop_sequences=["never"])
+    assert message.stop_reason == "end_turn" and message.stop_sequence is None
+
+
+async def test_max_tokens_stop_reason(fake: FakeLlamaServer, gateway: RunningGateway) -> None:
+    fake.replies.append(Reply(tokens=["a", "b", "c", "d"]))
+    message = await sdk(gateway).messages.create(model="m", max_tokens=2, messages=ASK)
+    assert message.stop_reason == "max_tokens" and message.content[0].text == "ab"
+
+
+async def test_count_tokens_uses_the_upstream_template_and_tokenizer(fake: FakeLlamaServer, gateway: RunningGateway) -> None:
+    counted = await sdk(gateway).messages.count_tokens(model="m", system="one two", messages=[{"role": "user", "content": "three four five"}])
+    # The fake's template: "<system> one two <user> three four five <assistant>", one token a word, plus BOS.
+    assert counted.input_tokens == 9
+
+
+async def test_models_list_and_retrieve(gateway: RunningGateway) -> None:
+    client = sdk(gateway)
+    assert [m.id async for m in client.models.list()] == ["m"]
+    assert (await client.models.retrieve("m")).display_name == "m"
+    with pytest.raises(anthropic.NotFoundError):
+        await client.models.retrieve("other")
+
+
+async def test_context_overflow_is_a_400_prompt_too_long(fake: FakeLlamaServer, gateway: RunningGateway) -> None:
+    fake.replies.append(Reply(status=400, error_type="exceed_context_size_error", error_message="too big",
+                              error_extra={"n_prompt_tokens": 9024, "n_ctx": 2048}))
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        await sdk(gateway).messages.create(model="m", max_tokens=5, messages=ASK)
+    assert "prompt is too long: 9024 tokens > 2048 maximum" in str(caught.value)
+
+
+async def test_a_loading_model_is_529_overloaded(fake: FakeLlamaServer, gateway: RunningGateway) -> None:
+    fake.replies.append(Reply(status=503, error_type="unavailable_error", error_message="Loading model"))
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        await sdk(gateway).messages.create(model="m", max_tokens=5, messages=ASK)
+    assert caught.value.status_code == 529
+    assert caught.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+
+
+async def test_failover_to_the_next_upstream_before_the_first_byte(start_gateway: GatewayFactory) -> None:
+    async with FakeLlamaServer(Reply(status=500)) as broken, FakeLlamaServer(Reply(tokens=["ok"])) as good:
+        gw = await start_gateway(gateway_config(["http://127.0.0.1:9", broken.url, good.url]))
+        for _ in range(3):
+            message = await sdk(gw).messages.create(model="m", max_tokens=5, messages=ASK)
+            assert message.content[0].text == "ok"
+        assert len(good.chat_requests()) == 3
+        assert len(broken.chat_requests()) == 1  # taken out after its failure
+
+
+async def test_upstream_death_mid_stream_is_an_error_event_and_a_clean_end(fake: FakeLlamaServer, gateway: RunningGateway) -> None:
+    fake.replies.append(Reply(tokens=["a", "b", "c", "d"], die_after=2))
+    events = await raw_events(gateway, {})
+    assert [d["delta"]["text"] for n, d in events if n == "content_block_delta"] == ["a", "b"]
+    assert events[-1][0] == "error"
+    assert events[-1][1]["error"]["type"] == "overloaded_error"
+
+
+async def test_upstream_stall_mid_stream_times_out_with_an_error_event(fake: FakeLlamaServer, start_gateway: GatewayFactory) -> None:
+    gw = await start_gateway(gateway_config([fake.url], server={"upstream_read_timeout": 0.4}))
+    fake.replies.append(Reply(tokens=["a", "b", "c"], stall_after=1))
+    started = time.monotonic()
+    events = await raw_events(gw, {})
+    assert events[-1][0] == "error" and "stalled" in events[-1][1]["error"]["message"]
+    assert time.monotonic() - started < 3
+
+
+async def test_client_disconnect_cancels_the_upstream_at_once(fake: FakeLlamaServer, gateway: RunningGateway) -> None:
+    fake.replies.append(Reply(tokens=[f"t{i}" for i in range(1000)], token_delay=0.01))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    body = orjson.dumps({"model": "m", "max_tokens": 5000, "messages": ASK, "stream": True})
+    writer.write(
+        b"POST /proxy/dep/anthropic/v1/messages HTTP/1.1\r\nhost: x\r\nanthropic-version: 2023-06-01\r\n"
+        b"content-length: %d\r\n\r\n%b" % (len(body), body)
+    )
+    seen = b""
+    while seen.count(b"content_block_delta") < 3:
+        seen += await reader.read(4096)
+    writer.close()
+    record = fake.chat_requests()[-1]
+    deadline = time.monotonic() + 2
+    while not record.aborted and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert record.aborted and not record.finished
+    # The cut socket was not reused: the next request opens a new connection.
+    before = fake.connections_accepted
+    await sdk(gateway).messages.create(model="m", max_tokens=5, messages=ASK)
+    assert fake.connections_accepted == before + 1
+
+
+async def test_keep_alive_connections_are_reused(fake: FakeLlamaServer, gateway: RunningGateway) -> None:
+    client = sdk(gateway)
+    await client.messages.create(model="m", max_tokens=5, messages=ASK)
+    before = fake.connections_accepted
+    for _ in range(5):
+        await client.messages.create(model="m", max_tokens=5, messages=ASK)
+    async with client.messages.stream(model="m", max_tokens=5, messages=ASK) as stream:
+        await stream.get_final_message()
+    assert fake.connections_accepted == before
+
+
+async def test_a_connection_closed_by_the_keep_alive_limit_is_retried_invisibly(start_gateway: GatewayFactory) -> None:
+    async with FakeLlamaServer(keepalive_max=2) as fake:
+        gw = await start_gateway(gateway_config([fake.url]))
+        client = sdk(gw)
+        for _ in range(7):
+            message = await client.messages.create(model="m", max_tokens=5, messages=ASK)
+            assert message.content[0].text == "Hello world!"
+        assert len(fake.chat_requests()) == 7
+
+
+async def test_idle_connections_closed_by_the_upstream_do_not_fail_requests(start_gateway: GatewayFactory) -> None:
+    async with FakeLlamaServer(keepalive_timeout=0.2) as fake:
+        gw = await start_gateway(gateway_config([fake.url]))
+        client = sdk(gw)
+        for _ in range(3):
+            await client.messages.create(model="m", max_tokens=5, messages=ASK)
+            await asyncio.sleep(0.3)
+        assert len(fake.chat_requests()) == 3
+
+
+async def test_admission_queue_full_is_529_at_once(fake: FakeLlamaServer, start_gateway: GatewayFactory) -> None:
+    gw = await start_gateway(gateway_config([fake.url], deployment={"max_concurrency": 1, "max_queue": 1}))
+    for _ in range(3):
+        fake.replies.append(Reply(tokens=["slow"] * 20, token_delay=0.02))
+    client = sdk(gw)
+    first = asyncio.ensure_future(client.messages.create(model="m", max_tokens=50, messages=ASK))
+    second = asyncio.ensure_future(client.messages.create(model="m", max_tokens=50, messages=ASK))
+    await asyncio.sleep(0.1)
+    started = time.monotonic()
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        await client.messages.create(model="m", max_tokens=50, messages=ASK)
+    assert caught.value.status_code == 529 and time.monotonic() - started < 0.5
+    assert (await first).content[0].text == "slow" * 20
+    assert (await second).content[0].text == "slow" * 20  # the queued one was served after
+
+
+async def test_a_slow_reader_pauses_the_upstream_and_loses_nothing(fake: FakeLlamaServer, gateway: RunningGateway) -> None:
+    tokens = [f"{i:05d}" + "x" * 1000 for i in range(20000)]  # ~25 MB of events: more than any socket buffers
+    fake.replies.append(Reply(tokens=tokens))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port, limit=1 << 16)
+    body = orjson.dumps({"model": "m", "max_tokens": 100000, "messages": ASK, "stream": True})
+    writer.write(
+        b"POST /proxy/dep/anthropic/v1/messages HTTP/1.1\r\nhost: x\r\nanthropic-version: 2023-06-01\r\n"
+        b"content-length: %d\r\n\r\n%b" % (len(body), body)
+    )
+    writer.transport.pause_reading()  # the client stops reading
+    await asyncio.sleep(0.5)
+    record = fake.chat_requests()[-1]
+    assert not record.finished  # back-pressure reached llama-server: it is waiting for us
+    writer.transport.resume_reading()
+    received = 0
+    deltas = 0
+    tail = b""
+    marks = {b"00000", b"09999", b"19999"}
+    while True:
+        chunk = await asyncio.wait_for(reader.read(1 << 20), 10)
+        assert chunk
+        window = tail + chunk
+        deltas += window.count(b"event: content_block_delta") - tail.count(b"event: content_block_delta")
+        marks = {m for m in marks if m not in window}
+        received += len(chunk)
+        tail = window[-64:]
+        if window.endswith(b"0\r\n\r\n"):
+            break
+    assert deltas == 20000 and not marks and record.finished
+    writer.close()
+
+
+async def test_graceful_shutdown_lets_a_stream_finish(fake: FakeLlamaServer, start_gateway: GatewayFactory) -> None:
+    gw = await start_gateway(gateway_config([fake.url]), shutdown_grace=5)
+    fake.replies.append(Reply(tokens=[f"t{i}" for i in range(30)], token_delay=0.02))
+    stream = asyncio.ensure_future(raw_events(gw, {}))
+    await asyncio.sleep(0.2)
+    gw.stop.set()
+    events = await stream
+    assert events[-1][0] == "message_stop"
+    await asyncio.wait_for(gw.task, 5)
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", gw.port)
+
+
+async def test_shutdown_grace_end_cuts_streams_with_an_error_event(fake: FakeLlamaServer, start_gateway: GatewayFactory) -> None:
+    gw = await start_gateway(gateway_config([fake.url]), shutdown_grace=0.3)
+    fake.replies.append(Reply(tokens=[f"t{i}" for i in range(500)], token_delay=0.02))
+    stream = asyncio.ensure_future(raw_events(gw, {}))
+    await asyncio.sleep(0.2)
+    gw.stop.set()
+    events = await stream
+    assert events[-1][0] == "error" and "shutting down" in events[-1][1]["error"]["message"]
