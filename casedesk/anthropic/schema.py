@@ -147,7 +147,7 @@ def _check_message(message: Any, path: str) -> None:
     if not isinstance(message, dict):
         raise invalid_request(f"{path}: must be an object with role and content, got {_kind(message)}")
     role = message.get("role")
-    if role not in ROLES:
+    if not isinstance(role, str) or role not in ROLES:
         raise invalid_request(f'{path}.role: must be "user" or "assistant", got {role!r}')
     if "content" not in message:
         raise invalid_request(f"{path}.content: Field required")
@@ -208,7 +208,8 @@ def _check_image_source(source: Any, path: str) -> None:
         raise invalid_request(f"{path}: Field required (an object with type base64 or url)")
     kind = source.get("type")
     if kind == "base64":
-        if source.get("media_type") not in IMAGE_TYPES:
+        media_type = source.get("media_type")
+        if not isinstance(media_type, str) or media_type not in IMAGE_TYPES:
             raise invalid_request(f"{path}.media_type: must be one of {', '.join(sorted(IMAGE_TYPES))}")
         _require_str(source, "data", path)
     elif kind == "url":
@@ -258,7 +259,7 @@ def _tools(value: Any) -> list[dict[str, Any]] | None:
 def _tool_choice(value: Any, tools: list[dict[str, Any]] | None) -> dict[str, Any] | None:
     if value is None:
         return None
-    if not isinstance(value, dict) or value.get("type") not in TOOL_CHOICES:
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str) or value["type"] not in TOOL_CHOICES:
         raise invalid_request("tool_choice.type: must be one of auto, any, tool, none")
     if value["type"] == "tool":
         name = value.get("name")
@@ -274,7 +275,7 @@ def _tool_choice(value: Any, tools: list[dict[str, Any]] | None) -> dict[str, An
 def _thinking(value: Any) -> tuple[str | None, int | None]:
     if value is None:
         return None, None
-    if not isinstance(value, dict) or value.get("type") not in THINKING_TYPES:
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str) or value["type"] not in THINKING_TYPES:
         raise invalid_request("thinking.type: must be one of enabled, adaptive, disabled")
     if value["type"] != "enabled":
         return value["type"], None

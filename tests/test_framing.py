@@ -1,0 +1,92 @@
+"""The hand-written per-token parsers against the slow, obvious path: h11 for chunked
+framing, a plain split for SSE; every split point of the same bytes must agree."""
+
+from __future__ import annotations
+
+import random
+
+import h11
+import pytest
+
+from casedesk.http.chunked import ChunkedDecoder, ChunkedError
+from casedesk.http.sse import SseDecoder
+
+BODY_PIECES = [b'data: {"a":1}\n\n', b"x", b"", b"\r\n\r\n0\r\n", bytes(range(256)), "é🐉".encode() * 50]
+WIRE = b"".join(b"%x\r\n%b\r\n" % (len(p), p) for p in BODY_PIECES if p) + b"0\r\n\r\n"
+
+
+def h11_body(wire: bytes) -> bytes:
+    client = h11.Connection(h11.CLIENT)
+    client.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
+    client.send(h11.EndOfMessage())
+    client.receive_data(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + wire)
+    body = b""
+    while True:
+        event = client.next_event()
+        if isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            return body
+
+
+def decode(parts: list[bytes]) -> tuple[bytes, bool]:
+    decoder = ChunkedDecoder()
+    return b"".join(decoder.feed(p) for p in parts), decoder.done
+
+
+def test_whole_wire_matches_h11() -> None:
+    assert decode([WIRE]) == (h11_body(WIRE), True)
+
+
+def test_every_split_point_matches_h11() -> None:
+    expected = h11_body(WIRE)
+    for cut in range(len(WIRE) + 1):
+        assert decode([WIRE[:cut], WIRE[cut:]]) == (expected, True), cut
+
+
+def test_random_splits_and_byte_by_byte_match_h11() -> None:
+    expected = h11_body(WIRE)
+    rng = random.Random(7)
+    for _ in range(200):
+        cuts = sorted(rng.sample(range(1, len(WIRE)), 5))
+        parts = [WIRE[a:b] for a, b in zip([0, *cuts], [*cuts, len(WIRE)])]
+        assert decode(parts) == (expected, True)
+    assert decode([bytes([b]) for b in WIRE]) == (expected, True)
+
+
+def test_extensions_trailers_and_uppercase_hex() -> None:
+    wire = b"A;name=value\r\n0123456789\r\n0\r\nx-trailer: 1\r\n\r\n"
+    assert decode([wire]) == (h11_body(wire), True) == (b"0123456789", True)
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [b"zz\r\nab\r\n", b"2\r\nabc\r\n", b"1\r\na\r\n0\r\n\r\nextra", b"-1\r\n", b"1" * 5000],
+)
+def test_broken_framing_is_an_error(wire: bytes) -> None:
+    with pytest.raises(ChunkedError):
+        decode([wire])
+
+
+EVENTS = b'data: {"n":1}\n\n: comment\n\ndata: line1\ndata: line2\n\nerror: {"e":1}\n\ndata: [DONE]\n\n'
+
+
+def sse(parts: list[bytes]) -> list[tuple[str, bytes]]:
+    seen: list[tuple[str, bytes]] = []
+    decoder = SseDecoder(lambda p: seen.append(("data", p)), lambda p: seen.append(("error", p)))
+    for part in parts:
+        decoder.feed(part)
+    return seen
+
+
+def test_sse_events_at_every_split_point() -> None:
+    expected = [("data", b'{"n":1}'), ("data", b"line1\nline2"), ("error", b'{"e":1}'), ("data", b"[DONE]")]
+    assert sse([EVENTS]) == expected
+    for cut in range(len(EVENTS) + 1):
+        assert sse([EVENTS[:cut], EVENTS[cut:]]) == expected, cut
+
+
+def test_sse_crlf_lines_and_one_event_per_feed_fast_path() -> None:
+    assert sse([b"data: a\r\n\r\n".replace(b"\r\n\r\n", b"\n\n")]) == [("data", b"a")]
+    assert sse([b'data: {"x":1}\n\n', b'data: {"x":2}\n\n']) == [("data", b'{"x":1}'), ("data", b'{"x":2}')]
+    assert sse([b"data: a\ndata: b\n\n"]) == [("data", b"a\nb")]
