@@ -89,7 +89,7 @@ async def test_stream_event_sequence_and_usage_from_the_first_event(fake: FakeLl
     events = await raw_events(gateway, {})
     names = [name for name, _ in events]
     assert names == [
-        "message_start", "ping", "ping", "content_block_start",
+        "message_start", "content_block_start",
         "content_block_delta", "content_block_delta", "content_block_delta",
         "content_block_stop", "message_delta", "message_stop",
     ]

@@ -68,9 +68,11 @@ def test_text_stream_is_the_full_anthropic_sequence() -> None:
     assert message.usage.output_tokens == 5 and message.usage.input_tokens == 20
 
 
-def test_later_progress_chunks_are_pings() -> None:
-    events = run([PROGRESS, PROGRESS, PROGRESS, delta(content="x"), finish("stop")])
+def test_later_progress_chunks_are_pings_at_most_once_an_interval() -> None:
+    events = run([PROGRESS, PROGRESS, PROGRESS, delta(content="x"), finish("stop")], ping_interval=0)
     assert [n for n, _ in events][:3] == ["message_start", "ping", "ping"]
+    events = run([PROGRESS, PROGRESS, PROGRESS, delta(content="x"), finish("stop")], ping_interval=60)
+    assert [n for n, _ in events][:2] == ["message_start", "content_block_start"]
 
 
 @pytest.mark.parametrize("text", ['say "hi"', "back\\slash", "new\nline", "tab\tand\u0001ctl", "é 中文 🐉", "</script>"])

