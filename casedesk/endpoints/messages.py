@@ -101,13 +101,14 @@ class _Relay:
         """Relay until the stream ends; afterwards `error` says what went wrong, if anything."""
         decoder = SseDecoder(self.on_data, self.on_error)
         after_read = self.after_read
-        if after_read is None:
-            sink = decoder.feed
-        else:
+        sink: Callable[[bytes], None] = decoder.feed
+        if after_read is not None:
 
-            def sink(body: bytes) -> None:
+            def feed_then_flush(body: bytes) -> None:
                 decoder.feed(body)
                 after_read()
+
+            sink = feed_then_flush
 
         try:
             await self.exchange.relay(sink)

@@ -32,7 +32,7 @@ class SseDecoder:
         self._on_error = on_error
 
     def feed(self, data: bytes) -> None:
-        if not self._buf and data.startswith(b"data: ") and data.find(b"\n", 6) == len(data) - 2 and data.endswith(b"\n\n"):
+        if not self._buf and data.startswith(b"data: ") and data.find(b"\n", 6) == len(data) - 2:
             # Fast path: exactly one single-line event.
             self._on_data(data[6:-2])
             return
