@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -17,12 +18,15 @@ from typing import Any
 import orjson
 
 from casedesk.admission import Admission
-from casedesk.anthropic.errors import authentication_failed, invalid_request, not_found
+from casedesk.anthropic.errors import ApiError, authentication_failed, invalid_request, not_found
 from casedesk.config import Config, Deployment, ServerSettings, Upstream
 from casedesk.endpoints.count_tokens import handle_count_tokens
 from casedesk.endpoints.messages import handle_messages
 from casedesk.endpoints.models import handle_get_model, handle_head_probe, handle_healthz, handle_list_models
+from casedesk.endpoints.ops import handle_metrics, handle_readyz
 from casedesk.http.server import Request, ResponseWriter, ServerLimits
+from casedesk.ops.accesslog import AccessLog, RequestRecord
+from casedesk.ops.metrics import Metrics
 from casedesk.router import Router
 from casedesk.upstream.balancer import Balancer
 from casedesk.upstream.pool import UpstreamPool
@@ -74,8 +78,17 @@ class DeploymentRoute:
 class Gateway:
     """The running gateway's state: routes, deployments and their upstream pools."""
 
-    def __init__(self, config: Config, upstreams: dict[tuple[str, str], list[Upstream]]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        upstreams: dict[tuple[str, str], list[Upstream]],
+        metrics: Metrics | None = None,
+        access_log: AccessLog | None = None,
+    ) -> None:
         self.config = config
+        # Both outlive a reload (they belong to the process), hence passed in.
+        self.metrics = metrics or Metrics()
+        self.access_log = access_log or AccessLog("")
         self.settings: ServerSettings = config.server
         self.started_at = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         self.deployments: dict[str, DeploymentRoute] = {}
@@ -97,19 +110,57 @@ class Gateway:
         self.router.add("GET", BASE + "/v1/models/{model}", handle_get_model)
         self.router.add("HEAD", BASE + "/*", handle_head_probe)
         self.router.add(("GET", "HEAD"), "/healthz", handle_healthz)
+        self.router.add(("GET", "HEAD"), "/readyz", handle_readyz)
+        self.router.add(("GET", "HEAD"), "/metrics", handle_metrics)
 
     async def handle(self, request: Request, writer: ResponseWriter) -> None:
-        match = self.router.resolve(request.method, request.path)
+        """Route, run the handler, and account for the request (access log, metrics)."""
+        record = request.record = RequestRecord(
+            request.request_id, request.method, request.path, request.client, time.monotonic()
+        )
         self.active += 1
         try:
+            match = self.router.resolve(request.method, request.path)
             await match.handler(self, request, writer, **match.params)
+        except ApiError as error:
+            record.status = error.status
+            raise
+        except asyncio.CancelledError:
+            record.status = writer.status or 499  # the client went away (nginx's code for it)
+            raise
+        except Exception:
+            record.status = 500
+            raise
         finally:
             self.active -= 1
+            record.status = record.status or writer.status
+            if record.deployment:
+                # Only configured tags become label values: a client's typo must not add series.
+                known = record.model in self.deployments[record.deployment].models
+                self.metrics.record(
+                    record.deployment,
+                    record.model if known else "",
+                    record.status,
+                    duration=time.monotonic() - record.started,
+                    input_tokens=record.input_tokens,
+                    output_tokens=record.output_tokens,
+                    ttft=record.ttft,
+                )
+            self.access_log.write(record)
 
-    def deployment(self, deployment_id: str) -> DeploymentRoute:
+    def ready(self) -> bool:
+        """Every deployment has at least one healthy upstream."""
+        return all(
+            any(state.healthy for model in dep.models.values() for state in model.balancer.states)
+            for dep in self.deployments.values()
+        )
+
+    def deployment(self, deployment_id: str, request: Request | None = None) -> DeploymentRoute:
         route = self.deployments.get(deployment_id)
         if route is None:
             raise not_found(f"deployment {deployment_id!r} not found")
+        if request is not None and request.record is not None:
+            request.record.deployment = deployment_id
         return route
 
     def anthropic_body(self, request: Request) -> Any:

@@ -87,7 +87,10 @@ def serve_command(args: argparse.Namespace) -> int:
         elif args.workers > 1:
             _run_loop(run_workers(config, args.workers, args.config, args.log_level))
         else:
-            _run_loop(run(config))
+            from casedesk.ops.systemd import listen_fds
+
+            activated = listen_fds()  # systemd socket activation: listen where we are told
+            _run_loop(run(config, sock=activated[0] if activated else None))
     except SupervisorError as exc:
         logging.error("%s", exc)
         return 1

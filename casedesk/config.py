@@ -80,6 +80,7 @@ class ServerSettings:
     upstream_connect_timeout: float = 5.0
     upstream_read_timeout: float = 300.0  # silence from llama-server before giving up
     health_interval: float = 5.0  # seconds between active /health checks of each upstream
+    access_log: str = "-"  # "-": stdout; a path: appended to; "": off
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,8 +210,12 @@ def _server(checker: _Checker, raw: Any) -> ServerSettings:
         key: checker.number(raw, key, "server", getattr(defaults, key), integer=is_int)
         for key, is_int in numeric.items()
     }
-    checker.unknown(raw, {"listen", *numeric}, "server")
-    return ServerSettings(listen_host=host, listen_port=port, **values)
+    access_log = raw.get("access_log", "-")
+    if not isinstance(access_log, str):
+        checker.problem("server.access_log", 'must be "-" (stdout), a file path, or "" (off)')
+        access_log = "-"
+    checker.unknown(raw, {"listen", "access_log", *numeric}, "server")
+    return ServerSettings(listen_host=host, listen_port=port, access_log=access_log, **values)
 
 
 def _deployment(checker: _Checker, dep_id: str, raw: Any, base_dir: Path | None) -> Deployment | None:

@@ -17,7 +17,10 @@ from casedesk.anthropic.errors import ApiError
 from casedesk.app import Gateway, limits_of
 from casedesk.config import Config, ConfigError, Upstream, load
 from casedesk.http.server import ConnectionTracker, Request, ResponseWriter, start_server
+from casedesk.ops.accesslog import AccessLog
+from casedesk.ops.metrics import Labels, Metrics
 from casedesk.ops.supervisor import ManagedProcess, Supervisor, SupervisorError
+from casedesk.ops.systemd import Notifier
 
 log = logging.getLogger("casedesk")
 
@@ -32,6 +35,44 @@ class Service:
         self.gateway: Gateway | None = None
         self.server: asyncio.AbstractServer | None = None
         self._retiring: set[asyncio.Task[None]] = set()
+        self.notifier = Notifier()
+        self.access_log = AccessLog(config.server.access_log)
+        self.metrics = Metrics()
+        self.metrics.gauge("casedesk_in_flight_requests", "Requests in flight, by deployment.", self._in_flight)
+        self.metrics.gauge("casedesk_queued_requests", "Requests waiting for a slot, by deployment.", self._queued)
+        self.metrics.gauge("casedesk_upstream_up", "1 while an upstream is healthy.", self._upstream_up)
+        self.metrics.gauge(
+            "casedesk_upstream_errors", "Failures seen per upstream (since start or reload).", self._upstream_errors
+        )
+
+    def _build(self, config: Config, upstreams: dict[tuple[str, str], list[Upstream]]) -> Gateway:
+        gateway = Gateway(config, upstreams, self.metrics, self.access_log)
+        gateway.start_health_checks()
+        return gateway
+
+    def _in_flight(self) -> list[tuple[Labels, float]]:
+        deployments = self.gateway.deployments if self.gateway else {}
+        return [((("deployment", d),), r.admission.in_flight) for d, r in deployments.items()]
+
+    def _queued(self) -> list[tuple[Labels, float]]:
+        deployments = self.gateway.deployments if self.gateway else {}
+        return [((("deployment", d),), r.admission.queued) for d, r in deployments.items()]
+
+    def _upstreams(self) -> list[tuple[Labels, object]]:
+        if self.gateway is None:
+            return []
+        return [
+            ((("deployment", d), ("model", tag), ("upstream", state.pool.authority)), state)
+            for d, route in self.gateway.deployments.items()
+            for tag, model in route.models.items()
+            for state in model.balancer.states
+        ]
+
+    def _upstream_up(self) -> list[tuple[Labels, float]]:
+        return [(labels, 1.0 if state.healthy else 0.0) for labels, state in self._upstreams()]  # type: ignore[attr-defined]
+
+    def _upstream_errors(self) -> list[tuple[Labels, float]]:
+        return [(labels, state.errors) for labels, state in self._upstreams()]  # type: ignore[attr-defined]
 
     async def handle(self, request: Request, writer: ResponseWriter) -> None:
         assert self.gateway is not None
@@ -39,8 +80,7 @@ class Service:
 
     async def start(self, sock: socket.socket | None) -> None:
         upstreams = self.worker_upstreams if self.worker_upstreams is not None else await self.supervisor.start()
-        self.gateway = Gateway(self.config, upstreams)
-        self.gateway.start_health_checks()
+        self.gateway = self._build(self.config, upstreams)
         settings = self.config.server
         self.server = await start_server(
             self.handle,
@@ -53,17 +93,21 @@ class Service:
         )
         addresses = ", ".join(str(s.getsockname()) for s in self.server.sockets)
         log.info("casedesk listening on %s; deployments: %s", addresses, ", ".join(self.gateway.deployments))
+        self.notifier.ready(f"listening on {addresses}")
+        self.notifier.start_watchdog()
 
     async def reload(self) -> bool:
         """Apply the config file again; False (old config kept) when it is not usable."""
         if self.config.path is None:
             log.error("reload: this config was not read from a file")
             return False
+        self.notifier.reloading()
         try:
             new = load(self.config.path)
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("reload refused, the old config stays: %s", problem)
+            self.notifier.ready("reload refused: the config has problems (see the log); running the old one")
             return False
         if (new.server.listen_host, new.server.listen_port) != (
             self.config.server.listen_host,
@@ -76,19 +120,20 @@ class Service:
                 retired = await self.supervisor.reconcile(new)
             except SupervisorError as exc:
                 log.error("reload refused, the old config stays: %s", exc)
+                self.notifier.ready("reload refused: a managed llama-server did not start; running the old config")
                 return False
             upstreams = self.supervisor.upstreams()
         else:
             upstreams = self.worker_upstreams
         old = self.gateway
-        self.gateway = Gateway(new, upstreams)
-        self.gateway.start_health_checks()
+        self.gateway = self._build(new, upstreams)
         self.config = new
         if old is not None:
             task = asyncio.create_task(self._retire(old, retired))
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
         log.info("reloaded %s: deployments %s", new.path, ", ".join(self.gateway.deployments))
+        self.notifier.ready(f"reloaded {new.path}")
         return True
 
     async def _retire(self, old: Gateway, processes: list[ManagedProcess]) -> None:
@@ -100,6 +145,7 @@ class Service:
 
     async def shutdown(self, grace: float, force: asyncio.Event) -> None:
         log.info("shutting down: no new connections; waiting up to %g s for in-flight requests", grace)
+        self.notifier.stopping()
         if self.server is not None:
             self.server.close()
         await _drain(self.tracker, grace, force)
@@ -107,7 +153,9 @@ class Service:
             task.cancel()
         if self.gateway is not None:
             self.gateway.close()
+        self.notifier.stop_watchdog()
         await self.supervisor.stop()
+        self.access_log.close()
 
 
 async def run(

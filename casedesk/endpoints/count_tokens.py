@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 
 async def handle_count_tokens(gateway: Gateway, request: Request, writer: ResponseWriter, deployment: str) -> None:
-    route = gateway.deployment(deployment)
+    route = gateway.deployment(deployment, request)
     route.authorize(request.headers)
     parsed = parse_messages_request(gateway.anthropic_body(request), count_only=True)
     model = route.model(parsed.model)

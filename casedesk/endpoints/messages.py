@@ -11,6 +11,7 @@ never "the answer is long".
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ from casedesk.anthropic.errors import ApiError
 from casedesk.anthropic.schema import parse_messages_request
 from casedesk.http.server import Request, ResponseWriter
 from casedesk.http.sse import SseDecoder
+from casedesk.ops.accesslog import RequestRecord
 from casedesk.translate.errors import stream_error_message, upstream_error
 from casedesk.translate.request import to_chat_request
 from casedesk.translate.response import CompletionAccumulator, to_message
@@ -37,13 +39,16 @@ CHAT_PATH = "/v1/chat/completions"
 
 
 async def handle_messages(gateway: Gateway, request: Request, writer: ResponseWriter, deployment: str) -> None:
-    route = gateway.deployment(deployment)
+    record = request.record
+    route = gateway.deployment(deployment, request)
     route.authorize(request.headers)
     parsed = parse_messages_request(gateway.anthropic_body(request))
+    record.model, record.stream = parsed.model, parsed.stream
     model = route.model(parsed.model)
     async with route.admission.slot():
         payload = orjson.dumps(to_chat_request(parsed, stream=True))
         exchange = await _open(gateway, model, payload)
+        record.upstream = exchange.pool.authority
         try:
             if exchange.head.status != 200:
                 raise upstream_error(exchange.head.status, await exchange.read_body(), exchange.pool.authority)
@@ -51,7 +56,7 @@ async def handle_messages(gateway: Gateway, request: Request, writer: ResponseWr
                 translator = StreamTranslator(
                     parsed.model, wants_thinking=parsed.wants_thinking, single_tool_use=parsed.single_tool_use
                 )
-                await _relay_to_client(exchange, translator, writer)
+                await _relay_to_client(exchange, translator, writer, record)
             else:
                 accumulator = CompletionAccumulator(single_tool_use=parsed.single_tool_use)
                 relay = _Relay(exchange, accumulator.feed, lambda: accumulator.cut)
@@ -60,6 +65,9 @@ async def handle_messages(gateway: Gateway, request: Request, writer: ResponseWr
                     raise ApiError(502, f"upstream failed: {relay.error}")
                 message = to_message(accumulator.completion(), parsed.model, wants_thinking=parsed.wants_thinking)
                 writer.send(200, orjson.dumps(message))
+                usage = message["usage"]
+                record.input_tokens = usage["input_tokens"] + usage["cache_read_input_tokens"]
+                record.output_tokens = usage["output_tokens"]
         finally:
             exchange.close()
 
@@ -153,7 +161,9 @@ class _Relay:
         self.exchange.resume()
 
 
-async def _relay_to_client(exchange: Exchange, translator: StreamTranslator, writer: ResponseWriter) -> None:
+async def _relay_to_client(
+    exchange: Exchange, translator: StreamTranslator, writer: ResponseWriter, record: RequestRecord
+) -> None:
     write = writer.write
     pending: list[bytes] = []
 
@@ -165,6 +175,8 @@ async def _relay_to_client(exchange: Exchange, translator: StreamTranslator, wri
                 pending.append(out)
             else:
                 write(out)  # up to and with the first token, every event leaves at once
+                if translator.has_content:
+                    record.ttft = time.monotonic() - record.started
 
     def flush() -> None:
         # Events that came in one upstream read leave in one write: nothing waits for
@@ -185,3 +197,6 @@ async def _relay_to_client(exchange: Exchange, translator: StreamTranslator, wri
     else:
         write(translator.finish())
     writer.end()
+    usage = translator.final_usage
+    record.input_tokens = usage.get("input_tokens", 0) + usage.get("cache_read_input_tokens", 0)
+    record.output_tokens = usage.get("output_tokens", 0)

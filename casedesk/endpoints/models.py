@@ -19,7 +19,7 @@ def _model_object(gateway: Gateway, tag: str) -> dict[str, Any]:
 
 
 async def handle_list_models(gateway: Gateway, request: Request, writer: ResponseWriter, deployment: str) -> None:
-    route = gateway.deployment(deployment)
+    route = gateway.deployment(deployment, request)
     route.authorize(request.headers)
     data = [_model_object(gateway, tag) for tag in route.models]
     writer.send(
@@ -38,7 +38,7 @@ async def handle_list_models(gateway: Gateway, request: Request, writer: Respons
 async def handle_get_model(
     gateway: Gateway, request: Request, writer: ResponseWriter, deployment: str, model: str
 ) -> None:
-    route = gateway.deployment(deployment)
+    route = gateway.deployment(deployment, request)
     route.authorize(request.headers)
     if model not in route.models:
         raise not_found(f"model {model!r} not found in deployment {deployment!r}; it serves: {', '.join(route.models)}")
@@ -47,7 +47,7 @@ async def handle_get_model(
 
 async def handle_head_probe(gateway: Gateway, request: Request, writer: ResponseWriter, deployment: str) -> None:
     """Agents probe the base URL with HEAD: 200, no body, for a known deployment."""
-    gateway.deployment(deployment)
+    gateway.deployment(deployment, request)
     writer.send(200, b"")
 
 

@@ -15,7 +15,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import h11
 
@@ -46,6 +46,7 @@ class Request:
     body: bytes
     client: str
     request_id: str
+    record: Any = None  # the application's notes on this request (its access-log record)
 
 
 Handler = Callable[[Request, "ResponseWriter"], Awaitable[None]]

@@ -60,6 +60,7 @@ class StreamTranslator:
         "_deltas",
         "ping_interval",
         "_last_ping",
+        "final_usage",
     )
 
     def __init__(
@@ -97,6 +98,7 @@ class StreamTranslator:
         self._deltas = 0  # chunks carrying a delta: the output token count if cut short
         self.ping_interval = ping_interval
         self._last_ping = time.monotonic()
+        self.final_usage: dict[str, int] = {}  # the usage message_delta reported
 
     # -- input ----------------------------------------------------------------------------
 
@@ -276,6 +278,7 @@ class StreamTranslator:
             final["input_tokens"] = self._input_tokens
             final["cache_read_input_tokens"] = self._cached_tokens
             final["output_tokens"] = self._deltas
+        self.final_usage = final
         if self.stop_sequence is not None:
             stop_reason = "stop_sequence"
         else:

@@ -1,0 +1,22 @@
+"""GET /metrics (Prometheus text format) and GET /readyz (200 only when every deployment
+has a healthy upstream), for the operators of the box."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from casedesk.anthropic.errors import ApiError
+from casedesk.http.server import Request, ResponseWriter
+
+if TYPE_CHECKING:
+    from casedesk.app import Gateway
+
+
+async def handle_metrics(gateway: Gateway, request: Request, writer: ResponseWriter) -> None:
+    writer.send(200, gateway.metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def handle_readyz(gateway: Gateway, request: Request, writer: ResponseWriter) -> None:
+    if not gateway.ready():
+        raise ApiError(503, "not ready: a deployment has no healthy upstream")
+    writer.send(200, b'{"status":"ready"}')

@@ -1,0 +1,125 @@
+"""Prometheus metrics in the text exposition format (0.0.4), written by hand: a handful of
+counters and histograms do not justify a dependency. Updated once per request, never per
+token: the inter-token histogram takes each stream's mean gap.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+Labels = tuple[tuple[str, str], ...]
+
+
+class Histogram:
+    __slots__ = ("buckets", "counts", "total", "count")
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        index = bisect_left(self.buckets, value)
+        if index < len(self.counts):
+            self.counts[index] += 1
+        self.total += value
+        self.count += 1
+
+
+class Metrics:
+    """The process's metrics. Gauges are read at render time from callbacks."""
+
+    def __init__(self) -> None:
+        self.requests: defaultdict[Labels, int] = defaultdict(int)
+        self.input_tokens: defaultdict[Labels, int] = defaultdict(int)
+        self.output_tokens: defaultdict[Labels, int] = defaultdict(int)
+        self.ttft: dict[Labels, Histogram] = {}
+        self.inter_token: dict[Labels, Histogram] = {}
+        self.duration: dict[Labels, Histogram] = {}
+        self.gauges: list[tuple[str, str, Callable[[], Iterable[tuple[Labels, float]]]]] = []
+
+    def gauge(self, name: str, help_text: str, read: Callable[[], Iterable[tuple[Labels, float]]]) -> None:
+        self.gauges.append((name, help_text, read))
+
+    def record(
+        self,
+        deployment: str,
+        model: str,
+        status: int,
+        *,
+        duration: float,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        ttft: float | None = None,
+    ) -> None:
+        """One finished request (model "" when the request named none that exists)."""
+        labels: Labels = (("deployment", deployment), ("model", model))
+        self.requests[(*labels, ("status", str(status)))] += 1
+        self.duration.setdefault(labels, Histogram(DURATION_BUCKETS)).observe(duration)
+        if input_tokens:
+            self.input_tokens[labels] += input_tokens
+        if output_tokens:
+            self.output_tokens[labels] += output_tokens
+        if ttft is not None:
+            self.ttft.setdefault(labels, Histogram(LATENCY_BUCKETS)).observe(ttft)
+            if output_tokens > 1:
+                gap = (duration - ttft) / (output_tokens - 1)
+                self.inter_token.setdefault(labels, Histogram(GAP_BUCKETS)).observe(gap)
+
+    def render(self) -> bytes:
+        out: list[str] = []
+        _counter(out, "casedesk_requests_total", "Requests answered, by status.", self.requests)
+        _counter(out, "casedesk_input_tokens_total", "Prompt tokens (cached ones included).", self.input_tokens)
+        _counter(out, "casedesk_output_tokens_total", "Generated tokens.", self.output_tokens)
+        _histograms(out, "casedesk_time_to_first_token_seconds", "Request received to first token sent.", self.ttft)
+        _histograms(
+            out, "casedesk_inter_token_seconds", "Mean gap between tokens, one sample per stream.", self.inter_token
+        )
+        _histograms(out, "casedesk_request_duration_seconds", "Request received to response complete.", self.duration)
+        for name, help_text, read in self.gauges:
+            out.append(f"# HELP {name} {help_text}\n# TYPE {name} gauge")
+            out.extend(f"{name}{_labels(labels)} {_number(value)}" for labels, value in read())
+        return ("\n".join(out) + "\n").encode()
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(labels: Labels, extra: str = "") -> str:
+    parts = [f'{key}="{_escape(value)}"' for key, value in labels]
+    if extra:
+        parts.append(extra)
+    return "{" + ",".join(parts) + "}" if parts else ""
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def _counter(out: list[str], name: str, help_text: str, values: dict[Labels, int]) -> None:
+    out.append(f"# HELP {name} {help_text}\n# TYPE {name} counter")
+    out.extend(f"{name}{_labels(labels)} {value}" for labels, value in sorted(values.items()))
+
+
+_INF = 'le="+Inf"'
+
+
+def _histograms(out: list[str], name: str, help_text: str, histograms: dict[Labels, Histogram]) -> None:
+    out.append(f"# HELP {name} {help_text}\n# TYPE {name} histogram")
+    for labels, histogram in sorted(histograms.items()):
+        cumulative = 0
+        for bound, count in zip(histogram.buckets, histogram.counts, strict=True):
+            cumulative += count
+            le = 'le="%g"' % bound
+            out.append(f"{name}_bucket{_labels(labels, le)} {cumulative}")
+        out.append(f"{name}_bucket{_labels(labels, _INF)} {histogram.count}")
+        out.append(f"{name}_sum{_labels(labels)} {_number(histogram.total)}")
+        out.append(f"{name}_count{_labels(labels)} {histogram.count}")
