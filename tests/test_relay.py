@@ -403,3 +403,16 @@ async def test_shutdown_grace_end_cuts_streams_with_an_error_event(fake: FakeLla
     gw.stop.set()
     events = await stream
     assert events[-1][0] == "error" and "shutting down" in events[-1][1]["error"]["message"]
+
+
+async def test_concurrent_requests_over_connections_the_upstream_keeps_closing(start_gateway: GatewayFactory) -> None:
+    async with FakeLlamaServer(keepalive_max=1) as fake:
+        gw = await start_gateway(gateway_config([fake.url], model={"max_connections": 4}, deployment={"max_queue": 64}))
+        client = sdk(gw)
+
+        async def ask() -> str:
+            message = await client.messages.create(model="m", max_tokens=5, messages=ASK)
+            return message.content[0].text  # type: ignore[union-attr]
+
+        answers = await asyncio.wait_for(asyncio.gather(*(ask() for _ in range(60))), 20)
+        assert answers == ["Hello world!"] * 60

@@ -134,6 +134,11 @@ class UpstreamConnection(asyncio.Protocol):
         self, method: str, target: str, host: str, body: bytes | None, content_type: str = "application/json"
     ) -> asyncio.Future[object]:
         """Write the request and return a future for its ResponseHead."""
+        if self.closed or self.transport is None or self.transport.is_closing():
+            # Closed by the server since it was last checked: it never saw this request.
+            waiter: asyncio.Future[object] = self._loop.create_future()
+            waiter.set_exception(UpstreamError("upstream closed the connection before the request", retryable=True))
+            return waiter
         self._h11 = h11.Connection(h11.CLIENT)
         headers = [("host", host), ("accept", "*/*")]
         if body is not None:
@@ -349,6 +354,12 @@ class UpstreamPool:
                     pass
             raise
         if handed is None:  # a slot was freed for us
+            return await self._open_counted()
+        if fresh or not handed.reusable(loop.time()):
+            # Closed by the server while it was being handed over, or a fresh socket is
+            # wanted: its slot opens a new connection.
+            handed.counted = False
+            handed.close()
             return await self._open_counted()
         return handed
 
