@@ -39,13 +39,22 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def tree(pid: int) -> list[int]:
+    """The process and its children (the workers of `serve --workers N`)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [pid, *(int(c) for c in children)]
+
+
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+    total = 0.0
+    for each in tree(pid):
+        fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+    return total
 
 
 def rss_mb(pid: int) -> float:
-    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE / 2**20
+    return sum(int(Path(f"/proc/{each}/statm").read_text().split()[1]) for each in tree(pid)) * PAGE / 2**20
 
 
 def wait_http(url: str, timeout: float = 300) -> None:
@@ -237,7 +246,7 @@ async def bench_fake(args: argparse.Namespace, procs: Processes, config_dir: Pat
     procs.start([*fake, "--port", str(slow_port), "--tokens", "50", "--token-delay", "0.02"])
     wait_http(f"http://127.0.0.1:{fast_port}/health", 30)
     wait_http(f"http://127.0.0.1:{slow_port}/health", 30)
-    gw_port, gw = start_casedesk(procs, f"http://127.0.0.1:{fast_port}", config_dir)
+    gw_port, gw = start_casedesk(procs, f"http://127.0.0.1:{fast_port}", config_dir, args.workers)
     slow_gw_port, slow_gw = start_casedesk(procs, f"http://127.0.0.1:{slow_port}", config_dir)
     targets = [
         Target("direct", fast_port, "/v1/chat/completions", OPENAI_BODY, OPENAI_MARKER),
@@ -303,7 +312,7 @@ async def bench_real(args: argparse.Namespace, procs: Processes, config_dir: Pat
             "-np",
             "1",
             "-t",
-            "2",
+            str(args.threads),
         ]
     )
     wait_http(f"http://127.0.0.1:{port}/health", 300)
@@ -330,7 +339,7 @@ async def bench_real(args: argparse.Namespace, procs: Processes, config_dir: Pat
         }
     ratio = summary["casedesk"]["tokens_per_s_median"] / summary[own.name]["tokens_per_s_median"]
     print(json.dumps(summary, indent=1), f"\nratio casedesk / llama-server own: {ratio:.4f}", flush=True)
-    return {"real": summary, "ratio": ratio}
+    return {"real": summary, "ratio": ratio, "threads": args.threads}
 
 
 def fmt_row(row: dict[str, Any]) -> str:
@@ -375,7 +384,7 @@ def markdown(result: dict[str, Any]) -> str:
     if "real" in result:
         lines += [
             "",
-            "Real llama-server (Gemma 3 270M, 2 threads), streamed, interleaved runs:",
+            f"Real llama-server (Gemma 3 270M, {result['threads']} thread(s)), streamed, interleaved runs:",
             "",
             "| target | runs | tokens | tokens/s (median) | TTFT ms (median) |",
             "|---|---|---|---|---|",
@@ -423,13 +432,19 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
     parser.add_argument("--slow-streams", type=int, default=500)
     parser.add_argument("--real-tokens", type=int, default=200)
-    parser.add_argument("--real-runs", type=int, default=5)
+    parser.add_argument("--real-runs", type=int, default=10)
+    parser.add_argument("--workers", type=int, default=1, help="serve --workers N for the measured gateway")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="llama-server threads for --real; 1 leaves a core to the gateway and the load generator",
+    )
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     procs = Processes()
     result: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{os.cpu_count()} cores, Python {sys.version.split()[0]}",
+        "workers": args.workers,
     }
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -442,7 +457,7 @@ def main() -> None:
                 result.update(asyncio.run(runner(args, procs, Path(tmp))))
     finally:
         procs.stop()
-    name = "real" if args.real else "latest"
+    name = "real" if args.real else ("latest" if args.workers == 1 else f"workers-{args.workers}")
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
     (RESULTS / f"{name}.md").write_text(markdown(result))
     if not args.real:
