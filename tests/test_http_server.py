@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import time
 
-import h11
 import orjson
 import pytest
 
@@ -248,25 +247,6 @@ async def test_keys_are_required_when_configured(start_gateway: GatewayFactory) 
         assert status == expected, headers
         if expected == 401:
             assert orjson.loads(body)["error"]["type"] == "authentication_error"
-
-
-def test_hand_chunk_framing_matches_h11() -> None:
-    """The per-token writer frames chunks by hand; h11 must read them as the same body."""
-    pieces = [b"a", b"event: x\ndata: {}\n\n", "é🐉".encode(), b"\r\n\r\n", bytes(range(256)) * 20]
-    client = h11.Connection(h11.CLIENT)
-    client.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
-    client.send(h11.EndOfMessage())
-    wire = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
-    wire += b"".join(b"%x\r\n%b\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
-    client.receive_data(wire)
-    body = b""
-    while True:
-        event = client.next_event()
-        if isinstance(event, h11.Data):
-            body += event.data
-        if isinstance(event, h11.EndOfMessage):
-            break
-    assert body == b"".join(pieces)
 
 
 async def test_too_many_header_fields_are_refused(start_gateway: GatewayFactory) -> None:

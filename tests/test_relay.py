@@ -382,13 +382,20 @@ async def test_a_slow_reader_pauses_the_upstream_and_loses_nothing(fake: FakeLla
     writer.close()
 
 
-async def test_graceful_shutdown_lets_a_stream_finish(fake: FakeLlamaServer, start_gateway: GatewayFactory) -> None:
-    gw = await start_gateway(gateway_config([fake.url]), shutdown_grace=5)
-    fake.replies.append(Reply(tokens=[f"t{i}" for i in range(30)], token_delay=0.02))
+async def stop_during_a_stream(
+    fake: FakeLlamaServer, start_gateway: GatewayFactory, grace: float, tokens: int
+) -> tuple[RunningGateway, list[tuple[str, dict[str, Any]]]]:
+    """Start a 20 ms-per-token stream, ask the gateway to stop mid-way; the stream's events."""
+    gw = await start_gateway(gateway_config([fake.url]), shutdown_grace=grace)
+    fake.replies.append(Reply(tokens=[f"t{i}" for i in range(tokens)], token_delay=0.02))
     stream = asyncio.ensure_future(raw_events(gw, {}))
     await asyncio.sleep(0.2)
     gw.stop.set()
-    events = await stream
+    return gw, await stream
+
+
+async def test_graceful_shutdown_lets_a_stream_finish(fake: FakeLlamaServer, start_gateway: GatewayFactory) -> None:
+    gw, events = await stop_during_a_stream(fake, start_gateway, grace=5, tokens=30)
     assert events[-1][0] == "message_stop"
     await asyncio.wait_for(gw.task, 5)
     with pytest.raises(OSError):
@@ -396,12 +403,7 @@ async def test_graceful_shutdown_lets_a_stream_finish(fake: FakeLlamaServer, sta
 
 
 async def test_shutdown_grace_end_cuts_streams_with_an_error_event(fake: FakeLlamaServer, start_gateway: GatewayFactory) -> None:
-    gw = await start_gateway(gateway_config([fake.url]), shutdown_grace=0.3)
-    fake.replies.append(Reply(tokens=[f"t{i}" for i in range(500)], token_delay=0.02))
-    stream = asyncio.ensure_future(raw_events(gw, {}))
-    await asyncio.sleep(0.2)
-    gw.stop.set()
-    events = await stream
+    _, events = await stop_during_a_stream(fake, start_gateway, grace=0.3, tokens=500)
     assert events[-1][0] == "error" and "shutting down" in events[-1][1]["error"]["message"]
 
 

@@ -52,6 +52,11 @@ class Request:
 Handler = Callable[[Request, "ResponseWriter"], Awaitable[None]]
 
 
+def frame_chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body (RFC 9112 §7.1), framed by hand for the per-token path."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
 def _reason(status: int) -> bytes:
     if status == 529:
         return b"Overloaded"  # Anthropic's own status; not in the IANA registry
@@ -154,7 +159,7 @@ class ResponseWriter:
             return
         self.bytes_sent += len(data)
         if self._hand_chunked:
-            self._protocol.write(b"%x\r\n%b\r\n" % (len(data), data))
+            self._protocol.write(frame_chunk(data))
         else:
             self._protocol.write(self._protocol.conn.send(h11.Data(data=data)))
 
