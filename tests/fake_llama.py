@@ -452,11 +452,14 @@ async def _serve_forever(port: int, tokens: int, token_delay: float) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="a fake llama-server for benchmarks")
+    parser = argparse.ArgumentParser(description="a fake llama-server for benchmarks and supervisor tests")
     parser.add_argument("--port", type=int, default=18081)
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--token-delay", type=float, default=0.0)
-    args = parser.parse_args()
+    # Taken and ignored, so that CaseDesk can run this as a managed llama-server binary.
+    parser.add_argument("-m", "--model")
+    parser.add_argument("--host")
+    args, _ignored = parser.parse_known_args()
     try:
         import uvloop  # type: ignore[import-not-found]
 
