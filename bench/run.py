@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
 import signal
@@ -279,6 +280,7 @@ async def bench_fake(args: argparse.Namespace, procs: Processes, config_dir: Pat
             row = await scenario(target, concurrency, streams)
             rows.append(row)
             print(fmt_row(row), flush=True)
+    profile = await profile_gateway(procs, fast_port, config_dir)
     slow = Target(
         "casedesk",
         slow_gw_port,
@@ -290,7 +292,44 @@ async def bench_fake(args: argparse.Namespace, procs: Processes, config_dir: Pat
     )
     rss = await slow_streams_rss(slow, args.slow_streams)
     print(f"slow streams: {rss}", flush=True)
-    return {"rows": rows, "slow_streams": rss}
+    return {"rows": rows, "slow_streams": rss, "profile": profile}
+
+
+async def profile_gateway(procs: Processes, upstream_port: int, config_dir: Path) -> str:
+    """Where the gateway's time goes: a CaseDesk under cProfile serves one client
+    (200 one-token requests, then 20 streams of 256 tokens); the top functions by own time."""
+    import pstats
+
+    port = free_port()
+    config = config_dir / "profiled.toml"
+    config.write_text(
+        f'[server]\nlisten = "127.0.0.1:{port}"\nhealth_interval = 3600\naccess_log = ""\n'
+        f'[deployments.bench.models.m]\nupstreams = ["http://127.0.0.1:{upstream_port}"]\n'
+    )
+    stats_file = config_dir / "gateway.prof"
+    gateway = procs.start(
+        [sys.executable, "-m", "cProfile", "-o", str(stats_file), "-m", "casedesk", "serve", "--config", str(config)],
+        cwd=ROOT,
+    )
+    wait_http(f"http://127.0.0.1:{port}/healthz", 60)
+    one = Target(
+        "p", port, "/proxy/bench/anthropic/v1/messages", anthropic_body(1), ANTHROPIC_MARKER, ANTHROPIC_HEADERS
+    )
+    many = Target(
+        "p", port, "/proxy/bench/anthropic/v1/messages", anthropic_body(256), ANTHROPIC_MARKER, ANTHROPIC_HEADERS
+    )
+    for _ in range(200):
+        await one_stream(one)
+    for _ in range(20):
+        await one_stream(many)
+    gateway.send_signal(signal.SIGTERM)
+    gateway.wait(30)
+    out = io.StringIO()
+    pstats.Stats(str(stats_file), stream=out).sort_stats("tottime").print_stats(15)
+    text = out.getvalue()
+    text = text[text.index("ncalls") :] if "ncalls" in text else text
+    print("\ngateway profile (200 one-token requests + 20 streams of 256 tokens, by own time):\n" + text, flush=True)
+    return text
 
 
 async def bench_real(args: argparse.Namespace, procs: Processes, config_dir: Path) -> dict[str, Any]:
@@ -394,6 +433,15 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {name} | {s['runs']} | {s['tokens']} | {s['tokens_per_s_median']:.1f} | {s['ttft_ms_median']:.1f} |"
             )
         lines += ["", f"CaseDesk tokens/s ÷ llama-server's own /v1/messages: **{result['ratio']:.4f}**"]
+    if result.get("profile"):
+        lines += [
+            "",
+            "Where the gateway's time goes (cProfile; 200 one-token requests + 20 streams of 256 tokens, by own time):",
+            "",
+            "```",
+            result["profile"].rstrip(),
+            "```",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -435,7 +483,9 @@ def main() -> None:
     parser.add_argument("--real-runs", type=int, default=10)
     parser.add_argument("--workers", type=int, default=1, help="serve --workers N for the measured gateway")
     parser.add_argument(
-        "--threads", type=int, default=1,
+        "--threads",
+        type=int,
+        default=1,
         help="llama-server threads for --real; 1 leaves a core to the gateway and the load generator",
     )
     args = parser.parse_args()
