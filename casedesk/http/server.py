@@ -90,7 +90,17 @@ class ResponseWriter:
     tests/test_http_server.py::test_hand_chunk_framing_matches_h11.
     """
 
-    __slots__ = ("_protocol", "request_id", "status", "started", "finished", "_hand_chunked", "head_only", "bytes_sent")
+    __slots__ = (
+        "_protocol",
+        "request_id",
+        "status",
+        "started",
+        "finished",
+        "_hand_chunked",
+        "head_only",
+        "bytes_sent",
+        "_held_head",
+    )
 
     def __init__(self, protocol: HttpProtocol, request_id: str, head_only: bool) -> None:
         self._protocol = protocol
@@ -101,6 +111,7 @@ class ResponseWriter:
         self._hand_chunked = False
         self.head_only = head_only
         self.bytes_sent = 0
+        self._held_head = b""
 
     @property
     def disconnected(self) -> bool:
@@ -144,30 +155,36 @@ class ResponseWriter:
         content_type: str = "text/event-stream",
         headers: tuple[tuple[str, str], ...] = (),
     ) -> None:
-        """Send the head of a streamed (chunked) response; body pieces follow with write()."""
+        """Start a streamed (chunked) response; body pieces follow with write().
+
+        The head leaves with the first piece, in the same write: the caller starts a stream
+        only once llama-server has started answering, and its first event follows at once,
+        so this saves the client a wakeup and a syscall on the way to the first token.
+        """
         conn = self._protocol.conn
         head = [("content-type", content_type), ("cache-control", "no-cache"), *headers]
-        data = conn.send(self._head(status, head))
+        self._held_head = conn.send(self._head(status, head))
         # h11 frames the body as chunks exactly when the peer speaks HTTP/1.1 and no length
         # was given; HTTP/1.0 peers get a close-delimited body, framed by h11 itself.
         self._hand_chunked = conn.their_http_version == b"1.1"
-        self._protocol.write(data)
 
     def write(self, data: bytes) -> None:
         """Send one body piece now (one chunk, one transport.write: nothing is batched)."""
         if not data or self.finished:
             return
         self.bytes_sent += len(data)
-        if self._hand_chunked:
-            self._protocol.write(frame_chunk(data))
-        else:
-            self._protocol.write(self._protocol.conn.send(h11.Data(data=data)))
+        framed = frame_chunk(data) if self._hand_chunked else self._protocol.conn.send(h11.Data(data=data))
+        if self._held_head:
+            framed = self._held_head + framed
+            self._held_head = b""
+        self._protocol.write(framed)
 
     def end(self) -> None:
         if self.finished:
             return
         self.finished = True
-        self._protocol.write(self._protocol.conn.send(h11.EndOfMessage()))
+        self._protocol.write(self._held_head + self._protocol.conn.send(h11.EndOfMessage()))
+        self._held_head = b""
 
     async def drain(self) -> None:
         """Wait while the client's socket buffer is full (flow control)."""
