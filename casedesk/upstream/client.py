@@ -61,8 +61,7 @@ class Exchange:
             if done.done():
                 return
             if not self._paused and loop.time() - conn.last_data_at > self.read_timeout:
-                conn._fail(UpstreamError(f"upstream stalled: no bytes for {self.read_timeout:g} s"))
-                conn.abort()
+                conn.fail(UpstreamError(f"upstream stalled: no bytes for {self.read_timeout:g} s"))
                 return
             handle[0] = loop.call_later(interval, watchdog)
 

@@ -268,6 +268,11 @@ class UpstreamConnection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.resume_reading()
 
+    def fail(self, error: UpstreamError) -> None:
+        """Give up on the response in progress with `error`, and close the socket at once."""
+        self._fail(error)
+        self.abort()
+
     def abort(self) -> None:
         """Close now, dropping unsent bytes: used for streams cut short (frees the slot)."""
         self.max_requests = 0
