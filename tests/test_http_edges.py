@@ -19,6 +19,7 @@ import pytest
 
 from tests.conftest import GatewayFactory, RunningGateway, gateway_config
 from tests.fake_llama import FakeLlamaServer, Reply
+from tests.test_relay import raw_events
 from tests.test_http_server import DEAD_UPSTREAM, MESSAGES, exchange, parse, read_response
 
 ASK = [{"role": "user", "content": "hi"}]
@@ -321,3 +322,35 @@ def test_the_http_layer_imports_nothing_from_anthropic_or_translate() -> None:
             else:
                 continue
             assert not [n for n in names if n.startswith(("casedesk.anthropic", "casedesk.translate"))], path.name
+
+
+# -- 7. an upstream event that never ends -----------------------------------------------------
+
+
+async def test_an_upstream_event_that_never_ends_fails_the_stream_with_a_clear_error(
+    start_gateway: GatewayFactory,
+) -> None:
+    """A broken upstream sends an event with no blank line after it: the buffer stops at 1 MiB."""
+    async def broken_upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        piece = b"data: " + b"x" * 65536
+        try:
+            for _ in range(64):  # 4 MiB of one event, then silence with the socket open
+                writer.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+                await writer.drain()
+            await asyncio.sleep(3600)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(broken_upstream, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        gw = await start_gateway(gateway_config([f"http://127.0.0.1:{port}"]))
+        events = await asyncio.wait_for(raw_events(gw, {}), 10)
+    finally:
+        server.close()
+    assert events[-1][0] == "error"
+    assert "larger than 1048576 bytes" in events[-1][1]["error"]["message"]
