@@ -147,7 +147,8 @@ class Gateway:
                 self.deployment(deployment).authorize(request.headers)
         except ApiError as error:
             record = RequestRecord(request.request_id, request.method, request.path, request.client, time.monotonic())
-            record.deployment = deployment if deployment in self.deployments else ""  # type: ignore[assignment]
+            if deployment is not None and deployment in self.deployments:
+                record.deployment = deployment
             self._account(record, error.status)
             return error_response(error)
         return None

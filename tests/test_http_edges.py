@@ -188,6 +188,8 @@ async def test_a_request_that_will_not_be_read_is_answered_at_once_without_100(
     got, headers, payload = parse(answer)
     assert got == status and headers["connection"] == "close"
     assert orjson.loads(payload)["type"] == "error"
+    if status == 401:  # refused by the application's check: counted like any other request
+        assert 'casedesk_requests_total{deployment="dep",model="",status="401"} 1' in (await metrics_text(gw))[3]
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
@@ -230,7 +232,6 @@ async def test_a_client_that_stops_reading_is_cut_and_frees_its_slot(
     fake.replies.append(Reply(tokens=[f" tok{i}" for i in range(20000)], token_delay=0.002))
     body = orjson.dumps({"model": "m", "max_tokens": 100000, "messages": ASK, "stream": True})
     sock = await connect(gw.port, rcvbuf=4096)  # the client reads nothing from here on
-    started = time.monotonic()
     await asyncio.get_running_loop().sock_sendall(sock, request_head(MESSAGES, len(body)) + body)
     try:
         record = None
@@ -238,8 +239,8 @@ async def test_a_client_that_stops_reading_is_cut_and_frees_its_slot(
         while time.monotonic() < deadline and not (record and record.aborted):
             record = fake.chat_requests()[-1] if fake.chat_requests() else None
             await asyncio.sleep(0.05)
-        assert record is not None and record.aborted and not record.finished  # the upstream was closed
-        assert time.monotonic() - started < 5
+        # The upstream was closed long before the 40 s stream could end.
+        assert record is not None and record.aborted and not record.finished
         # The deployment's only slot is free again: the next request is served, not 529.
         client = anthropic.AsyncAnthropic(base_url=gw.base_url(), api_key="k", max_retries=0)
         message = await client.messages.create(model="m", max_tokens=5, messages=ASK)
@@ -252,8 +253,11 @@ async def test_a_client_that_stops_reading_is_cut_and_frees_its_slot(
 
 
 async def test_a_slow_but_steady_reader_is_not_cut(fake: FakeLlamaServer, start_gateway: GatewayFactory) -> None:
-    gw = await start_gateway(gateway_config([fake.url], server={"write_timeout": 0.5, "access_log": ""}))
-    fake.replies.append(Reply(tokens=[f"{i:05d}" + "x" * 2000 for i in range(600)]))  # ~1.2 MB of events
+    # This client shares the gateway's event loop (and a busy machine): 1 s leaves it room.
+    gw = await start_gateway(gateway_config([fake.url], server={"write_timeout": 1, "access_log": ""}))
+    # 400 KB of events made at 200 KB/s for 2 s, read at ~130 KB/s: bytes wait for this client
+    # all along, longer than write_timeout, but it keeps acknowledging some: never cut.
+    fake.replies.append(Reply(tokens=[f"{i:05d}" + "x" * 4000 for i in range(100)], token_delay=0.02))
     body = orjson.dumps({"model": "m", "max_tokens": 100000, "messages": ASK, "stream": True})
     sock = await connect(gw.port, rcvbuf=4096)
     loop = asyncio.get_running_loop()
@@ -262,13 +266,13 @@ async def test_a_slow_but_steady_reader_is_not_cut(fake: FakeLlamaServer, start_
     try:
         async with asyncio.timeout(30):
             while not received.endswith(b"0\r\n\r\n"):
-                chunk = await loop.sock_recv(sock, 16384)
+                chunk = await loop.sock_recv(sock, 4096)
                 assert chunk, "the gateway cut a client that was reading"
                 received += chunk
-                await asyncio.sleep(0.01)  # about 1.6 MB/s at most: slower than the gateway writes
+                await asyncio.sleep(0.03)
     finally:
         sock.close()
-    assert received.count(b"event: content_block_delta") == 600
+    assert received.count(b"event: content_block_delta") == 100
     assert b"event: message_stop" in received
     assert "casedesk_write_timeouts_total 0" in (await metrics_text(gw))[3]
 
