@@ -112,9 +112,9 @@ class ResponseWriter:
     """Writes one response: a whole one (`send`) or a streamed one (`start_stream`, `write`…, `end`).
 
     Streamed bodies are framed as chunks by hand: h11 spends about 4 µs framing one chunk and
-    this is the per-token hot path (shared/design.md "The hot path"); the head and the final
+    this is the per-token hot path (docs/design.md "The hot path"); the head and the final
     zero-chunk still go through h11 so its state machine stays exact. See
-    tests/test_http_server.py::test_hand_chunk_framing_matches_h11.
+    tests/test_framing.py::test_whole_wire_matches_h11.
     """
 
     __slots__ = (
