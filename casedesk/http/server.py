@@ -60,7 +60,7 @@ ErrorRenderer = Callable[[int, str], ErrorResponse]
 
 @dataclass(slots=True)
 class Request:
-    """A complete request: the body is read in full before a handler sees it."""
+    """A request: the body is read in full before a handler sees it (a HeadCheck sees it empty)."""
 
     method: str
     path: str
@@ -75,7 +75,7 @@ class Request:
 Handler = Callable[[Request, "ResponseWriter"], Awaitable[None]]
 # Asked about a request whose client waits for `100 Continue` before sending the body: an
 # answer refuses it now, unread (unknown path, bad key…); None lets the body come.
-HeadCheck = Callable[[Request], "ErrorResponse | None"]
+HeadCheck = Callable[[Request], ErrorResponse | None]
 
 
 def frame_chunk(data: bytes) -> bytes:
