@@ -24,7 +24,7 @@ from casedesk.endpoints.count_tokens import handle_count_tokens
 from casedesk.endpoints.messages import handle_messages
 from casedesk.endpoints.models import handle_get_model, handle_head_probe, handle_healthz, handle_list_models
 from casedesk.endpoints.ops import handle_metrics, handle_readyz
-from casedesk.http.server import Request, ResponseWriter, ServerLimits
+from casedesk.http.server import ErrorResponse, Request, ResponseWriter, ServerLimits
 from casedesk.ops.accesslog import AccessLog, RequestRecord
 from casedesk.ops.metrics import Metrics
 from casedesk.router import Router
@@ -114,7 +114,7 @@ class Gateway:
         self.router.add(("GET", "HEAD"), "/metrics", handle_metrics)
 
     async def handle(self, request: Request, writer: ResponseWriter) -> None:
-        """Route, run the handler, and account for the request (access log, metrics)."""
+        """Route, run the handler, render its errors, and account for the request."""
         record = request.record = RequestRecord(
             request.request_id, request.method, request.path, request.client, time.monotonic()
         )
@@ -124,29 +124,51 @@ class Gateway:
             await match.handler(self, request, writer, **match.params)
         except ApiError as error:
             record.status = error.status
-            raise
+            respond_with_error(writer, error)
         except asyncio.CancelledError:
             record.status = writer.status or 499  # the client went away (nginx's code for it)
             raise
         except Exception:
+            log.exception("handler failed for %s %s", request.method, request.path)
             record.status = 500
-            raise
+            respond_with_error(writer, ApiError(500, "internal error in the gateway; see its log"))
         finally:
             self.active -= 1
-            record.status = record.status or writer.status
-            if record.deployment:
-                # Only configured tags become label values: a client's typo must not add series.
-                known = record.model in self.deployments[record.deployment].models
-                self.metrics.record(
-                    record.deployment,
-                    record.model if known else "",
-                    record.status,
-                    duration=time.monotonic() - record.started,
-                    input_tokens=record.input_tokens,
-                    output_tokens=record.output_tokens,
-                    ttft=record.ttft,
-                )
-            self.access_log.write(record)
+            self._account(record, writer.status)
+
+    def check_head(self, request: Request) -> ErrorResponse | None:
+        """Refuse, before its body is sent, a request that would be refused anyway: an unknown
+        path or deployment, a missing or wrong key (asked for `Expect: 100-continue`)."""
+        deployment: str | None = None
+        try:
+            match = self.router.resolve(request.method, request.path)
+            deployment = match.params.get("deployment")
+            if deployment is not None:
+                self.deployment(deployment).authorize(request.headers)
+        except ApiError as error:
+            record = RequestRecord(request.request_id, request.method, request.path, request.client, time.monotonic())
+            if deployment is not None and deployment in self.deployments:
+                record.deployment = deployment
+            self._account(record, error.status)
+            return error_response(error)
+        return None
+
+    def _account(self, record: RequestRecord, status: int) -> None:
+        """A finished request: its metrics and its access-log line."""
+        record.status = record.status or status
+        if record.deployment:
+            # Only configured tags become label values: a client's typo must not add series.
+            known = record.model in self.deployments[record.deployment].models
+            self.metrics.record(
+                record.deployment,
+                record.model if known else "",
+                record.status,
+                duration=time.monotonic() - record.started,
+                input_tokens=record.input_tokens,
+                output_tokens=record.output_tokens,
+                ttft=record.ttft,
+            )
+        self.access_log.write(record)
 
     def ready(self) -> bool:
         """Every deployment has at least one healthy upstream."""
@@ -188,6 +210,26 @@ class Gateway:
             balancer.close()
 
 
+def error_response(error: ApiError) -> ErrorResponse:
+    return ErrorResponse(error.status, error.body(), headers=error.headers)
+
+
+def render_error(status: int, message: str) -> ErrorResponse:
+    """The Anthropic shape for the errors the HTTP layer finds itself (413, 431, 408…)."""
+    return error_response(ApiError(status, message))
+
+
+def respond_with_error(writer: ResponseWriter, error: ApiError, close: bool = False) -> None:
+    """Answer with `error`: a whole response, or, once a stream has started, its last event."""
+    if writer.finished or writer.disconnected:
+        return
+    if not writer.started:
+        writer.send_error(error_response(error), close=close)
+    else:
+        writer.write(error.sse_event())
+        writer.end()
+
+
 def limits_of(settings: ServerSettings) -> ServerLimits:
     return ServerLimits(
         max_body_bytes=settings.max_body_bytes,
@@ -197,4 +239,5 @@ def limits_of(settings: ServerSettings) -> ServerLimits:
         header_timeout=settings.header_timeout,
         body_timeout=settings.body_timeout,
         keepalive_timeout=settings.keepalive_timeout,
+        write_timeout=settings.write_timeout,
     )

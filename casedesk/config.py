@@ -77,6 +77,7 @@ class ServerSettings:
     header_timeout: float = 10.0  # to receive a request head
     body_timeout: float = 60.0  # to receive a request body
     keepalive_timeout: float = 75.0  # idle client connections
+    write_timeout: float = 60.0  # a client that takes none of its response for this long is cut
     upstream_connect_timeout: float = 5.0
     upstream_read_timeout: float = 300.0  # silence from llama-server before giving up
     health_interval: float = 5.0  # seconds between active /health checks of each upstream
@@ -202,6 +203,7 @@ def _server(checker: _Checker, raw: Any) -> ServerSettings:
         "header_timeout": False,
         "body_timeout": False,
         "keepalive_timeout": False,
+        "write_timeout": False,
         "upstream_connect_timeout": False,
         "upstream_read_timeout": False,
         "health_interval": False,

@@ -2,7 +2,9 @@
 
 Patterns are split on "/" and matched segment by segment, exactly: a `{name}` segment takes
 one whole non-empty segment, so there is no traversal and no partial match. A trailing `*`
-segment takes the rest of the path (used for HEAD probes of a base URL).
+segment takes the rest of the path (used for HEAD probes of a base URL). Each segment is
+percent-decoded after the split (RFC 3986 §2.4), so `%2F` is a slash inside a value: the SDK
+sends `models.retrieve("hf.co/org/m:Q4")` as `…/models/hf.co%2Forg%2Fm:Q4`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 from casedesk.anthropic.errors import ApiError
 
@@ -42,6 +45,7 @@ class Router:
         parts = path.strip("/").split("/")
         if "" in parts and path.strip("/"):
             raise ApiError(404, f"no route for {path}")
+        parts = [unquote(part) for part in parts]  # returns the very string when it has no "%"
         allowed: set[str] = set()
         for route in self._routes:
             params = _match(route.segments, parts)

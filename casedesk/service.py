@@ -14,9 +14,9 @@ import signal
 import socket
 
 from casedesk.anthropic.errors import ApiError
-from casedesk.app import Gateway, limits_of
+from casedesk.app import Gateway, limits_of, render_error, respond_with_error
 from casedesk.config import Config, ConfigError, Upstream, load
-from casedesk.http.server import ConnectionTracker, Request, ResponseWriter, start_server
+from casedesk.http.server import ConnectionTracker, ErrorResponse, Request, ResponseWriter, start_server
 from casedesk.ops.accesslog import AccessLog
 from casedesk.ops.metrics import Labels, Metrics
 from casedesk.ops.supervisor import ManagedProcess, Supervisor, SupervisorError
@@ -43,6 +43,11 @@ class Service:
         self.metrics.gauge("casedesk_upstream_up", "1 while an upstream is healthy.", self._upstream_up)
         self.metrics.gauge(
             "casedesk_upstream_errors", "Failures seen per upstream (since start or reload).", self._upstream_errors
+        )
+        self.metrics.counter(
+            "casedesk_write_timeouts_total",
+            "Requests ended because the client took nothing for [server] write_timeout seconds.",
+            lambda: self.tracker.write_timeouts,
         )
 
     def _build(self, config: Config, upstreams: dict[tuple[str, str], list[Upstream]]) -> Gateway:
@@ -78,6 +83,10 @@ class Service:
         assert self.gateway is not None
         await self.gateway.handle(request, writer)
 
+    def check_head(self, request: Request) -> ErrorResponse | None:
+        assert self.gateway is not None
+        return self.gateway.check_head(request)
+
     async def start(self, sock: socket.socket | None) -> None:
         upstreams = self.worker_upstreams if self.worker_upstreams is not None else await self.supervisor.start()
         self.gateway = self._build(self.config, upstreams)
@@ -86,6 +95,8 @@ class Service:
             self.handle,
             limits_of(settings),
             self.tracker,
+            render_error,
+            self.check_head,
             host=settings.listen_host,
             port=settings.listen_port,
             sock=sock,
@@ -221,11 +232,6 @@ async def _drain(tracker: ConnectionTracker, grace: float, force: asyncio.Event)
         forced.cancel()
     error = ApiError(529, "the gateway is shutting down; retry shortly")
     for protocol in list(tracker.open):
-        writer = protocol.writer
-        if writer is not None and not writer.finished:
-            if writer.started:
-                writer.write(error.sse_event())
-                writer.end()
-            else:
-                writer.send_error(error, close=True)
+        if protocol.writer is not None:
+            respond_with_error(protocol.writer, error, close=True)
         protocol.close()

@@ -53,7 +53,7 @@ def test_random_splits_and_byte_by_byte_match_h11() -> None:
     rng = random.Random(7)
     for _ in range(200):
         cuts = sorted(rng.sample(range(1, len(WIRE)), 5))
-        parts = [WIRE[a:b] for a, b in zip([0, *cuts], [*cuts, len(WIRE)])]
+        parts = [WIRE[a:b] for a, b in zip([0, *cuts], [*cuts, len(WIRE)], strict=True)]
         assert decode(parts) == (expected, True)
     assert decode([bytes([b]) for b in WIRE]) == (expected, True)
 
@@ -90,7 +90,53 @@ def test_sse_events_at_every_split_point() -> None:
         assert sse([EVENTS[:cut], EVENTS[cut:]]) == expected, cut
 
 
-def test_sse_crlf_lines_and_one_event_per_feed_fast_path() -> None:
-    assert sse([b"data: a\r\n\r\n".replace(b"\r\n\r\n", b"\n\n")]) == [("data", b"a")]
+def test_sse_one_event_per_feed_fast_path_and_multi_line_data() -> None:
     assert sse([b'data: {"x":1}\n\n', b'data: {"x":2}\n\n']) == [("data", b'{"x":1}'), ("data", b'{"x":2}')]
     assert sse([b"data: a\ndata: b\n\n"]) == [("data", b"a\nb")]
+    # Bytes after the blank line are not part of the event (the fast path must not take it).
+    assert sse([b"data: a\n\nda", b"ta: b\n\n"]) == [("data", b"a"), ("data", b"b")]
+    assert sse([b"data: a\nX"]) == []
+
+
+# The SSE spec's line endings: CRLF, LF or CR, in any mix; events end at a blank line.
+LINE_ENDINGS = {
+    "crlf": EVENTS.replace(b"\n", b"\r\n"),
+    "cr": EVENTS.replace(b"\n", b"\r"),
+    "mixed": b'data: {"n":1}\r\n\r: comment\n\ndata: line1\rdata: line2\r\n\nerror: {"e":1}\r\rdata: [DONE]\n\r\n',
+}
+
+
+@pytest.mark.parametrize("name", sorted(LINE_ENDINGS))
+def test_sse_events_with_every_line_ending_at_every_split_point(name: str) -> None:
+    wire = LINE_ENDINGS[name]
+    expected = [("data", b'{"n":1}'), ("data", b"line1\nline2"), ("error", b'{"e":1}'), ("data", b"[DONE]")]
+    assert sse([wire]) == expected
+    for cut in range(len(wire) + 1):
+        assert sse([wire[:cut], wire[cut:]]) == expected, cut
+    assert sse([bytes([b]) for b in wire]) == expected
+
+
+def test_sse_a_cr_lf_split_across_feeds_is_one_line_ending() -> None:
+    # "data: a\r" then "\n": the \n completes the line ending; it is not a blank line.
+    assert sse([b"data: a\r", b"\ndata: b\r\n\r\n"]) == [("data", b"a\nb")]
+    assert sse([b"data: a\r\r", b"\ndata: b\r\r"]) == [("data", b"a"), ("data", b"b")]
+
+
+def test_sse_an_event_past_the_bound_fails_once_with_a_clear_message() -> None:
+    seen: list[tuple[str, bytes]] = []
+    decoder = SseDecoder(lambda p: seen.append(("data", p)), lambda p: seen.append(("error", p)), max_event_bytes=1000)
+    decoder.feed(b"data: ok\n\n")
+    for _ in range(5):
+        decoder.feed(b"data: " + b"x" * 400)  # no line ending: one event that never ends
+    decoder.feed(b"\n\ndata: later\n\n")
+    assert seen[0] == ("data", b"ok")
+    assert [kind for kind, _ in seen[1:]] == ["error"]  # reported once; nothing after it
+    assert b"larger than 1000 bytes" in seen[1][1]
+
+
+def test_sse_buffer_is_bounded_by_default() -> None:
+    seen: list[tuple[str, bytes]] = []
+    decoder = SseDecoder(lambda p: seen.append(("data", p)), lambda p: seen.append(("error", p)))
+    for _ in range(20):
+        decoder.feed(b"data: " + b"x" * 100_000)
+    assert [kind for kind, _ in seen] == ["error"]

@@ -2,24 +2,28 @@
 
 h11 owns the connection state machine and the message heads; this module owns the socket:
 limits, timeouts, keep-alive, flow control, and the response writer handlers use. It knows
-HTTP and nothing of Anthropic (errors come in as ApiError values and go out as JSON).
+HTTP and nothing of Anthropic: the application renders its own errors, and gives this layer an
+`ErrorRenderer` for the ones it finds itself (413, 431, 408, 400, 529 at the connection cap).
 The shape follows uvicorn's h11 protocol (one class per connection, one dispatch loop).
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import http
 import logging
 import os
 import socket
+import struct
+import termios
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 import h11
 
-from casedesk.anthropic.errors import ApiError
+from casedesk.http.headers import join_headers
 
 log = logging.getLogger("casedesk.http")
 
@@ -33,11 +37,30 @@ class ServerLimits:
     header_timeout: float = 10.0
     body_timeout: float = 60.0
     keepalive_timeout: float = 75.0
+    write_timeout: float = 60.0  # a client that acknowledges nothing for this long is cut
+    # After an answer sent before the request was read: how long and how much to read and
+    # discard before closing (see HttpProtocol._linger).
+    linger_seconds: float = 5.0
+    linger_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorResponse:
+    """An error answer in the application's format: this layer sends it without knowing it."""
+
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+# The application's format for an error this layer finds itself: (status, message) → answer.
+ErrorRenderer = Callable[[int, str], ErrorResponse]
 
 
 @dataclass(slots=True)
 class Request:
-    """A complete request: the body is read in full before a handler sees it."""
+    """A request: the body is read in full before a handler sees it (a HeadCheck sees it empty)."""
 
     method: str
     path: str
@@ -50,6 +73,9 @@ class Request:
 
 
 Handler = Callable[[Request, "ResponseWriter"], Awaitable[None]]
+# Asked about a request whose client waits for `100 Continue` before sending the body: an
+# answer refuses it now, unread (unknown path, bad key…); None lets the body come.
+HeadCheck = Callable[[Request], ErrorResponse | None]
 
 
 def frame_chunk(data: bytes) -> bytes:
@@ -76,6 +102,7 @@ class ConnectionTracker:
     def __init__(self) -> None:
         self.open: set[HttpProtocol] = set()
         self.idle_changed = asyncio.Event()
+        self.write_timeouts = 0  # requests ended because the client stopped reading
 
     def busy(self) -> list[HttpProtocol]:
         return [p for p in self.open if p.handling]
@@ -85,9 +112,9 @@ class ResponseWriter:
     """Writes one response: a whole one (`send`) or a streamed one (`start_stream`, `write`…, `end`).
 
     Streamed bodies are framed as chunks by hand: h11 spends about 4 µs framing one chunk and
-    this is the per-token hot path (shared/design.md "The hot path"); the head and the final
+    this is the per-token hot path (docs/design.md "The hot path"); the head and the final
     zero-chunk still go through h11 so its state machine stays exact. See
-    tests/test_http_server.py::test_hand_chunk_framing_matches_h11.
+    tests/test_framing.py::test_whole_wire_matches_h11.
     """
 
     __slots__ = (
@@ -98,7 +125,6 @@ class ResponseWriter:
         "finished",
         "_hand_chunked",
         "head_only",
-        "bytes_sent",
         "_held_head",
     )
 
@@ -110,7 +136,6 @@ class ResponseWriter:
         self.finished = False
         self._hand_chunked = False
         self.head_only = head_only
-        self.bytes_sent = 0
         self._held_head = b""
 
     @property
@@ -143,11 +168,10 @@ class ResponseWriter:
             data += conn.send(h11.Data(data=body))
         data += conn.send(h11.EndOfMessage())
         self.finished = True
-        self.bytes_sent += len(body)
         self._protocol.write(data)
 
-    def send_error(self, error: ApiError, close: bool = False) -> None:
-        self.send(error.status, error.body(), headers=error.headers, close=close)
+    def send_error(self, error: ErrorResponse, close: bool = False) -> None:
+        self.send(error.status, error.body, error.content_type, error.headers, close=close)
 
     def start_stream(
         self,
@@ -172,7 +196,6 @@ class ResponseWriter:
         """Send one body piece now (one chunk, one transport.write: nothing is batched)."""
         if not data or self.finished:
             return
-        self.bytes_sent += len(data)
         framed = frame_chunk(data) if self._hand_chunked else self._protocol.conn.send(h11.Data(data=data))
         if self._held_head:
             framed = self._held_head + framed
@@ -206,10 +229,19 @@ class FlowListener(Protocol):
 class HttpProtocol(asyncio.Protocol):
     """One client connection: parse with h11, run one handler task per request, keep alive."""
 
-    def __init__(self, handler: Handler, limits: ServerLimits, tracker: ConnectionTracker) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        limits: ServerLimits,
+        tracker: ConnectionTracker,
+        render_error: ErrorRenderer,
+        check_head: HeadCheck | None = None,
+    ) -> None:
         self._handler = handler
         self._limits = limits
         self._tracker = tracker
+        self._render_error = render_error
+        self._check_head = check_head
         self._loop = asyncio.get_running_loop()
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
         self.transport: asyncio.Transport | None = None
@@ -220,11 +252,18 @@ class HttpProtocol(asyncio.Protocol):
         self._writable.set()
         self._reading_paused = False
         self._timer: asyncio.TimerHandle | None = None
-        self._head: h11.Request | None = None
+        self._request: Request | None = None
         self._body: list[bytes] = []
         self._body_size = 0
         self._task: asyncio.Task[None] | None = None
         self.writer: ResponseWriter | None = None
+        self._linger_left = -1  # bytes still to discard before closing; -1: not lingering
+        # The write watchdog: what the client has acknowledged, and when that last grew.
+        self.bytes_written = 0
+        self._fd = -1
+        self._acked = -1
+        self._progress_at = 0.0
+        self._write_timer: asyncio.TimerHandle | None = None
 
     @property
     def handling(self) -> bool:
@@ -238,24 +277,26 @@ class HttpProtocol(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._fd = sock.fileno()
         peer = transport.get_extra_info("peername")
         self.client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
         self._tracker.open.add(self)
         if len(self._tracker.open) > self._limits.max_connections:
             log.warning("connection cap %d reached; refusing %s", self._limits.max_connections, self.client)
-            error = ApiError(529, "too many open connections to this gateway; retry shortly")
-            body = error.body()
-            self.transport.write(
-                b"HTTP/1.1 529 Overloaded\r\ncontent-type: application/json\r\nconnection: close\r\n"
-                b"content-length: %d\r\n\r\n%b" % (len(body), body)
-            )
-            self.close()
+            # No request has been read, so h11 cannot frame this answer: it is written by hand.
+            error = self._render_error(529, "too many open connections to this gateway; retry shortly")
+            head = [b"HTTP/1.1 529 Overloaded", b"content-type: " + error.content_type.encode("latin-1")]
+            head += [f"{name}: {value}".encode("latin-1") for name, value in error.headers]
+            head += [b"connection: close", b"content-length: %d" % len(error.body), b"", b""]
+            self.write(b"\r\n".join(head) + error.body)
+            self._linger()
             return
         self._arm_timer(self._limits.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._cancel_timer()
+        self._stop_write_watchdog()
         self._tracker.open.discard(self)
         self._tracker.idle_changed.set()
         self._writable.set()  # wake writers so they notice the disconnect
@@ -268,6 +309,9 @@ class HttpProtocol(asyncio.Protocol):
         return None
 
     def data_received(self, data: bytes) -> None:
+        if self._linger_left >= 0:
+            self._discard(data)
+            return
         self.conn.receive_data(data)
         self._handle_events()
 
@@ -285,6 +329,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         if not self.closed and self.transport is not None:
+            self.bytes_written += len(data)
             self.transport.write(data)
 
     async def drain(self) -> None:
@@ -298,7 +343,7 @@ class HttpProtocol(asyncio.Protocol):
     # -- the dispatch loop -------------------------------------------------------------------
 
     def _handle_events(self) -> None:
-        while not self.closed:
+        while not self.closed and self._linger_left < 0:
             try:
                 event = self.conn.next_event()
             except h11.RemoteProtocolError as exc:
@@ -327,7 +372,6 @@ class HttpProtocol(asyncio.Protocol):
                 return
 
     def _on_request_head(self, head: h11.Request) -> None:
-        self._head = head
         self._body = []
         self._body_size = 0
         # h11 bounds only a head that arrives in pieces; one that arrives whole is checked here.
@@ -343,6 +387,25 @@ class HttpProtocol(asyncio.Protocol):
             if name == b"content-length" and int(value) > self._limits.max_body_bytes:
                 self._reject_too_large()
                 return
+        path, _, query = head.target.decode("latin-1").partition("?")
+        request = self._request = Request(
+            method=head.method.decode("ascii", "replace"),
+            path=path,
+            query=query,
+            headers=join_headers(head.headers),
+            body=b"",
+            client=self.client,
+            request_id=new_request_id(),
+        )
+        if self.conn.they_are_waiting_for_100_continue:
+            # The client holds its body back until told to send it (curl does, for bodies
+            # over 1 MB). h11: a server must answer 100 before it blocks on the body; and a
+            # request the application would refuse anyway is refused now, its body unread.
+            refusal = self._check_head(request) if self._check_head is not None else None
+            if refusal is not None:
+                self._answer_unread(refusal, request.request_id)
+                return
+            self.write(self.conn.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")))
         self._arm_timer(self._limits.body_timeout)
 
     def _reject_too_large(self) -> None:
@@ -350,39 +413,58 @@ class HttpProtocol(asyncio.Protocol):
 
     def _reject(self, status: int, message: str) -> None:
         """Answer a request we will not handle, then close: the rest of its bytes are unread."""
-        error = ApiError(status, message)
+        self._answer_unread(self._render_error(status, message))
+
+    def _answer_unread(self, response: ErrorResponse, request_id: str | None = None) -> None:
         if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE) and self._task is None:
             try:
-                writer = ResponseWriter(self, new_request_id(), head_only=False)
-                writer.send_error(error, close=True)
+                writer = ResponseWriter(self, request_id or new_request_id(), head_only=False)
+                writer.send_error(response, close=True)
             except h11.LocalProtocolError:
-                pass
-        self.close()
+                self.close()
+                return
+            self._linger()
+        else:
+            self.close()
+
+    def _linger(self) -> None:
+        """Close after an answer sent before the request was read, without losing the answer.
+
+        Closing a socket with unread bytes in it makes the kernel send a reset, and a reset
+        destroys what the client has not read yet: our answer. So stop writing (shutdown of
+        the write side, after the answer), read and discard for a bounded time and byte
+        count, then close. h11's example server: `send_simple_response` then
+        `shutdown_and_clean_up`; nginx: `lingering_close`.
+        """
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self._linger_left = self._limits.linger_bytes
+        self._arm_timer(self._limits.linger_seconds)
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+        try:
+            transport.write_eof()  # after what is buffered
+        except (NotImplementedError, OSError, RuntimeError):
+            self.close()
+
+    def _discard(self, data: bytes) -> None:
+        self._linger_left -= len(data)
+        if self._linger_left < 0:
+            self._linger_left = 0
+            self.close()
 
     def _dispatch(self) -> None:
-        head = self._head
-        assert head is not None
+        request = self._request
+        assert request is not None
         self._cancel_timer()
-        target = head.target.decode("latin-1")
-        path, _, query = target.partition("?")
-        headers: dict[str, str] = {}
-        for name, value in head.headers:
-            key = name.decode("latin-1")
-            text = value.decode("latin-1")
-            headers[key] = f"{headers[key]}, {text}" if key in headers else text
-        method = head.method.decode("ascii", "replace")
-        request = Request(
-            method=method,
-            path=path,
-            query=query,
-            headers=headers,
-            body=b"".join(self._body),
-            client=self.client,
-            request_id=new_request_id(),
-        )
+        request.body = b"".join(self._body)
         self._body = []
-        self.writer = ResponseWriter(self, request.request_id, head_only=method == "HEAD")
+        self._request = None
+        self.writer = ResponseWriter(self, request.request_id, head_only=request.method == "HEAD")
         self._task = self._loop.create_task(self._run(request, self.writer))
+        self._start_write_watchdog()
 
     async def _run(self, request: Request, writer: ResponseWriter) -> None:
         try:
@@ -391,26 +473,20 @@ class HttpProtocol(asyncio.Protocol):
                 raise RuntimeError(f"handler for {request.path} sent no response")
         except asyncio.CancelledError:
             pass
-        except ApiError as error:
-            self._fail(writer, error)
         except Exception:
+            # The application renders its own errors: this is the last resort for a bug.
             log.exception("handler failed for %s %s", request.method, request.path)
-            self._fail(writer, ApiError(500, "internal error in the gateway; see its log"))
+            if not writer.started and not self.closed:
+                writer.send_error(self._render_error(500, "internal error in the gateway; see its log"))
+            elif not writer.finished:
+                self.close()  # a half-sent body cannot be ended in the application's format
         finally:
+            self._stop_write_watchdog()
             self._task = None
             self.writer = None
             self.flow_listener = None
             self._tracker.idle_changed.set()
             self._cycle_done()
-
-    def _fail(self, writer: ResponseWriter, error: ApiError) -> None:
-        if self.closed:
-            return
-        if not writer.started:
-            writer.send_error(error)
-        elif not writer.finished:
-            writer.write(error.sse_event())
-            writer.end()
 
     def _cycle_done(self) -> None:
         if self.closed:
@@ -437,19 +513,80 @@ class HttpProtocol(asyncio.Protocol):
             self._timer = None
 
     def _on_timeout(self) -> None:
-        """Idle keep-alive, or a client too slow sending its request: drop it."""
+        """Idle keep-alive, a client too slow sending its request, or lingering done: drop it."""
         self._timer = None
-        if self._task is None:
+        if self._linger_left >= 0:
+            self.close()
+        elif self._task is None:
             if self.conn.their_state is h11.SEND_BODY or (
-                self.conn.their_state is h11.IDLE and self.conn.client_is_waiting_for_100_continue
+                self.conn.their_state is h11.IDLE and self.conn.they_are_waiting_for_100_continue
             ):
                 self._reject(408, "timed out waiting for the request body")
             else:
                 self.close()
 
+    # -- the write watchdog: a client that stops reading -----------------------------------
+
+    def _start_write_watchdog(self) -> None:
+        self._acked = -1  # the first tick only takes the measure
+        self._progress_at = self._loop.time()
+        self._write_timer = self._loop.call_later(self._write_tick(), self._watch_writes)
+
+    def _stop_write_watchdog(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_tick(self) -> float:
+        return min(max(self._limits.write_timeout / 4, 0.05), 5.0)
+
+    def _watch_writes(self) -> None:
+        """A periodic check while a handler runs, never per write: has the client taken more?
+
+        Waiting for `pause_writing` is not enough: a socket's send buffer autotunes to
+        megabytes, minutes of tokens at a model's pace. So progress is what the client's TCP
+        has acknowledged: bytes written minus those still in our buffer and in the kernel's
+        send queue. Nothing acknowledged for `write_timeout` seconds while something waits
+        for it ends the request: the connection is aborted, which cancels the handler, which
+        closes its upstream (llama-server frees the slot) and its admission slot.
+        """
+        self._write_timer = None
+        if self.closed or self.transport is None:
+            return
+        now = self._loop.time()
+        pending = self._unacknowledged()
+        acked = self.bytes_written - pending
+        if pending == 0 or acked > self._acked:
+            self._acked = acked
+            self._progress_at = now
+        elif now - self._progress_at >= self._limits.write_timeout:
+            log.warning(
+                "client %s took no data for %g s (%d bytes waiting): request ended",
+                self.client,
+                self._limits.write_timeout,
+                pending,
+            )
+            self._tracker.write_timeouts += 1
+            self.transport.abort()
+            return
+        self._write_timer = self._loop.call_later(self._write_tick(), self._watch_writes)
+
+    def _unacknowledged(self) -> int:
+        """Bytes written and not yet acknowledged: ours still buffered, plus the kernel's send
+        queue (SIOCOUTQ, Linux: unsent plus unacknowledged bytes; tcp(7)). Where that ioctl
+        is missing only our buffer counts, i.e. progress is seen once the kernel's is full."""
+        assert self.transport is not None
+        pending = self.transport.get_write_buffer_size()
+        if self._fd >= 0:
+            try:
+                pending += struct.unpack("i", fcntl.ioctl(self._fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+            except OSError:
+                self._fd = -1
+        return pending
+
     def shutdown_if_idle(self) -> bool:
         """Close this connection now if no request is in progress (graceful shutdown)."""
-        if self._task is None and self.conn.their_state is h11.IDLE:
+        if self._task is None and self.conn.their_state is h11.IDLE and self._linger_left < 0:
             self.close()
             return True
         return False
@@ -459,14 +596,20 @@ async def start_server(
     handler: Handler,
     limits: ServerLimits,
     tracker: ConnectionTracker,
+    render_error: ErrorRenderer,
+    check_head: HeadCheck | None = None,
     host: str | None = None,
     port: int | None = None,
     sock: socket.socket | None = None,
     reuse_port: bool = False,
 ) -> asyncio.Server:
-    """Listen on host:port (or an already bound socket, e.g. from systemd) and serve."""
+    """Listen on host:port (or an already bound socket, e.g. from systemd) and serve.
+
+    `render_error` gives the application's format to errors this layer finds itself;
+    `check_head`, if given, may refuse a request before its client sends the body.
+    """
     loop = asyncio.get_running_loop()
-    factory = lambda: HttpProtocol(handler, limits, tracker)  # noqa: E731
+    factory = lambda: HttpProtocol(handler, limits, tracker, render_error, check_head)  # noqa: E731
     if sock is not None:
         return await loop.create_server(factory, sock=sock, backlog=2048)
     return await loop.create_server(

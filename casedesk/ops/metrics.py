@@ -44,9 +44,14 @@ class Metrics:
         self.inter_token: dict[Labels, Histogram] = {}
         self.duration: dict[Labels, Histogram] = {}
         self.gauges: list[tuple[str, str, Callable[[], Iterable[tuple[Labels, float]]]]] = []
+        self.counters: list[tuple[str, str, Callable[[], float]]] = []
 
     def gauge(self, name: str, help_text: str, read: Callable[[], Iterable[tuple[Labels, float]]]) -> None:
         self.gauges.append((name, help_text, read))
+
+    def counter(self, name: str, help_text: str, read: Callable[[], float]) -> None:
+        """A counter kept elsewhere (e.g. by the HTTP layer), read at render time."""
+        self.counters.append((name, help_text, read))
 
     def record(
         self,
@@ -86,6 +91,8 @@ class Metrics:
         for name, help_text, read in self.gauges:
             out.append(f"# HELP {name} {help_text}\n# TYPE {name} gauge")
             out.extend(f"{name}{_labels(labels)} {_number(value)}" for labels, value in read())
+        for name, help_text, read_total in self.counters:
+            out.append(f"# HELP {name} {help_text}\n# TYPE {name} counter\n{name} {_number(read_total())}")
         return ("\n".join(out) + "\n").encode()
 
 

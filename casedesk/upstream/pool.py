@@ -20,6 +20,7 @@ from typing import cast
 import h11
 
 from casedesk.http.chunked import ChunkedDecoder, ChunkedError
+from casedesk.http.headers import join_headers
 
 _KEEP_ALIVE = re.compile(r"(timeout|max)\s*=\s*(\d+)")
 _IDLE_MARGIN = 1.0  # retire idle sockets this long before the server's keep-alive timeout
@@ -286,11 +287,7 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 def _head_of(event: h11.Response, conn: UpstreamConnection) -> ResponseHead:
-    headers: dict[str, str] = {}
-    for name, value in event.headers:
-        key = name.decode("latin-1")
-        text = value.decode("latin-1")
-        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+    headers = join_headers(event.headers)
     keep_alive = event.http_version == b"1.1" and "close" not in headers.get("connection", "").lower()
     for key, number in _KEEP_ALIVE.findall(headers.get("keep-alive", "")):
         if key == "timeout":

@@ -60,7 +60,7 @@ def test_stream_events_arrive_in_the_anthropic_order(client: anthropic.Anthropic
     assert kinds[0] == "message_start"
     assert kinds[-1] == "message_stop"
     assert "content_block_start" in kinds and "content_block_stop" in kinds
-    assert kinds.index("message_delta") == len(kinds) - 2 or kinds[-2] == "message_delta"
+    assert kinds[-2:] == ["message_delta", "message_stop"] and kinds.count("message_delta") == 1
 
 
 def test_message_start_already_carries_the_input_tokens(client: anthropic.Anthropic) -> None:
