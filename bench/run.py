@@ -292,7 +292,35 @@ async def bench_fake(args: argparse.Namespace, procs: Processes, config_dir: Pat
     )
     rss = await slow_streams_rss(slow, args.slow_streams)
     print(f"slow streams: {rss}", flush=True)
-    return {"rows": rows, "slow_streams": rss, "profile": profile}
+    connections = await upstream_connections(procs, config_dir)
+    print(f"upstream connections opened per 200 requests: {connections}", flush=True)
+    return {"rows": rows, "slow_streams": rss, "profile": profile, "upstream_connections": connections}
+
+
+async def upstream_connections(procs: Processes, config_dir: Path, requests: int = 200) -> dict[str, Any]:
+    """Connections one CaseDesk opens to the fake llama-server for `requests` streamed requests,
+    one at a time and 16 at a time. The fake runs in this process to be counted; like the real
+    server it closes the connection after every stream (docs/llama-server-facts.md §4)."""
+    sys.path.insert(0, str(ROOT))
+    from tests.fake_llama import FakeLlamaServer, Reply
+
+    fake = await FakeLlamaServer(Reply(tokens=["x"] * 8)).start()
+    try:
+        port, _gw = await asyncio.to_thread(start_casedesk, procs, fake.url, config_dir)
+        target = Target(
+            "c", port, "/proxy/bench/anthropic/v1/messages", anthropic_body(8), ANTHROPIC_MARKER, ANTHROPIC_HEADERS
+        )
+        opened: dict[str, Any] = {}
+        for concurrency in (1, 16):
+            before = fake.connections_accepted
+            row = await scenario(target, concurrency, requests)
+            opened[f"concurrency {concurrency}"] = {
+                "connections": fake.connections_accepted - before,
+                "ttft_p50_ms": round(row["ttft_p50_ms"], 2),
+            }
+        return opened
+    finally:
+        await fake.close()
 
 
 async def profile_gateway(procs: Processes, upstream_port: int, config_dir: Path) -> str:
@@ -420,6 +448,12 @@ def markdown(result: dict[str, Any]) -> str:
             f"{s['streams']} concurrent slow streams (20 ms between tokens): {s['completed']} completed, "
             f"gateway RSS {s['rss_before_mb']:.0f} MB before, {s['rss_peak_mb']:.0f} MB at the peak.",
         ]
+        if result.get("upstream_connections"):
+            opened = ", ".join(
+                f"{n['connections']} at {k} (TTFT p50 {n['ttft_p50_ms']:.2f} ms)"
+                for k, n in result["upstream_connections"].items()
+            )
+            lines += ["", f"Upstream connections CaseDesk opened for 200 streamed 8-token requests: {opened}."]
     if "real" in result:
         lines += [
             "",
@@ -446,7 +480,11 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def chart(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("no chart: matplotlib is not installed (the `bench` extra)", flush=True)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -220,11 +220,14 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _finish_body(self) -> None:
         head = self._head
+        # llama-server closes the connection after every chunked (streamed) answer, whatever its
+        # Keep-Alive header says (docs/llama-server-facts.md §4): never offer that socket again.
         reusable = (
             head is not None
             and head.keep_alive
+            and not head.chunked
             and self._h11 is not None
-            and (self._mode == self._BODY_CHUNKED or self._h11.their_state is h11.DONE)
+            and self._h11.their_state is h11.DONE
         )
         result: object = None if self._sink is not None else b"".join(self._body_parts)
         self._mode = self._IDLE
