@@ -40,22 +40,13 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def tree(pid: int) -> list[int]:
-    """The process and its children (the workers of `serve --workers N`)."""
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [pid, *(int(c) for c in children)]
-
-
 def cpu_seconds(pid: int) -> float:
-    total = 0.0
-    for each in tree(pid):
-        fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
-    return total
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
 
 
 def rss_mb(pid: int) -> float:
-    return sum(int(Path(f"/proc/{each}/statm").read_text().split()[1]) for each in tree(pid)) * PAGE / 2**20
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE / 2**20
 
 
 def wait_http(url: str, timeout: float = 300) -> None:
@@ -202,9 +193,7 @@ class Processes:
                 process.kill()
 
 
-def start_casedesk(
-    procs: Processes, upstream: str, config_dir: Path, workers: int = 1
-) -> tuple[int, subprocess.Popen[bytes]]:
+def start_casedesk(procs: Processes, upstream: str, config_dir: Path) -> tuple[int, subprocess.Popen[bytes]]:
     port = free_port()
     config = config_dir / f"casedesk-{port}.toml"
     config.write_text(
@@ -213,8 +202,6 @@ def start_casedesk(
         f'[deployments.bench.models.m]\nupstreams = ["{upstream}"]\nmax_connections = 1024\n'
     )
     command = [sys.executable, "-m", "casedesk", "serve", "--config", str(config), "--log-level", "warning"]
-    if workers > 1:
-        command += ["--workers", str(workers)]
     process = procs.start(command, cwd=ROOT)
     wait_http(f"http://127.0.0.1:{port}/healthz", 60)
     return port, process
@@ -247,7 +234,7 @@ async def bench_fake(args: argparse.Namespace, procs: Processes, config_dir: Pat
     procs.start([*fake, "--port", str(slow_port), "--tokens", "50", "--token-delay", "0.02"])
     wait_http(f"http://127.0.0.1:{fast_port}/health", 30)
     wait_http(f"http://127.0.0.1:{slow_port}/health", 30)
-    gw_port, gw = start_casedesk(procs, f"http://127.0.0.1:{fast_port}", config_dir, args.workers)
+    gw_port, gw = start_casedesk(procs, f"http://127.0.0.1:{fast_port}", config_dir)
     slow_gw_port, slow_gw = start_casedesk(procs, f"http://127.0.0.1:{slow_port}", config_dir)
     targets = [
         Target("direct", fast_port, "/v1/chat/completions", OPENAI_BODY, OPENAI_MARKER),
@@ -519,7 +506,6 @@ def main() -> None:
     parser.add_argument("--slow-streams", type=int, default=500)
     parser.add_argument("--real-tokens", type=int, default=200)
     parser.add_argument("--real-runs", type=int, default=10)
-    parser.add_argument("--workers", type=int, default=1, help="serve --workers N for the measured gateway")
     parser.add_argument(
         "--threads",
         type=int,
@@ -532,7 +518,6 @@ def main() -> None:
     result: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{os.cpu_count()} cores, Python {sys.version.split()[0]}",
-        "workers": args.workers,
     }
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -545,7 +530,7 @@ def main() -> None:
                 result.update(asyncio.run(runner(args, procs, Path(tmp))))
     finally:
         procs.stop()
-    name = "real" if args.real else ("latest" if args.workers == 1 else f"workers-{args.workers}")
+    name = "real" if args.real else "latest"
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
     (RESULTS / f"{name}.md").write_text(markdown(result))
     if not args.real:
