@@ -40,22 +40,13 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def tree(pid: int) -> list[int]:
-    """The process and its children (the workers of `serve --workers N`)."""
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [pid, *(int(c) for c in children)]
-
-
 def cpu_seconds(pid: int) -> float:
-    total = 0.0
-    for each in tree(pid):
-        fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
-    return total
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
 
 
 def rss_mb(pid: int) -> float:
-    return sum(int(Path(f"/proc/{each}/statm").read_text().split()[1]) for each in tree(pid)) * PAGE / 2**20
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE / 2**20
 
 
 def wait_http(url: str, timeout: float = 300) -> None:
@@ -202,9 +193,7 @@ class Processes:
                 process.kill()
 
 
-def start_casedesk(
-    procs: Processes, upstream: str, config_dir: Path, workers: int = 1
-) -> tuple[int, subprocess.Popen[bytes]]:
+def start_casedesk(procs: Processes, upstream: str, config_dir: Path) -> tuple[int, subprocess.Popen[bytes]]:
     port = free_port()
     config = config_dir / f"casedesk-{port}.toml"
     config.write_text(
@@ -213,8 +202,6 @@ def start_casedesk(
         f'[deployments.bench.models.m]\nupstreams = ["{upstream}"]\nmax_connections = 1024\n'
     )
     command = [sys.executable, "-m", "casedesk", "serve", "--config", str(config), "--log-level", "warning"]
-    if workers > 1:
-        command += ["--workers", str(workers)]
     process = procs.start(command, cwd=ROOT)
     wait_http(f"http://127.0.0.1:{port}/healthz", 60)
     return port, process
@@ -247,7 +234,7 @@ async def bench_fake(args: argparse.Namespace, procs: Processes, config_dir: Pat
     procs.start([*fake, "--port", str(slow_port), "--tokens", "50", "--token-delay", "0.02"])
     wait_http(f"http://127.0.0.1:{fast_port}/health", 30)
     wait_http(f"http://127.0.0.1:{slow_port}/health", 30)
-    gw_port, gw = start_casedesk(procs, f"http://127.0.0.1:{fast_port}", config_dir, args.workers)
+    gw_port, gw = start_casedesk(procs, f"http://127.0.0.1:{fast_port}", config_dir)
     slow_gw_port, slow_gw = start_casedesk(procs, f"http://127.0.0.1:{slow_port}", config_dir)
     targets = [
         Target("direct", fast_port, "/v1/chat/completions", OPENAI_BODY, OPENAI_MARKER),
@@ -292,7 +279,35 @@ async def bench_fake(args: argparse.Namespace, procs: Processes, config_dir: Pat
     )
     rss = await slow_streams_rss(slow, args.slow_streams)
     print(f"slow streams: {rss}", flush=True)
-    return {"rows": rows, "slow_streams": rss, "profile": profile}
+    connections = await upstream_connections(procs, config_dir)
+    print(f"upstream connections opened per 200 requests: {connections}", flush=True)
+    return {"rows": rows, "slow_streams": rss, "profile": profile, "upstream_connections": connections}
+
+
+async def upstream_connections(procs: Processes, config_dir: Path, requests: int = 200) -> dict[str, Any]:
+    """Connections one CaseDesk opens to the fake llama-server for `requests` streamed requests,
+    one at a time and 16 at a time. The fake runs in this process to be counted; like the real
+    server it closes the connection after every stream (docs/llama-server-facts.md §4)."""
+    sys.path.insert(0, str(ROOT))
+    from tests.fake_llama import FakeLlamaServer, Reply
+
+    fake = await FakeLlamaServer(Reply(tokens=["x"] * 8)).start()
+    try:
+        port, _gw = await asyncio.to_thread(start_casedesk, procs, fake.url, config_dir)
+        target = Target(
+            "c", port, "/proxy/bench/anthropic/v1/messages", anthropic_body(8), ANTHROPIC_MARKER, ANTHROPIC_HEADERS
+        )
+        opened: dict[str, Any] = {}
+        for concurrency in (1, 16):
+            before = fake.connections_accepted
+            row = await scenario(target, concurrency, requests)
+            opened[f"concurrency {concurrency}"] = {
+                "connections": fake.connections_accepted - before,
+                "ttft_p50_ms": round(row["ttft_p50_ms"], 2),
+            }
+        return opened
+    finally:
+        await fake.close()
 
 
 async def profile_gateway(procs: Processes, upstream_port: int, config_dir: Path) -> str:
@@ -420,6 +435,12 @@ def markdown(result: dict[str, Any]) -> str:
             f"{s['streams']} concurrent slow streams (20 ms between tokens): {s['completed']} completed, "
             f"gateway RSS {s['rss_before_mb']:.0f} MB before, {s['rss_peak_mb']:.0f} MB at the peak.",
         ]
+        if result.get("upstream_connections"):
+            opened = ", ".join(
+                f"{n['connections']} at {k} (TTFT p50 {n['ttft_p50_ms']:.2f} ms)"
+                for k, n in result["upstream_connections"].items()
+            )
+            lines += ["", f"Upstream connections CaseDesk opened for 200 streamed 8-token requests: {opened}."]
     if "real" in result:
         lines += [
             "",
@@ -446,7 +467,11 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def chart(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("no chart: matplotlib is not installed (the `bench` extra)", flush=True)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -481,7 +506,6 @@ def main() -> None:
     parser.add_argument("--slow-streams", type=int, default=500)
     parser.add_argument("--real-tokens", type=int, default=200)
     parser.add_argument("--real-runs", type=int, default=10)
-    parser.add_argument("--workers", type=int, default=1, help="serve --workers N for the measured gateway")
     parser.add_argument(
         "--threads",
         type=int,
@@ -494,7 +518,6 @@ def main() -> None:
     result: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{os.cpu_count()} cores, Python {sys.version.split()[0]}",
-        "workers": args.workers,
     }
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -507,7 +530,7 @@ def main() -> None:
                 result.update(asyncio.run(runner(args, procs, Path(tmp))))
     finally:
         procs.stop()
-    name = "real" if args.real else ("latest" if args.workers == 1 else f"workers-{args.workers}")
+    name = "real" if args.real else "latest"
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
     (RESULTS / f"{name}.md").write_text(markdown(result))
     if not args.real:

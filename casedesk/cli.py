@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import dataclasses
 import logging
-import os
 import sys
 
 from casedesk import __version__
@@ -23,13 +22,6 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--config", required=True, help="path to the TOML config")
     serve.add_argument("--listen", help="HOST:PORT, overrides [server].listen")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    serve.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="worker processes sharing the port (SO_REUSEPORT); one serves one core",
-    )
-    serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a --workers child
     check = commands.add_parser("check-config", help="check a config file and explain every problem")
     check.add_argument("path")
     args = parser.parse_args(argv)
@@ -71,26 +63,13 @@ def serve_command(args: argparse.Namespace) -> int:
         config = dataclasses.replace(
             config, server=dataclasses.replace(config.server, listen_host=host, listen_port=port)
         )
-    from casedesk.service import run
     from casedesk.ops.supervisor import SupervisorError
-    from casedesk.workers import UPSTREAMS_ENV, decode_upstreams, run_workers
+    from casedesk.ops.systemd import listen_fds
+    from casedesk.service import run
 
-    if args.workers < 1:
-        logging.error("--workers must be >= 1")
-        return 2
-    if args.workers > 1 and config.server.listen_port == 0:
-        logging.error("--workers needs a fixed port, not 0")
-        return 2
     try:
-        if args.worker:
-            _run_loop(run(config, worker_upstreams=decode_upstreams(os.environ.get(UPSTREAMS_ENV, "{}"))))
-        elif args.workers > 1:
-            _run_loop(run_workers(config, args.workers, args.config, args.log_level))
-        else:
-            from casedesk.ops.systemd import listen_fds
-
-            activated = listen_fds()  # systemd socket activation: listen where we are told
-            _run_loop(run(config, sock=activated[0] if activated else None))
+        activated = listen_fds()  # systemd socket activation: listen where we are told
+        _run_loop(run(config, sock=activated[0] if activated else None))
     except SupervisorError as exc:
         logging.error("%s", exc)
         return 1

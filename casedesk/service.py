@@ -26,11 +26,9 @@ log = logging.getLogger("casedesk")
 
 
 class Service:
-    def __init__(self, config: Config, worker_upstreams: dict[tuple[str, str], list[Upstream]] | None) -> None:
+    def __init__(self, config: Config) -> None:
         self.config = config
-        self.worker_upstreams = worker_upstreams
-        # A --workers child manages no process: its parent started them and gave their URLs.
-        self.supervisor = Supervisor(config if worker_upstreams is None else None)
+        self.supervisor = Supervisor(config)
         self.tracker = ConnectionTracker()
         self.gateway: Gateway | None = None
         self.server: asyncio.AbstractServer | None = None
@@ -88,7 +86,7 @@ class Service:
         return self.gateway.check_head(request)
 
     async def start(self, sock: socket.socket | None) -> None:
-        upstreams = self.worker_upstreams if self.worker_upstreams is not None else await self.supervisor.start()
+        upstreams = await self.supervisor.start()
         self.gateway = self._build(self.config, upstreams)
         settings = self.config.server
         self.server = await start_server(
@@ -100,7 +98,6 @@ class Service:
             host=settings.listen_host,
             port=settings.listen_port,
             sock=sock,
-            reuse_port=self.worker_upstreams is not None,
         )
         addresses = ", ".join(str(s.getsockname()) for s in self.server.sockets)
         log.info("casedesk listening on %s; deployments: %s", addresses, ", ".join(self.gateway.deployments))
@@ -125,17 +122,13 @@ class Service:
             self.config.server.listen_port,
         ):
             log.warning("reload: a new listen address takes effect only after a restart")
-        retired: list[ManagedProcess] = []
-        if self.worker_upstreams is None:
-            try:
-                retired = await self.supervisor.reconcile(new)
-            except SupervisorError as exc:
-                log.error("reload refused, the old config stays: %s", exc)
-                self.notifier.ready("reload refused: a managed llama-server did not start; running the old config")
-                return False
-            upstreams = self.supervisor.upstreams()
-        else:
-            upstreams = self.worker_upstreams
+        try:
+            retired = await self.supervisor.reconcile(new)
+        except SupervisorError as exc:
+            log.error("reload refused, the old config stays: %s", exc)
+            self.notifier.ready("reload refused: a managed llama-server did not start; running the old config")
+            return False
+        upstreams = self.supervisor.upstreams()
         old = self.gateway
         self.gateway = self._build(new, upstreams)
         self.config = new
@@ -178,7 +171,6 @@ async def run(
     force: asyncio.Event | None = None,
     reload: asyncio.Event | None = None,
     shutdown_grace: float = 30.0,
-    worker_upstreams: dict[tuple[str, str], list[Upstream]] | None = None,
     handle_signals: bool = True,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or `stop`), reloading on SIGHUP (or `reload`).
@@ -193,7 +185,7 @@ async def run(
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, lambda: force.set() if stop.is_set() else stop.set())
         loop.add_signal_handler(signal.SIGHUP, reload.set)
-    service = Service(config, worker_upstreams)
+    service = Service(config)
     try:
         await service.start(sock)
         if ready is not None:

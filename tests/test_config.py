@@ -84,3 +84,14 @@ def test_check_config_command_explains_and_exits_nonzero(tmp_path: Path) -> None
 def test_version_command() -> None:
     run = subprocess.run([sys.executable, "-m", "casedesk", "--version"], capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.startswith("casedesk ")
+
+
+def test_serve_has_no_workers_option() -> None:
+    # One CaseDesk process relays far more tokens/s than a box's llama-servers produce
+    # (README, "Performance"); past that, run one per box behind a load balancer.
+    result = subprocess.run(
+        [sys.executable, "-m", "casedesk", "serve", "--config", "examples/local.toml", "--workers", "2"],
+        capture_output=True, text=True, timeout=30, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert result.returncode == 2
+    assert "unrecognized arguments: --workers 2" in result.stderr

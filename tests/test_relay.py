@@ -303,35 +303,60 @@ async def test_client_disconnect_cancels_the_upstream_at_once(fake: FakeLlamaSer
     assert fake.connections_accepted == before + 1
 
 
-async def test_keep_alive_connections_are_reused(fake: FakeLlamaServer, gateway: RunningGateway) -> None:
-    client = sdk(gateway)
-    await client.messages.create(model="m", max_tokens=5, messages=ASK)
-    before = fake.connections_accepted
-    for _ in range(5):
-        await client.messages.create(model="m", max_tokens=5, messages=ASK)
-    async with client.messages.stream(model="m", max_tokens=5, messages=ASK) as stream:
-        await stream.get_final_message()
-    assert fake.connections_accepted == before
+async def count_twice(client: anthropic.AsyncAnthropic) -> None:
+    """Two count_tokens calls: four whole (non-streamed) upstream answers, /apply-template and /tokenize."""
+    for _ in range(2):
+        assert (await client.messages.count_tokens(model="m", messages=ASK)).input_tokens > 0
 
 
-async def test_a_connection_closed_by_the_keep_alive_limit_is_retried_invisibly(start_gateway: GatewayFactory) -> None:
+async def test_keep_alive_connections_are_reused_for_whole_answers(
+    fake: FakeLlamaServer, gateway: RunningGateway
+) -> None:
+    await count_twice(sdk(gateway))
+    answered = [r for r in fake.requests if r.path != "/health"]  # the health probe has its own
+    assert [r.status for r in answered] == [200] * 4
+    assert len({r.connection for r in answered}) == 1
+
+
+async def test_a_socket_that_carried_a_stream_is_never_offered_again(start_gateway: GatewayFactory) -> None:
+    # llama-server closes after every stream (docs/llama-server-facts.md §4). Even an upstream
+    # that kept it open would not get a second request on it: each chat request, streamed to
+    # the client or not (upstream it is always a stream), has a connection of its own.
+    async with FakeLlamaServer(close_after_stream=False) as fake:
+        gw = await start_gateway(gateway_config([fake.url]))
+        client = sdk(gw)
+        for _ in range(3):
+            assert (await client.messages.create(model="m", max_tokens=5, messages=ASK)).content
+            async with client.messages.stream(model="m", max_tokens=5, messages=ASK) as stream:
+                await stream.get_final_message()
+        connections = [r.connection for r in fake.chat_requests()]
+        assert len(connections) == 6 and len(set(connections)) == 6
+
+
+async def test_a_connection_closed_by_the_keep_alive_limit_is_replaced_invisibly(
+    start_gateway: GatewayFactory,
+) -> None:
+    # The 2nd answer on a connection says `Connection: close` and the socket is closed.
     async with FakeLlamaServer(keepalive_max=2) as fake:
         gw = await start_gateway(gateway_config([fake.url]))
         client = sdk(gw)
-        for _ in range(7):
-            message = await client.messages.create(model="m", max_tokens=5, messages=ASK)
-            assert message.content[0].text == "Hello world!"
-        assert len(fake.chat_requests()) == 7
+        for _ in range(3):
+            await count_twice(client)
+        answered = [r for r in fake.requests if r.path != "/health"]  # the health probe has its own
+        assert [r.status for r in answered] == [200] * 12
+        assert len({r.connection for r in answered}) == 6
 
 
 async def test_idle_connections_closed_by_the_upstream_do_not_fail_requests(start_gateway: GatewayFactory) -> None:
+    # The fake closes idle sockets after 0.2 s while its header says timeout=5, like a server
+    # whose real limit is not the advertised one: the pool meets sockets closed under it.
     async with FakeLlamaServer(keepalive_timeout=0.2) as fake:
         gw = await start_gateway(gateway_config([fake.url]))
         client = sdk(gw)
         for _ in range(3):
-            await client.messages.create(model="m", max_tokens=5, messages=ASK)
+            await count_twice(client)
             await asyncio.sleep(0.3)
-        assert len(fake.chat_requests()) == 3
+        assert [r.status for r in fake.requests if r.path != "/health"] == [200] * 12
 
 
 async def test_admission_queue_full_is_529_at_once(fake: FakeLlamaServer, start_gateway: GatewayFactory) -> None:

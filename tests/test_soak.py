@@ -45,9 +45,8 @@ def gateway_tasks() -> int:
 
 async def test_soak_many_streams_leak_nothing(start_gateway: GatewayFactory) -> None:
     reply = Reply(tokens=[f"w{i} " for i in range(40)], token_delay=0.002)
-    # keepalive_max=3: the fake closes a connection after 3 answers, without saying so first,
-    # so sockets closed under the pool are met all the time.
-    async with FakeLlamaServer(reply, keepalive_max=3) as fake:
+    # Like llama-server, the fake closes the connection after every stream: one per stream.
+    async with FakeLlamaServer(reply) as fake:
         gw = await start_gateway(
             gateway_config(
                 [fake.url],
@@ -71,7 +70,7 @@ async def test_soak_many_streams_leak_nothing(start_gateway: GatewayFactory) -> 
                 streams += 1
 
         await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
-        # Idle keep-alive sockets to the fake may stay pooled; wait for the rest to close.
+        # Wait for the last streams' sockets to close.
         settle = time.monotonic() + 3
         while fake.active_generations and time.monotonic() < settle:
             await asyncio.sleep(0.05)
@@ -87,9 +86,9 @@ async def test_soak_many_streams_leak_nothing(start_gateway: GatewayFactory) -> 
         assert streams >= CONCURRENCY
         assert fake.active_generations == 0
         assert tasks_after <= tasks_before + 2
-        assert fake.open_connections <= 48 + 1  # the pool's bound (+ the health probe)
-        # At most the pooled upstream sockets stay open, and both of their ends live in this process.
-        assert fds_after <= fds_before + 2 * (48 + 1) + 4
+        # A socket that carried a stream is never pooled: only the health probe's may stay open.
+        assert fake.open_connections <= 1
+        assert fds_after <= fds_before + 2 + 4
         assert rss_after - rss_before < 60
 
 

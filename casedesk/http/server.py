@@ -601,7 +601,6 @@ async def start_server(
     host: str | None = None,
     port: int | None = None,
     sock: socket.socket | None = None,
-    reuse_port: bool = False,
 ) -> asyncio.Server:
     """Listen on host:port (or an already bound socket, e.g. from systemd) and serve.
 
@@ -613,5 +612,5 @@ async def start_server(
     if sock is not None:
         return await loop.create_server(factory, sock=sock, backlog=2048)
     return await loop.create_server(
-        factory, host=host, port=port or 0, backlog=2048, reuse_address=True, reuse_port=reuse_port or None
+        factory, host=host, port=port or 0, backlog=2048, reuse_address=True
     )

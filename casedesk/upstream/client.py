@@ -19,7 +19,7 @@ MAX_UPSTREAM_BODY = 256 * 1024 * 1024
 
 
 class Exchange:
-    __slots__ = ("pool", "conn", "head", "read_timeout", "_finished", "_paused")
+    __slots__ = ("pool", "conn", "head", "read_timeout", "_finished", "_paused", "_closed")
 
     def __init__(self, pool: UpstreamPool, conn: UpstreamConnection, head: ResponseHead, read_timeout: float) -> None:
         self.pool = pool
@@ -28,6 +28,7 @@ class Exchange:
         self.read_timeout = read_timeout
         self._finished = False
         self._paused = False
+        self._closed = False
 
     async def read_body(self) -> bytes:
         try:
@@ -35,7 +36,6 @@ class Exchange:
         except asyncio.TimeoutError:
             raise UpstreamError(f"upstream sent no complete answer within {self.read_timeout:g} s") from None
         self._finished = True
-        assert isinstance(body, bytes)
         return body
 
     async def read_json(self) -> object:
@@ -82,9 +82,18 @@ class Exchange:
         self.conn.last_data_at = asyncio.get_running_loop().time()
         self.conn.resume_reading()
 
+    def abort(self) -> None:
+        """Close the socket now, whatever is in flight (a stream cut short): llama-server stops
+        generating at once, and the socket is never reused."""
+        self._finished = False
+        self.conn.abort()
+
     def close(self) -> None:
-        """Return the socket if the response ended cleanly; otherwise close it at once."""
-        self.pool.release(self.conn, reusable=self._finished)
+        """Return the socket if the response ended cleanly; otherwise close it at once.
+        Only the first call counts."""
+        if not self._closed:
+            self._closed = True
+            self.pool.release(self.conn, reusable=self._finished)
 
 
 async def open_exchange(
@@ -115,7 +124,6 @@ async def open_exchange(
         except BaseException:
             pool.release(conn, reusable=False)
             raise
-        assert isinstance(head, ResponseHead)
         return Exchange(pool, conn, head, read_timeout)
     raise AssertionError("unreachable")
 

@@ -1,10 +1,11 @@
 """Keep-alive connections to one llama-server, on raw asyncio sockets with h11 for the heads.
 
 A connection goes back to the pool only after its response ended cleanly; anything cut short
-is closed, never reused (the rule httpcore follows too). llama-server closes a connection idle
-for 5 s and after 100 requests (`Keep-Alive: timeout=5, max=100`), so connections are retired
-a little before either; a request that still meets a closed connection is retried once on a
-fresh one by UpstreamClient.
+is closed, never reused (the rule httpcore follows too). llama-server closes a connection
+after every stream, after an error status, after 100 requests and when idle for 5 s
+(docs/llama-server-facts.md §4–5): a socket that carried a stream is never pooled, and idle
+ones are retired a little before the timeout; a request that still meets a closed socket is
+sent once more on a fresh one (client.open_exchange).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class ResponseHead:
 
 
 class UpstreamConnection(asyncio.Protocol):
-    """One socket. `request()` sends and returns the head; then `read_body()` or `stream_body()`."""
+    """One socket. `send_request()` sends and returns the head; then `read_body()` or `stream_body()`."""
 
     # receive modes
     _IDLE, _HEAD, _HELD, _BODY_H11, _BODY_CHUNKED = range(5)
@@ -63,14 +64,16 @@ class UpstreamConnection(asyncio.Protocol):
         self.received_any = False
         self._mode = self._IDLE
         self._h11: h11.Connection | None = None
-        self._waiter: asyncio.Future[object] | None = None
+        # One future per phase; at most one is pending at a time.
+        self._head_future: asyncio.Future[ResponseHead] | None = None
+        self._body_future: asyncio.Future[bytes] | None = None
+        self._stream_future: asyncio.Future[None] | None = None
         self._head: ResponseHead | None = None
         self._decoder: ChunkedDecoder | None = None
         self._sink: Callable[[bytes], None] | None = None
         self._body_parts: list[bytes] = []
         self._body_limit = 0
         self._body_size = 0
-        self.counted = True  # held against the pool's bound until discarded
 
     # -- asyncio callbacks -------------------------------------------------------------
 
@@ -133,13 +136,13 @@ class UpstreamConnection(asyncio.Protocol):
 
     def send_request(
         self, method: str, target: str, host: str, body: bytes | None, content_type: str = "application/json"
-    ) -> asyncio.Future[object]:
+    ) -> asyncio.Future[ResponseHead]:
         """Write the request and return a future for its ResponseHead."""
+        future: asyncio.Future[ResponseHead] = self._loop.create_future()
         if self.closed or self.transport is None or self.transport.is_closing():
             # Closed by the server since it was last checked: it never saw this request.
-            waiter: asyncio.Future[object] = self._loop.create_future()
-            waiter.set_exception(UpstreamError("upstream closed the connection before the request", retryable=True))
-            return waiter
+            future.set_exception(UpstreamError("upstream closed the connection before the request", retryable=True))
+            return future
         self._h11 = h11.Connection(h11.CLIENT)
         headers = [("host", host), ("accept", "*/*")]
         if body is not None:
@@ -152,27 +155,26 @@ class UpstreamConnection(asyncio.Protocol):
         self.received_any = False
         self._head = None
         self._mode = self._HEAD
-        self._waiter = self._loop.create_future()
-        assert self.transport is not None
+        self._head_future, self._body_future, self._stream_future = future, None, None
         self.transport.write(data)
-        return self._waiter
+        return future
 
-    def read_body(self, limit: int) -> asyncio.Future[object]:
-        """Collect the whole body (errors, non-streamed answers); future → bytes."""
+    def read_body(self, limit: int) -> asyncio.Future[bytes]:
+        """Collect the whole body (errors, non-streamed answers)."""
         self._body_parts = []
         self._body_limit = limit
         self._body_size = 0
         self._sink = None
         self._mode = self._BODY_H11
-        self._waiter = self._loop.create_future()
+        future = self._body_future = self._loop.create_future()
         self._pump()
-        return self._waiter
+        return future
 
-    def stream_body(self, sink: Callable[[bytes], None]) -> asyncio.Future[object]:
-        """Hand each piece of body to `sink` as it arrives; future → None at the end."""
+    def stream_body(self, sink: Callable[[bytes], None]) -> asyncio.Future[None]:
+        """Hand each piece of body to `sink` as it arrives; the future ends with the body."""
         assert self._head is not None and self._h11 is not None
         self._sink = sink
-        self._waiter = self._loop.create_future()
+        future = self._stream_future = self._loop.create_future()
         if self._head.chunked:
             self._decoder = ChunkedDecoder()
             pending, _closed = self._h11.trailing_data
@@ -183,7 +185,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._body_limit = 1 << 62
             self._mode = self._BODY_H11
             self._pump()
-        return self._waiter
+        return future
 
     def _pump(self) -> None:
         conn = self._h11
@@ -200,7 +202,8 @@ class UpstreamConnection(asyncio.Protocol):
             if isinstance(event, h11.Response):
                 self._head = _head_of(event, self)
                 self._mode = self._HELD  # h11 buffers the body until the caller picks a mode
-                self._resolve(self._head)
+                if self._head_future is not None and not self._head_future.done():
+                    self._head_future.set_result(self._head)
                 return
             if isinstance(event, h11.Data):
                 if self._sink is not None:
@@ -221,13 +224,16 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _finish_body(self) -> None:
         head = self._head
+        # llama-server closes the connection after every chunked (streamed) answer, whatever its
+        # Keep-Alive header says (docs/llama-server-facts.md §4): never offer that socket again.
         reusable = (
             head is not None
             and head.keep_alive
+            and not head.chunked
             and self._h11 is not None
-            and (self._mode == self._BODY_CHUNKED or self._h11.their_state is h11.DONE)
+            and self._h11.their_state is h11.DONE
         )
-        result: object = None if self._sink is not None else b"".join(self._body_parts)
+        body = b"".join(self._body_parts)
         self._mode = self._IDLE
         self._h11 = None
         self._decoder = None
@@ -235,21 +241,19 @@ class UpstreamConnection(asyncio.Protocol):
         self._body_parts = []
         if not reusable:
             self.max_requests = 0  # mark spent
-        self._resolve(result)
-
-    def _resolve(self, value: object) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(value)
+        if self._body_future is not None and not self._body_future.done():
+            self._body_future.set_result(body)
+        if self._stream_future is not None and not self._stream_future.done():
+            self._stream_future.set_result(None)
 
     def _fail(self, error: Exception) -> None:
         self._mode = self._IDLE
         self.max_requests = 0
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(error)
-            # The failure may be read by nobody (the caller was cancelled): do not warn.
-            waiter.exception()
+        for future in (self._head_future, self._body_future, self._stream_future):
+            if future is not None and not future.done():
+                future.set_exception(error)
+                # The failure may be read by nobody (the caller was cancelled): do not warn.
+                future.exception()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -298,8 +302,21 @@ def _head_of(event: h11.Response, conn: UpstreamConnection) -> ResponseHead:
     return ResponseHead(status=event.status_code, headers=headers, keep_alive=keep_alive, chunked=chunked)
 
 
+@dataclass(slots=True)
+class _Waiter:
+    """A request for a connection: gets an idle socket, or None (a slot to open one in)."""
+
+    future: asyncio.Future[UpstreamConnection | None]
+    fresh: bool  # no idle socket: the retry after meeting one the server had closed
+
+
 class UpstreamPool:
-    """At most `max_connections` sockets to one upstream; idle ones reused newest-first."""
+    """At most `max_connections` sockets to one upstream; idle ones reused newest-first.
+
+    Every event (a request arrives, a socket is given back, a connect fails, a socket closes,
+    a waiting request is cancelled) updates the counts and calls `_assign`, the one place
+    that decides who gets what, as httpcore's `_assign_requests_to_connections` does.
+    """
 
     def __init__(self, host: str, port: int, max_connections: int = 32, connect_timeout: float = 5.0) -> None:
         self.host = host
@@ -308,65 +325,45 @@ class UpstreamPool:
         self.max_connections = max_connections
         self.connect_timeout = connect_timeout
         self._idle: list[UpstreamConnection] = []
-        self._total = 0
-        self._waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
+        self._in_use = 0  # slots held by callers: a socket in use or one being opened
+        self._queue: deque[_Waiter] = deque()
         self.connections_opened = 0
 
     @property
     def in_flight(self) -> int:
-        return self._total - len(self._idle)
+        return self._in_use
 
     @property
     def open_connections(self) -> int:
-        return self._total
+        return self._in_use + len(self._idle)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
 
     async def acquire(self, fresh: bool = False) -> UpstreamConnection:
-        """A connection to send one request on. Cancellation-safe; release() it after.
-
-        fresh: skip idle connections (the retry after meeting a socket the server had closed).
-        """
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        while self._idle and not fresh:
-            conn = self._idle.pop()
-            if conn.reusable(now):
-                return conn
-            self._discard(conn)
-        if fresh and self._idle and self._total >= self.max_connections:
-            self._discard(self._idle.pop(0))  # make room: the oldest idle socket goes
-        if self._total < self.max_connections:
-            self._total += 1
-            return await self._open_counted()
-        waiter: asyncio.Future[UpstreamConnection | None] = loop.create_future()
-        self._waiters.append(waiter)
+        """A connection to send one request on; release() it after. Cancellation-safe."""
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), fresh)
+        self._queue.append(waiter)
+        self._assign()
         try:
-            handed = await waiter
+            conn = await waiter.future  # already done when a socket or a slot was free
         except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                result = waiter.result()
-                if result is None:
-                    self._total -= 1
-                    self._wake_one()
+            if waiter.future.cancelled():
+                if waiter in self._queue:
+                    self._queue.remove(waiter)
+            else:  # handed a socket or a slot as the cancellation landed: give it back
+                handed = waiter.future.result()
+                if handed is not None:
+                    self.release(handed)
                 else:
-                    self.release(result)
-            else:
-                try:
-                    self._waiters.remove(waiter)
-                except ValueError:
-                    pass
+                    self._in_use -= 1
+            self._assign()
             raise
-        if handed is None:  # a slot was freed for us
-            return await self._open_counted()
-        if fresh or not handed.reusable(loop.time()):
-            # Closed by the server while it was being handed over, or a fresh socket is
-            # wanted: its slot opens a new connection.
-            handed.counted = False
-            handed.close()
-            return await self._open_counted()
-        return handed
+        return conn if conn is not None else await self._open()
 
-    async def _open_counted(self) -> UpstreamConnection:
-        """Open a socket for a slot already counted in _total; give the slot back on failure."""
+    async def _open(self) -> UpstreamConnection:
+        """Open a socket in a slot already taken; the slot is given back if that fails."""
         loop = asyncio.get_running_loop()
         try:
             _transport, conn = await asyncio.wait_for(
@@ -374,59 +371,62 @@ class UpstreamPool:
                 self.connect_timeout,
             )
         except BaseException as exc:
-            self._total -= 1
-            self._wake_one()
+            self._in_use -= 1
+            self._assign()
             if isinstance(exc, asyncio.TimeoutError):
                 raise UpstreamError(
                     f"connecting to {self.authority} timed out after {self.connect_timeout:g} s"
                 ) from None
             if isinstance(exc, OSError):
-                reason = exc.strerror or str(exc)
-                raise UpstreamError(f"cannot connect to {self.authority}: {reason}") from None
+                raise UpstreamError(f"cannot connect to {self.authority}: {exc.strerror or exc}") from None
             raise
         self.connections_opened += 1
         return conn
 
     def release(self, conn: UpstreamConnection, reusable: bool = True) -> None:
         """Give a connection back: kept for reuse only if its last response ended cleanly."""
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        self._in_use -= 1
+        now = asyncio.get_running_loop().time()
         conn.idle_since = now
         if reusable and conn.reusable(now):
-            while self._waiters:
-                waiter = self._waiters.popleft()
-                if not waiter.done():
-                    waiter.set_result(conn)
-                    return
             self._idle.append(conn)
-            return
-        if not conn.closed:
-            conn.abort() if not reusable else conn.close()
-        self._discard(conn)
-
-    def _discard(self, conn: UpstreamConnection) -> None:
-        if conn in self._idle:
-            self._idle.remove(conn)
-        if not conn.closed:
+        elif reusable:
             conn.close()
-        if conn.counted:
-            conn.counted = False
-            self._total -= 1
-            self._wake_one()
+        else:
+            conn.abort()  # cut short: llama-server learns at once that nobody reads it
+        self._assign()
 
     def _lost(self, conn: UpstreamConnection) -> None:
-        # An idle socket closed by the server (keep-alive timeout): forget it now.
-        if conn in self._idle:
-            self._discard(conn)
+        if conn in self._idle:  # closed by the server while idle (its keep-alive timeout)
+            self._assign()
 
-    def _wake_one(self) -> None:
-        while self._waiters and self._total < self.max_connections:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                self._total += 1
-                waiter.set_result(None)
-                return
+    def _assign(self) -> None:
+        """Drop idle sockets that cannot be used any more; then serve waiting requests in
+        order: an idle socket, else a free slot, else (a fresh one wanted and the pool
+        full) close the oldest idle socket to make room; else they keep waiting."""
+        now = asyncio.get_running_loop().time()
+        idle = self._idle
+        for stale in [c for c in idle if not c.reusable(now)]:
+            idle.remove(stale)
+            stale.close()
+        queue = self._queue
+        while queue:
+            waiter = queue[0]
+            if waiter.future.done():  # cancelled while waiting
+                queue.popleft()
+                continue
+            conn: UpstreamConnection | None = None
+            if idle and not waiter.fresh:
+                conn = idle.pop()
+            elif self._in_use + len(idle) >= self.max_connections:
+                if not idle:
+                    return
+                idle.pop(0).close()
+            queue.popleft()
+            self._in_use += 1
+            waiter.future.set_result(conn)
 
     def close(self) -> None:
-        for conn in list(self._idle):
-            self._discard(conn)
+        for conn in self._idle:
+            conn.close()
+        self._idle.clear()
