@@ -17,6 +17,7 @@ async def handle_metrics(gateway: Gateway, request: Request, writer: ResponseWri
 
 
 async def handle_readyz(gateway: Gateway, request: Request, writer: ResponseWriter) -> None:
-    if not gateway.ready():
-        raise ApiError(503, "not ready: a deployment has no healthy upstream")
+    problem = gateway.not_ready()
+    if problem is not None:
+        raise ApiError(503, f"not ready: {problem}")
     writer.send(200, b'{"status":"ready"}')

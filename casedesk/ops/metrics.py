@@ -44,9 +44,19 @@ class Metrics:
         self.inter_token: dict[Labels, Histogram] = {}
         self.duration: dict[Labels, Histogram] = {}
         self.gauges: list[tuple[str, str, Callable[[], Iterable[tuple[Labels, float]]]]] = []
+        self.read_counters: list[tuple[str, str, Callable[[], Iterable[tuple[Labels, float]]]]] = []
+        self.read_histograms: list[tuple[str, str, Callable[[], Iterable[tuple[Labels, Histogram]]]]] = []
 
     def gauge(self, name: str, help_text: str, read: Callable[[], Iterable[tuple[Labels, float]]]) -> None:
         self.gauges.append((name, help_text, read))
+
+    def counter(self, name: str, help_text: str, read: Callable[[], Iterable[tuple[Labels, float]]]) -> None:
+        """A counter kept by its owner (e.g. the supervisor's loads), read at render time."""
+        self.read_counters.append((name, help_text, read))
+
+    def histogram(self, name: str, help_text: str, read: Callable[[], Iterable[tuple[Labels, Histogram]]]) -> None:
+        """Histograms kept by their owner, read at render time."""
+        self.read_histograms.append((name, help_text, read))
 
     def record(
         self,
@@ -86,6 +96,11 @@ class Metrics:
         for name, help_text, read in self.gauges:
             out.append(f"# HELP {name} {help_text}\n# TYPE {name} gauge")
             out.extend(f"{name}{_labels(labels)} {_number(value)}" for labels, value in read())
+        for name, help_text, read in self.read_counters:
+            out.append(f"# HELP {name} {help_text}\n# TYPE {name} counter")
+            out.extend(f"{name}{_labels(labels)} {_number(value)}" for labels, value in read())
+        for name, help_text, read_histograms in self.read_histograms:
+            _histograms(out, name, help_text, dict(read_histograms()))
         return ("\n".join(out) + "\n").encode()
 
 
