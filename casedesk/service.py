@@ -47,6 +47,9 @@ class Service:
         self.metrics.gauge(
             "casedesk_model_state", "1 for the state each managed llama-server is in.", self._model_states
         )
+        self.metrics.gauge(
+            "casedesk_model_waiting_requests", "Requests waiting for their model to load.", self._model_waiting
+        )
         self.metrics.counter("casedesk_model_loads_total", "Managed llama-server loads, by result.", self._model_loads)
         self.metrics.histogram(
             "casedesk_model_load_seconds", "Start of a managed llama-server to healthy.", self._model_load_seconds
@@ -100,6 +103,9 @@ class Service:
             for state in State
             if state is not State.SHUTDOWN
         ]
+
+    def _model_waiting(self) -> list[tuple[Labels, float]]:
+        return [(labels, len(process.waiters)) for labels, process in self._models()]
 
     def _model_loads(self) -> list[tuple[Labels, float]]:
         return [

@@ -483,6 +483,7 @@ class Supervisor:
                 _fail_waiters(process, LoadFailed(process.name, "CaseDesk is shutting down", []))
             return
         now = time.monotonic()
+        self._grant_waiters(processes)  # before any eviction: a model just loaded serves its waiters
         # Stopped models that are wanted, oldest waiter first.
         wanted = sorted(
             (p for p in processes if p.state is State.STOPPED and p.task is None and (p.waiters or p.keep_running)),
@@ -517,6 +518,9 @@ class Supervisor:
                 process.drain_since = now
                 process.old_in_flight = process.in_flight
                 log.info("llama-server for %s is draining (%d in flight) to make room", process.name, process.in_flight)
+        self._grant_waiters(processes)  # a drain called off
+
+    def _grant_waiters(self, processes: list[ManagedProcess]) -> None:
         for process in processes:
             if process.waiters and self._can_serve(process):
                 while process.waiters:
