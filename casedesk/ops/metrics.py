@@ -17,13 +17,14 @@ Labels = tuple[tuple[str, str], ...]
 
 
 class Histogram:
-    __slots__ = ("buckets", "counts", "total", "count")
+    __slots__ = ("buckets", "counts", "total", "count", "last")
 
     def __init__(self, buckets: tuple[float, ...]) -> None:
         self.buckets = buckets
         self.counts = [0] * len(buckets)
         self.total = 0.0
         self.count = 0
+        self.last = 0.0  # the latest observation
 
     def observe(self, value: float) -> None:
         index = bisect_left(self.buckets, value)
@@ -31,6 +32,7 @@ class Histogram:
             self.counts[index] += 1
         self.total += value
         self.count += 1
+        self.last = value
 
 
 class Metrics:

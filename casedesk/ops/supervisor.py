@@ -307,13 +307,18 @@ class Supervisor:
     """All managed llama-servers of a config, and the policy that runs them.
 
     `max_loaded` (the `[server] max_loaded_models` key) bounds how many run at once (0: no
-    bound). A request for a stopped model loads it when there is room; otherwise the least
-    recently used ready model is evicted: at once if it has nothing in flight, else it is
-    *drained* — requests for it that arrive while its older requests still run are served
-    too (no thrash: it costs no extra wait), later ones wait and ride its next load — and
-    stopped when its last request ends. Requests waiting for the same model are all served
-    when it is up. Hence a request waits at most one load under way, plus one drain (at most
-    twice the longest request), plus its own model's load; never beyond queue_timeout.
+    bound). A request for a stopped model loads it when there is room. Otherwise the least
+    recently used ready model makes room, but not at once: it keeps serving until the oldest
+    waiter has waited as long as its own model's last load took (1 s before the first; a
+    swap is then never more than half of the time), or until it has been idle that long.
+    Then it is stopped if idle, else *drained*: requests for it that arrive while its older
+    requests still run are served too (that costs no extra wait), later ones wait and ride
+    its next load, and it stops when its last request ends. Requests waiting for the same
+    model are all served when it is up. A model with requests in flight is never stopped.
+
+    So a request waits at most: a load already under way (L), the hold (L), the drain (at
+    most twice the longest request, 2 D), the stop, and its own load (L): 3 L + 2 D + stop,
+    and never beyond its deployment's queue_timeout (then 529).
     """
 
     def __init__(self, config: Config | None) -> None:
@@ -323,6 +328,7 @@ class Supervisor:
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._timers: dict[ManagedProcess, asyncio.TimerHandle] = {}
+        self._wake: asyncio.TimerHandle | None = None
         for key in config.managed if config is not None else ():
             assert config is not None
             self.processes[key] = ManagedProcess(f"{key[0]}/{key[1]}", _spec(config, key))
@@ -379,6 +385,8 @@ class Supervisor:
     async def stop(self) -> None:
         """Stop every server (after a load under way gave up) and refuse new leases."""
         self._closed = True
+        if self._wake is not None:
+            self._wake.cancel()
         self._schedule()  # fails whoever still waits
         await asyncio.gather(*(self.shutdown_process(p) for p in self.processes.values()), return_exceptions=True)
 
@@ -491,7 +499,7 @@ class Supervisor:
         )
         free = len(processes) if not self.max_loaded else self.max_loaded
         free -= sum(p.state in LOADED for p in processes)
-        blocked = 0
+        blocked: list[ManagedProcess] = []
         for process in wanted:
             if process.retry_at > now:
                 if process.waiters:  # cannot be: acquire fails them; keep the invariant anyway
@@ -501,20 +509,29 @@ class Supervisor:
                 free -= 1
                 self._begin_load(process)
             elif process.waiters:
-                blocked += 1
+                blocked.append(process)
         # Make room: one eviction per blocked model, counting stops already under way.
-        blocked -= sum(p.state is State.STOPPING for p in processes)
+        needed = len(blocked) - sum(p.state is State.STOPPING for p in processes)
         victims = sorted(
             (p for p in processes if p.state is State.READY),
             key=lambda p: (p.drain_since is None, bool(p.waiters), p.in_flight > 0, p.last_used),
         )
-        chosen = victims[: max(0, blocked)]
+        chosen = victims[: max(0, needed)]
+        # No thrash: a swap is worth it once the oldest waiter has waited as long as its
+        # model's load takes (ski rental: time lost to swaps <= time spent serving).
+        hold = _swap_hold(blocked[0]) if blocked else 0.0
+        waited = now - blocked[0].waiters[0].since if blocked else 0.0
         for process in victims:
             if process not in chosen:
                 process.drain_since = None
-            elif process.in_flight == 0:
+            elif process.drain_since is not None:
+                if process.in_flight == 0:
+                    self._begin_stop(process, "lru")
+            elif process.in_flight == 0 and (waited >= hold or now - process.last_used >= hold):
                 self._begin_stop(process, "lru")
-            elif process.drain_since is None:
+            elif waited < hold:
+                self._wake_at(blocked[0].waiters[0].since + hold)
+            else:
                 process.drain_since = now
                 process.old_in_flight = process.in_flight
                 log.info("llama-server for %s is draining (%d in flight) to make room", process.name, process.in_flight)
@@ -596,6 +613,20 @@ class Supervisor:
 
         exit_task.add_done_callback(exited)
 
+    def _wake_at(self, when: float) -> None:
+        """Run _schedule again at monotonic time `when` (the earliest asked for wins)."""
+        loop = asyncio.get_running_loop()
+        at = loop.time() + max(0.0, when - time.monotonic())
+        if self._wake is not None:
+            if self._wake.when() <= at:
+                return
+            self._wake.cancel()
+        self._wake = loop.call_at(at, self._woken)
+
+    def _woken(self) -> None:
+        self._wake = None
+        self._schedule()
+
     def _retry_later(self, process: ManagedProcess) -> None:
         if process in self._timers or not process.keep_running:
             return
@@ -612,6 +643,11 @@ def _spec(config: Config, key: tuple[str, str]) -> ManagedServer:
     spec = config.deployments[key[0]].models[key[1]].llama_server
     assert spec is not None
     return spec
+
+
+def _swap_hold(process: ManagedProcess) -> float:
+    loads = process.load_seconds
+    return loads.last if loads.count else 1.0
 
 
 def _fail_waiters(process: ManagedProcess, error: Exception) -> None:
