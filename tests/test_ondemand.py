@@ -19,7 +19,7 @@ import pytest
 from casedesk.config import parse
 from casedesk.ops.supervisor import State, is_valid_transition
 from tests.conftest import GatewayFactory, RunningGateway
-from tests.test_ops import get
+from tests.test_ops import NotifyListener, get
 
 ROOT = Path(__file__).resolve().parents[1]
 ASK = [{"role": "user", "content": "hi"}]
@@ -396,3 +396,18 @@ def _value(val: Any) -> str:
     if isinstance(val, list):
         return "[" + ", ".join(_value(v) for v in val) + "]"
     return repr(val)
+
+
+async def test_a_slow_preload_extends_systemds_start_timeout_before_ready(
+    box: Box, start_gateway: GatewayFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    listener = NotifyListener(str(tmp_path / "notify"))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    gw = await start_gateway(parse(box.config({"a": box.spec("--fake-load-seconds", "0.5")})))
+    first, second = listener.next(), listener.next()
+    assert "EXTEND_TIMEOUT_USEC=30000000" in first  # while loading: before READY=1
+    assert any(line.startswith("STATUS=loading") for line in first)
+    while "READY=1" not in second:
+        second = listener.next()
+    assert await ask(gw, "a") == ANSWER  # READY=1 came once the preloaded model was serving
+    await stopped(gw)
