@@ -411,3 +411,21 @@ async def test_a_slow_preload_extends_systemds_start_timeout_before_ready(
         second = listener.next()
     assert await ask(gw, "a") == ANSWER  # READY=1 came once the preloaded model was serving
     await stopped(gw)
+
+
+async def test_llama_servers_die_with_casedesk_even_when_it_is_killed(box: Box, tmp_path: Path) -> None:
+    config = tmp_path / "casedesk.toml"
+    raw = box.config({"a": box.spec(), "b": box.spec()})
+    raw["server"]["listen"] = "127.0.0.1:0"
+    config.write_text(_toml(raw))
+    serve = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "casedesk", "serve", "--config", str(config),
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        await until(lambda: len(box.running()) == 2, timeout=30, what="both preloaded servers")
+    finally:
+        serve.kill()  # SIGKILL: CaseDesk cannot stop them itself
+        await serve.wait()
+    await until(lambda: box.running() == [], timeout=10, what="the servers to die with CaseDesk (PR_SET_PDEATHSIG)")
