@@ -71,7 +71,7 @@ class ModelRoute:
             return
         process = managed.process
         try:
-            started = await managed.supervisor.acquire(process, managed.queue_timeout)
+            ticket = await managed.supervisor.acquire(process, managed.queue_timeout)
         except LoadFailed as exc:
             raise ApiError(503, f"model {self.tag!r} could not be started: {exc.reason}") from None
         except LeaseTimeout:
@@ -88,7 +88,7 @@ class ModelRoute:
                 self.balancer.succeeded(managed.upstream)
             yield
         finally:
-            managed.supervisor.release(process, started)
+            managed.supervisor.release(process, ticket)
 
 
 @dataclass(slots=True)

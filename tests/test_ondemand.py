@@ -17,7 +17,7 @@ import anthropic
 import pytest
 
 from casedesk.config import parse
-from casedesk.ops.supervisor import State, is_valid_transition
+from casedesk.ops.supervisor import State, Supervisor, is_valid_transition
 from tests.conftest import GatewayFactory, RunningGateway
 from tests.test_ops import NotifyListener, get
 
@@ -226,11 +226,11 @@ async def test_the_thrash_bound(box: Box, start_gateway: GatewayFactory, capsys:
         return answer
 
     async def agent(index: int) -> list[str]:
-        # An agent's background calls: one every 300 ms, not waiting for the previous answer.
+        # An agent's background calls: one every 200 ms, not waiting for the previous answer.
         calls = []
         for i in range(10):
             calls.append(asyncio.create_task(one("ab"[(index + i) % 2])))
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.2)
         return await asyncio.gather(*calls)
 
     began = time.monotonic()
@@ -429,3 +429,31 @@ async def test_llama_servers_die_with_casedesk_even_when_it_is_killed(box: Box, 
         serve.kill()  # SIGKILL: CaseDesk cannot stop them itself
         await serve.wait()
     await until(lambda: box.running() == [], timeout=10, what="the servers to die with CaseDesk (PR_SET_PDEATHSIG)")
+
+
+async def test_a_draining_model_serves_newcomers_only_while_its_older_requests_run(box: Box) -> None:
+    """The Supervisor's leases, driven directly: the swap policy step by step."""
+    config = parse(box.config({"a": box.spec(preload=False), "b": box.spec(preload=False)}, max_loaded=1))
+    supervisor = Supervisor(config)
+    a, b = supervisor.processes[("dep", "a")], supervisor.processes[("dep", "b")]
+    try:
+        old = await supervisor.acquire(a, 30)  # loads a
+        assert a.state is State.READY and a.loads["ok"] == 1
+        for_b = asyncio.create_task(supervisor.acquire(b, 30))
+        await until(lambda: a.drain_from is not None, what="a to drain once b waited the hold (1 s)")
+        newcomer = await asyncio.wait_for(supervisor.acquire(a, 30), 5)  # a's old request still runs: served
+        supervisor.release(a, old)
+        late = asyncio.create_task(supervisor.acquire(a, 30))  # the old ones ended: this one waits
+        await until(lambda: len(a.waiters) == 1, what="the late request to queue")
+        assert a.state is State.READY and not for_b.done()  # the newcomer is still in flight
+        supervisor.release(a, newcomer)
+        lease_b = await asyncio.wait_for(for_b, 15)
+        assert (a.state, b.state) == (State.STOPPED, State.READY) and a.evictions["lru"] == 1
+        assert not late.done()
+        supervisor.release(b, lease_b)
+        lease_a = await asyncio.wait_for(late, 15)  # rides a's next load
+        assert (a.state, b.state) == (State.READY, State.STOPPED) and a.loads["ok"] == 2
+        supervisor.release(a, lease_a)
+    finally:
+        await supervisor.stop()
+    assert (a.state, b.state) == (State.SHUTDOWN, State.SHUTDOWN)

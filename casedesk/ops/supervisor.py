@@ -140,7 +140,7 @@ def _die_with_parent() -> None:
 
 @dataclass(slots=True)
 class _Waiter:
-    future: asyncio.Future[None]
+    future: asyncio.Future[int]  # the lease's ticket
     since: float
 
 
@@ -158,8 +158,9 @@ class ManagedProcess:
         self.in_flight = 0
         self.waiters: deque[_Waiter] = deque()
         self.last_used = 0.0
-        self.drain_since: float | None = None  # chosen for eviction: no new leases once old ones end
-        self.old_in_flight = 0  # leases taken before drain_since, still running
+        self.tickets = 0  # leases granted so far: each lease's number
+        self.drain_from: int | None = None  # chosen for eviction at this ticket: no new leases once old ones end
+        self.old_in_flight = 0  # leases numbered up to drain_from, still running
         self.keep_running = spec.preload  # restart it when it dies
         self.failure: LoadFailed | None = None  # the last load's failure, until a load succeeds
         self.failures = 0
@@ -419,21 +420,20 @@ class Supervisor:
         """Hold `process` ready for one request: load it if needed (waiting at most `timeout`
         seconds: LeaseTimeout), count the request in flight so it is never stopped under it,
         and on release start its TTL clock. LoadFailed when its load failed."""
-        started = await self.acquire(process, timeout)
+        ticket = await self.acquire(process, timeout)
         try:
             yield
         finally:
-            self.release(process, started)
+            self.release(process, ticket)
 
     def _can_serve(self, process: ManagedProcess) -> bool:
-        return process.state is State.READY and (process.drain_since is None or process.old_in_flight > 0)
+        return process.state is State.READY and (process.drain_from is None or process.old_in_flight > 0)
 
-    async def acquire(self, process: ManagedProcess, timeout: float) -> float:
-        """Wait until `process` can take one more request and count it in flight; the time
-        the lease began, for `release`."""
+    async def acquire(self, process: ManagedProcess, timeout: float) -> int:
+        """Wait until `process` can take one more request and count it in flight; the
+        lease's ticket, for `release`."""
         if self._can_serve(process) and not process.waiters:
-            self._grant(process)
-            return time.monotonic()
+            return self._grant(process)
         if self._closed or process.state is State.SHUTDOWN:
             raise LoadFailed(process.name, "CaseDesk is shutting down", [])
         if process.failure is not None and process.state is State.STOPPED and time.monotonic() < process.retry_at:
@@ -443,11 +443,11 @@ class Supervisor:
         self._schedule()
         try:
             async with asyncio.timeout(timeout):
-                await waiter.future
+                return await waiter.future
         except (asyncio.CancelledError, TimeoutError) as exc:
             future = waiter.future
             if future.done() and not future.cancelled() and future.exception() is None:
-                self.release(process, time.monotonic())  # granted as we left: give it back
+                self.release(process, future.result())  # granted as we left: give it back
             else:
                 with suppress(ValueError):
                     process.waiters.remove(waiter)
@@ -455,20 +455,21 @@ class Supervisor:
             if isinstance(exc, TimeoutError):
                 raise LeaseTimeout from None
             raise
-        return time.monotonic()
 
-    def _grant(self, process: ManagedProcess) -> None:
+    def _grant(self, process: ManagedProcess) -> int:
         process.in_flight += 1
+        process.tickets += 1
         process.last_used = time.monotonic()
         timer = self._timers.pop(process, None)
         if timer is not None:
             timer.cancel()
+        return process.tickets
 
-    def release(self, process: ManagedProcess, started: float) -> None:
-        """The request that acquired `process` at `started` is done with it."""
+    def release(self, process: ManagedProcess, ticket: int) -> None:
+        """The request holding lease `ticket` on `process` is done with it."""
         process.in_flight -= 1
         process.last_used = time.monotonic()
-        if process.drain_since is not None and started < process.drain_since:
+        if process.drain_from is not None and ticket <= process.drain_from:
             process.old_in_flight -= 1
         ttl = process.spec.ttl
         if process.in_flight == 0 and ttl > 0 and not self._closed and process.state is State.READY:
@@ -516,7 +517,7 @@ class Supervisor:
         needed = len(blocked) - sum(p.state is State.STOPPING for p in processes)
         victims = sorted(
             (p for p in processes if p.state is State.READY),
-            key=lambda p: (p.drain_since is None, bool(p.waiters), p.in_flight > 0, p.last_used),
+            key=lambda p: (p.drain_from is None, bool(p.waiters), p.in_flight > 0, p.last_used),
         )
         chosen = victims[: max(0, needed)]
         # No thrash: a swap is worth it once the oldest waiter has waited as long as its
@@ -525,8 +526,8 @@ class Supervisor:
         waited = now - blocked[0].waiters[0].since if blocked else 0.0
         for process in victims:
             if process not in chosen:
-                process.drain_since = None
-            elif process.drain_since is not None:
+                process.drain_from = None
+            elif process.drain_from is not None:
                 if process.in_flight == 0:
                     self._begin_stop(process, "lru")
             elif process.in_flight == 0 and (waited >= hold or now - process.last_used >= hold):
@@ -534,7 +535,7 @@ class Supervisor:
             elif waited < hold:
                 self._wake_at(blocked[0].waiters[0].since + hold)
             else:
-                process.drain_since = now
+                process.drain_from = process.tickets
                 process.old_in_flight = process.in_flight
                 log.info("llama-server for %s is draining (%d in flight) to make room", process.name, process.in_flight)
         self._grant_waiters(processes)  # a drain called off
@@ -545,8 +546,7 @@ class Supervisor:
                 while process.waiters:
                     waiter = process.waiters.popleft()
                     if not waiter.future.done():
-                        self._grant(process)
-                        waiter.future.set_result(None)
+                        waiter.future.set_result(self._grant(process))
 
     def _begin_load(self, process: ManagedProcess) -> None:
         process._to(State.STARTING)
@@ -556,7 +556,7 @@ class Supervisor:
         if reason is not None:
             process.evictions[reason] += 1
             process.keep_running = False
-        process.drain_since = None
+        process.drain_from = None
         process._to(State.STOPPING)
         self._track(process, self._stop(process, reason))
 
@@ -585,6 +585,7 @@ class Supervisor:
             _fail_waiters(process, exc)
             return
         process.failure, process.failures, process.retry_at = None, 0, 0.0
+        process.drain_from = None
         self._watch(process)
 
     async def _stop(self, process: ManagedProcess, reason: str | None) -> None:
