@@ -213,8 +213,8 @@ class ManagedProcess:
             self._to(State.STOPPING)
             await self._terminate()
             self._to(State.STOPPED)
-            self.loads["failed"] += 1
-            if isinstance(exc, SupervisorError):
+            if isinstance(exc, SupervisorError):  # else cancelled: CaseDesk stops or reloads
+                self.loads["failed"] += 1
                 raise LoadFailed(self.name, str(exc), list(self.stderr_tail)) from None
             raise
         self._to(State.READY)
