@@ -98,7 +98,7 @@ def metrics(gateway: str) -> str:
 
 
 def model_lines(text: str) -> list[str]:
-    pattern = re.compile(r"casedesk_model_(state|loads_total|evictions_total)\{")
+    pattern = re.compile(r"casedesk_model_(state|loads_total|evictions_total|load_seconds_sum|load_seconds_count)\{")
     return [line for line in text.splitlines() if pattern.match(line)]
 
 
