@@ -159,6 +159,10 @@ async def test_preload_false_starts_on_the_first_request_and_ttl_stops_it(
     text = await metrics(gw)
     assert value(text, "casedesk_model_loads_total", model="a", result="ok") == 1
     assert value(text, "casedesk_model_load_seconds_count", model="a") == 1
+    # Health checks (one at boot, then every 0.2 s) left the stopped server alone: its first
+    # requests were not refused, and it never counted as failing.
+    assert value(text, "casedesk_upstream_errors", model="a") == 0
+    assert value(text, "casedesk_upstream_up", model="a") == 1
 
     # Idle past its ttl: stopped, the process gone; the next request loads it again.
     await wait_state(gw, "a", "stopped")

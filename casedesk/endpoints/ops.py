@@ -1,5 +1,6 @@
 """GET /metrics (Prometheus text format) and GET /readyz (200 only when every deployment
-has a healthy upstream), for the operators of the box."""
+has a healthy upstream or an on-demand model that can start, and no managed model failed to
+start), for the operators of the box."""
 
 from __future__ import annotations
 
