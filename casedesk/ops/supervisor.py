@@ -328,7 +328,8 @@ class Supervisor:
         self.max_loaded = config.server.max_loaded_models if config is not None else 0
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
-        self._timers: dict[ManagedProcess, asyncio.TimerHandle] = {}
+        self._ttl_timers: dict[ManagedProcess, asyncio.TimerHandle] = {}
+        self._retry_timers: dict[ManagedProcess, asyncio.TimerHandle] = {}
         self._wake: asyncio.TimerHandle | None = None
         for key in config.managed if config is not None else ():
             assert config is not None
@@ -408,9 +409,10 @@ class Supervisor:
             process._to(State.SHUTDOWN)
 
     def _forget(self, process: ManagedProcess) -> None:
-        handle = self._timers.pop(process, None)
-        if handle is not None:
-            handle.cancel()
+        for timers in (self._ttl_timers, self._retry_timers):
+            handle = timers.pop(process, None)
+            if handle is not None:
+                handle.cancel()
         process.keep_running = False
 
     # Leases: the request path's one hook.
@@ -460,7 +462,7 @@ class Supervisor:
         process.in_flight += 1
         process.tickets += 1
         process.last_used = time.monotonic()
-        timer = self._timers.pop(process, None)
+        timer = self._ttl_timers.pop(process, None)
         if timer is not None:
             timer.cancel()
         return process.tickets
@@ -474,11 +476,11 @@ class Supervisor:
         ttl = process.spec.ttl
         if process.in_flight == 0 and ttl > 0 and not self._closed and process.state is State.READY:
             loop = asyncio.get_running_loop()
-            self._timers[process] = loop.call_later(ttl, self._ttl_expired, process)
+            self._ttl_timers[process] = loop.call_later(ttl, self._ttl_expired, process)
         self._schedule()
 
     def _ttl_expired(self, process: ManagedProcess) -> None:
-        self._timers.pop(process, None)
+        self._ttl_timers.pop(process, None)
         if process.state is State.READY and process.in_flight == 0 and not process.waiters:
             log.info("llama-server for %s idle for %g s (ttl): stopping it", process.name, process.spec.ttl)
             self._begin_stop(process, "ttl")
@@ -504,9 +506,9 @@ class Supervisor:
         free -= sum(p.state in LOADED for p in processes)
         blocked: list[ManagedProcess] = []
         for process in wanted:
-            if process.retry_at > now:
-                if process.waiters:  # cannot be: acquire fails them; keep the invariant anyway
-                    _fail_waiters(process, process.failure or LoadFailed(process.name, "retry pending", []))
+            if process.retry_at > now:  # backing off: a failed load fails its waiters at once,
+                if process.failure is not None:  # a crashed one's wait for its restart
+                    _fail_waiters(process, process.failure)
                 self._retry_later(process)
             elif free > 0:
                 free -= 1
@@ -631,15 +633,15 @@ class Supervisor:
         self._schedule()
 
     def _retry_later(self, process: ManagedProcess) -> None:
-        if process in self._timers or not process.keep_running:
+        if process in self._retry_timers or not process.keep_running:
             return
         delay = max(0.0, process.retry_at - time.monotonic())
 
         def due() -> None:
-            self._timers.pop(process, None)
+            self._retry_timers.pop(process, None)
             self._schedule()
 
-        self._timers[process] = asyncio.get_running_loop().call_later(delay, due)
+        self._retry_timers[process] = asyncio.get_running_loop().call_later(delay, due)
 
 
 def _spec(config: Config, key: tuple[str, str]) -> ManagedServer:
