@@ -461,3 +461,23 @@ async def test_a_draining_model_serves_newcomers_only_while_its_older_requests_r
     finally:
         await supervisor.stop()
     assert (a.state, b.state) == (State.SHUTDOWN, State.SHUTDOWN)
+
+
+def test_lifecycle_keys_are_checked_with_their_names(box: Box) -> None:
+    from casedesk.config import ConfigError
+
+    models = {
+        "a": box.spec(preload="yes"),
+        "b": box.spec(ttl=-1),
+        "c": box.spec(),
+        "d": box.spec(),
+    }
+    with pytest.raises(ConfigError) as caught:
+        parse(box.config(models, max_loaded=1))
+    problems = "\n".join(caught.value.problems)
+    assert "deployments.dep.models.a.llama_server.preload: must be true or false" in problems
+    assert "deployments.dep.models.b.llama_server.ttl: must be >= 0" in problems
+    assert "server.max_loaded_models: 1 is fewer than the 4 models with preload = true" in problems
+    good = parse(box.config({"a": box.spec(preload=False, ttl=30), "b": box.spec()}, max_loaded=1))
+    spec = good.deployments["dep"].models["a"].llama_server
+    assert spec is not None and (spec.preload, spec.ttl, good.server.max_loaded_models) == (False, 30, 1)
