@@ -50,16 +50,18 @@ class Service:
         self.metrics.gauge(
             "casedesk_model_waiting_requests", "Requests waiting for their model to load.", self._model_waiting
         )
-        self.metrics.counter("casedesk_model_loads_total", "Managed llama-server loads, by result.", self._model_loads)
-        self.metrics.histogram(
+        self.metrics.labelled_counter(
+            "casedesk_model_loads_total", "Managed llama-server loads, by result.", self._model_loads
+        )
+        self.metrics.labelled_histogram(
             "casedesk_model_load_seconds", "Start of a managed llama-server to healthy.", self._model_load_seconds
         )
-        self.metrics.counter(
+        self.metrics.labelled_counter(
             "casedesk_model_evictions_total",
             "Managed llama-servers stopped to make room (lru) or idle past their ttl.",
             self._model_evictions,
         )
-        self.metrics.counter(
+        self.metrics.labelled_counter(
             "casedesk_model_restarts_total", "Managed llama-servers that exited by themselves.", self._model_restarts
         )
 

@@ -58,7 +58,7 @@ async def run_workers(config: Config, count: int, config_path: str, log_level: s
     loop.add_signal_handler(signal.SIGHUP, forward_reload)
     supervisor = Supervisor(config)
     try:
-        upstreams = await supervisor.start(every_model=True)  # workers cannot load models on demand
+        upstreams = await supervisor.start()
         env = {**os.environ, UPSTREAMS_ENV: encode_upstreams(upstreams)}
         listen = f"{config.server.listen_host}:{config.server.listen_port}"
         command = [

@@ -52,12 +52,16 @@ class Metrics:
     def gauge(self, name: str, help_text: str, read: Callable[[], Iterable[tuple[Labels, float]]]) -> None:
         self.gauges.append((name, help_text, read))
 
-    def counter(self, name: str, help_text: str, read: Callable[[], Iterable[tuple[Labels, float]]]) -> None:
-        """A counter kept by its owner (e.g. the supervisor's loads), read at render time."""
+    def labelled_counter(
+        self, name: str, help_text: str, read: Callable[[], Iterable[tuple[Labels, float]]]
+    ) -> None:
+        """Counters with labels kept by their owner (e.g. the supervisor's loads), read at render time."""
         self.read_counters.append((name, help_text, read))
 
-    def histogram(self, name: str, help_text: str, read: Callable[[], Iterable[tuple[Labels, Histogram]]]) -> None:
-        """Histograms kept by their owner, read at render time."""
+    def labelled_histogram(
+        self, name: str, help_text: str, read: Callable[[], Iterable[tuple[Labels, Histogram]]]
+    ) -> None:
+        """Histograms with labels kept by their owner, read at render time."""
         self.read_histograms.append((name, help_text, read))
 
     def record(

@@ -335,12 +335,10 @@ class Supervisor:
             assert config is not None
             self.processes[key] = ManagedProcess(f"{key[0]}/{key[1]}", _spec(config, key))
 
-    async def start(self, every_model: bool = False) -> dict[tuple[str, str], list[Upstream]]:
-        """Load every model with preload = true (every model at all with `every_model`: for
-        `serve --workers`, whose workers cannot load one on demand); the upstream URLs of
-        all managed models."""
+    async def start(self) -> dict[tuple[str, str], list[Upstream]]:
+        """Load every model with preload = true; the upstream URLs of all managed models."""
         for process in self.processes.values():
-            if process.spec.preload or every_model:
+            if process.spec.preload:
                 await self._load_now(process)
         return self.upstreams()
 
