@@ -10,7 +10,10 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import math
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -18,7 +21,7 @@ from typing import Any
 import orjson
 
 from casedesk.admission import Admission
-from casedesk.anthropic.errors import ApiError, authentication_failed, invalid_request, not_found
+from casedesk.anthropic.errors import ApiError, authentication_failed, invalid_request, not_found, overloaded
 from casedesk.config import Config, Deployment, ServerSettings, Upstream
 from casedesk.endpoints.count_tokens import handle_count_tokens
 from casedesk.endpoints.messages import handle_messages
@@ -27,8 +30,9 @@ from casedesk.endpoints.ops import handle_metrics, handle_readyz
 from casedesk.http.server import ErrorResponse, Request, ResponseWriter, ServerLimits
 from casedesk.ops.accesslog import AccessLog, RequestRecord
 from casedesk.ops.metrics import Metrics
+from casedesk.ops.supervisor import LeaseTimeout, LoadFailed, ManagedProcess, State, Supervisor
 from casedesk.router import Router
-from casedesk.upstream.balancer import Balancer
+from casedesk.upstream.balancer import Balancer, UpstreamState
 from casedesk.upstream.pool import UpstreamPool
 
 log = logging.getLogger("casedesk")
@@ -37,9 +41,54 @@ BASE = "/proxy/{deployment}/anthropic"
 
 
 @dataclass(slots=True)
+class ManagedModel:
+    """A model whose llama-server CaseDesk runs (casedesk/ops/supervisor.py)."""
+
+    supervisor: Supervisor
+    process: ManagedProcess
+    upstream: UpstreamState  # that llama-server in the model's balancer
+    queue_timeout: float  # the deployment's: the longest a request waits for a load
+    generation: int = 0  # the process's load this route last saw
+
+    def on_demand(self) -> bool:
+        """Its upstream is down on purpose now (not loaded): health checks leave it alone."""
+        return self.process.state is not State.READY
+
+
+@dataclass(slots=True)
 class ModelRoute:
     tag: str
     balancer: Balancer
+    managed: ManagedModel | None = None
+
+    @asynccontextmanager
+    async def lease(self) -> AsyncIterator[None]:
+        """Around a request's upstream part: a managed model is loaded if needed and kept
+        running until the request ends (Supervisor.lease); nothing to do for other models."""
+        managed = self.managed
+        if managed is None:
+            yield
+            return
+        process = managed.process
+        try:
+            ticket = await managed.supervisor.acquire(process, managed.queue_timeout)
+        except LoadFailed as exc:
+            raise ApiError(503, f"model {self.tag!r} could not be started: {exc.reason}") from None
+        except LeaseTimeout:
+            loads = process.load_seconds
+            retry_after = math.ceil(loads.total / loads.count) if loads.count else 5
+            raise overloaded(
+                f"model {self.tag!r} is not loaded: waited {managed.queue_timeout:g} s (queue_timeout) "
+                "for it to start; retry shortly",
+                retry_after=max(1, retry_after),
+            ) from None
+        try:
+            if process.generation != managed.generation:
+                managed.generation = process.generation  # a fresh llama-server: healthy again
+                self.balancer.succeeded(managed.upstream)
+            yield
+        finally:
+            managed.supervisor.release(process, ticket)
 
 
 @dataclass(slots=True)
@@ -84,6 +133,7 @@ class Gateway:
         upstreams: dict[tuple[str, str], list[Upstream]],
         metrics: Metrics | None = None,
         access_log: AccessLog | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.config = config
         # Both outlive a reload (they belong to the process), hence passed in.
@@ -102,6 +152,12 @@ class Gateway:
                     for u in [*model.upstreams, *upstreams.get((dep.id, model.tag), [])]
                 ]
                 route.models[model.tag] = ModelRoute(model.tag, Balancer(pools))
+                process = supervisor.processes.get((dep.id, model.tag)) if supervisor is not None else None
+                if process is not None and supervisor is not None:
+                    balancer = route.models[model.tag].balancer
+                    managed = ManagedModel(supervisor, process, balancer.states[-1], dep.queue_timeout)
+                    managed.upstream.standby = managed.on_demand
+                    route.models[model.tag].managed = managed
             self.deployments[dep.id] = route
         self.router = Router()
         self.router.add("POST", BASE + "/v1/messages", handle_messages)
@@ -170,12 +226,22 @@ class Gateway:
             )
         self.access_log.write(record)
 
-    def ready(self) -> bool:
-        """Every deployment has at least one healthy upstream."""
-        return all(
-            any(state.healthy for model in dep.models.values() for state in model.balancer.states)
-            for dep in self.deployments.values()
-        )
+    def not_ready(self) -> str | None:
+        """Why the gateway is not ready: a managed model that cannot start, or a deployment
+        with no healthy upstream (a stopped on-demand model counts: it can start); else None."""
+        for dep in self.deployments.values():
+            for model in dep.models.values():
+                managed = model.managed
+                failure = managed.process.failure if managed is not None else None
+                if failure is not None:
+                    return f"model {model.tag!r} of deployment {dep.config.id!r} cannot start: {failure.reason}"
+            if not any(
+                state.healthy or state.standby is not None and state.standby()
+                for model in dep.models.values()
+                for state in model.balancer.states
+            ):
+                return f"deployment {dep.config.id!r} has no healthy upstream"
+        return None
 
     def deployment(self, deployment_id: str, request: Request | None = None) -> DeploymentRoute:
         route = self.deployments.get(deployment_id)

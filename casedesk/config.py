@@ -46,6 +46,8 @@ class ManagedServer:
     port: int = 0  # 0: pick a free port at start
     startup_timeout: float = 300.0
     chat_template_file: str | None = None  # a Jinja chat template, resolved against the config's folder
+    preload: bool = True  # start at boot; False: on the first request that needs it
+    ttl: float = 0.0  # stop after this many seconds with nothing in flight; 0: never
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +84,7 @@ class ServerSettings:
     upstream_read_timeout: float = 300.0  # silence from llama-server before giving up
     health_interval: float = 5.0  # seconds between active /health checks of each upstream
     access_log: str = "-"  # "-": stdout; a path: appended to; "": off
+    max_loaded_models: int = 0  # managed llama-servers running at once; 0: no limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +121,7 @@ def parse(raw: dict[str, Any], base_dir: Path | None = None, path: Path | None =
         if deployment is not None:
             deployments[dep_id] = deployment
     checker.unknown(raw, {"server", "deployments"}, "")
+    _check_preload_fits(checker, server, deployments)
     if checker.problems:
         raise ConfigError(checker.problems)
     managed = tuple(
@@ -127,6 +131,22 @@ def parse(raw: dict[str, Any], base_dir: Path | None = None, path: Path | None =
         if model.llama_server is not None
     )
     return Config(server=server, deployments=deployments, path=path, managed=managed)
+
+
+def _check_preload_fits(checker: _Checker, server: ServerSettings, deployments: dict[str, Deployment]) -> None:
+    limit = server.max_loaded_models
+    preloaded = [
+        f"{dep.id}/{model.tag}"
+        for dep in deployments.values()
+        for model in dep.models.values()
+        if model.llama_server is not None and model.llama_server.preload
+    ]
+    if limit and len(preloaded) > limit:
+        checker.problem(
+            "server.max_loaded_models",
+            f"{limit} is fewer than the {len(preloaded)} models with preload = true ({', '.join(preloaded)}); "
+            "set preload = false on some",
+        )
 
 
 class _Checker:
@@ -208,6 +228,7 @@ def _server(checker: _Checker, raw: Any) -> ServerSettings:
         "upstream_read_timeout": False,
         "health_interval": False,
     }
+    max_loaded = checker.number(raw, "max_loaded_models", "server", 0, integer=True, exclusive=False)
     values = {
         key: checker.number(raw, key, "server", getattr(defaults, key), integer=is_int)
         for key, is_int in numeric.items()
@@ -216,8 +237,10 @@ def _server(checker: _Checker, raw: Any) -> ServerSettings:
     if not isinstance(access_log, str):
         checker.problem("server.access_log", 'must be "-" (stdout), a file path, or "" (off)')
         access_log = "-"
-    checker.unknown(raw, {"listen", "access_log", *numeric}, "server")
-    return ServerSettings(listen_host=host, listen_port=port, access_log=access_log, **values)
+    checker.unknown(raw, {"listen", "access_log", "max_loaded_models", *numeric}, "server")
+    return ServerSettings(
+        listen_host=host, listen_port=port, access_log=access_log, max_loaded_models=max_loaded, **values
+    )
 
 
 def _deployment(checker: _Checker, dep_id: str, raw: Any, base_dir: Path | None) -> Deployment | None:
@@ -332,7 +355,16 @@ def _managed(checker: _Checker, prefix: str, raw: Any, base_dir: Path | None) ->
             if not path.is_file():
                 checker.problem(f"{prefix}.chat_template_file", f"no such file: {path}")
             template = str(path)
-    checker.unknown(raw, {"model", "args", "binary", "host", "port", "startup_timeout", "chat_template_file"}, prefix)
+    preload = raw.get("preload", True)
+    if not isinstance(preload, bool):
+        checker.problem(f"{prefix}.preload", f"must be true or false, got {preload!r}")
+        preload = True
+    ttl = checker.number(raw, "ttl", prefix, 0.0, exclusive=False)
+    checker.unknown(
+        raw,
+        {"model", "args", "binary", "host", "port", "startup_timeout", "chat_template_file", "preload", "ttl"},
+        prefix,
+    )
     return ManagedServer(
         model=model,
         args=tuple(args),
@@ -341,4 +373,6 @@ def _managed(checker: _Checker, prefix: str, raw: Any, base_dir: Path | None) ->
         port=port,
         startup_timeout=startup_timeout,
         chat_template_file=template,
+        preload=preload,
+        ttl=ttl,
     )

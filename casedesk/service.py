@@ -18,8 +18,8 @@ from casedesk.app import Gateway, limits_of, render_error, respond_with_error
 from casedesk.config import Config, ConfigError, Upstream, load
 from casedesk.http.server import ConnectionTracker, ErrorResponse, Request, ResponseWriter, start_server
 from casedesk.ops.accesslog import AccessLog
-from casedesk.ops.metrics import Labels, Metrics
-from casedesk.ops.supervisor import ManagedProcess, Supervisor, SupervisorError
+from casedesk.ops.metrics import Histogram, Labels, Metrics
+from casedesk.ops.supervisor import ManagedProcess, State, Supervisor, SupervisorError
 from casedesk.ops.systemd import Notifier
 
 log = logging.getLogger("casedesk")
@@ -47,9 +47,29 @@ class Service:
             "Requests ended because the client took nothing for [server] write_timeout seconds.",
             lambda: self.tracker.write_timeouts,
         )
+        self.metrics.gauge(
+            "casedesk_model_state", "1 for the state each managed llama-server is in.", self._model_states
+        )
+        self.metrics.gauge(
+            "casedesk_model_waiting_requests", "Requests waiting for their model to load.", self._model_waiting
+        )
+        self.metrics.labelled_counter(
+            "casedesk_model_loads_total", "Managed llama-server loads, by result.", self._model_loads
+        )
+        self.metrics.labelled_histogram(
+            "casedesk_model_load_seconds", "Start of a managed llama-server to healthy.", self._model_load_seconds
+        )
+        self.metrics.labelled_counter(
+            "casedesk_model_evictions_total",
+            "Managed llama-servers stopped to make room (lru) or idle past their ttl.",
+            self._model_evictions,
+        )
+        self.metrics.labelled_counter(
+            "casedesk_model_restarts_total", "Managed llama-servers that exited by themselves.", self._model_restarts
+        )
 
     def _build(self, config: Config, upstreams: dict[tuple[str, str], list[Upstream]]) -> Gateway:
-        gateway = Gateway(config, upstreams, self.metrics, self.access_log)
+        gateway = Gateway(config, upstreams, self.metrics, self.access_log, self.supervisor)
         gateway.start_health_checks()
         return gateway
 
@@ -77,6 +97,41 @@ class Service:
     def _upstream_errors(self) -> list[tuple[Labels, float]]:
         return [(labels, state.errors) for labels, state in self._upstreams()]  # type: ignore[attr-defined]
 
+    def _models(self) -> list[tuple[Labels, ManagedProcess]]:
+        processes = self.supervisor.processes.items()
+        return [((("deployment", dep), ("model", tag)), process) for (dep, tag), process in processes]
+
+    def _model_states(self) -> list[tuple[Labels, float]]:
+        return [
+            ((*labels, ("state", state.value)), 1.0 if process.state is state else 0.0)
+            for labels, process in self._models()
+            for state in State
+            if state is not State.SHUTDOWN
+        ]
+
+    def _model_waiting(self) -> list[tuple[Labels, float]]:
+        return [(labels, len(process.waiters)) for labels, process in self._models()]
+
+    def _model_loads(self) -> list[tuple[Labels, float]]:
+        return [
+            ((*labels, ("result", result)), count)
+            for labels, process in self._models()
+            for result, count in process.loads.items()
+        ]
+
+    def _model_load_seconds(self) -> list[tuple[Labels, Histogram]]:
+        return [(labels, process.load_seconds) for labels, process in self._models()]
+
+    def _model_evictions(self) -> list[tuple[Labels, float]]:
+        return [
+            ((*labels, ("reason", reason)), count)
+            for labels, process in self._models()
+            for reason, count in process.evictions.items()
+        ]
+
+    def _model_restarts(self) -> list[tuple[Labels, float]]:
+        return [(labels, process.restarts) for labels, process in self._models()]
+
     async def handle(self, request: Request, writer: ResponseWriter) -> None:
         assert self.gateway is not None
         await self.gateway.handle(request, writer)
@@ -86,7 +141,13 @@ class Service:
         return self.gateway.check_head(request)
 
     async def start(self, sock: socket.socket | None) -> None:
-        upstreams = await self.supervisor.start()
+        # Loading big models can outlast systemd's start timeout: extend it while loading
+        # (README, "Running under systemd"); READY=1 still means "serving every preload".
+        extending = self.notifier.keep_extending_start("loading the models with preload = true")
+        try:
+            upstreams = await self.supervisor.start()
+        finally:
+            extending.cancel()
         self.gateway = self._build(self.config, upstreams)
         settings = self.config.server
         self.server = await start_server(
@@ -145,7 +206,7 @@ class Service:
         while old.active:
             await asyncio.sleep(0.2)
         old.close()
-        await asyncio.gather(*(p.stop() for p in processes), return_exceptions=True)
+        await asyncio.gather(*(self.supervisor.shutdown_process(p) for p in processes), return_exceptions=True)
 
     async def shutdown(self, grace: float, force: asyncio.Event) -> None:
         log.info("shutting down: no new connections; waiting up to %g s for in-flight requests", grace)

@@ -31,15 +31,16 @@ async def handle_count_tokens(gateway: Gateway, request: Request, writer: Respon
     model = route.model(parsed.model)
     chat = to_chat_request(parsed, stream=False)
     timeout = gateway.settings.upstream_read_timeout
-    templated = await _call(model.balancer, "/apply-template", chat, timeout)
-    prompt = templated.get("prompt")
-    if not isinstance(prompt, str):
-        raise ApiError(502, "upstream /apply-template answered without a prompt")
-    # Tokenized the way llama-server tokenizes a templated prompt for generation: special
-    # tokens added (BOS) and the template's turn markers parsed as special tokens.
-    tokens = await _call(
-        model.balancer, "/tokenize", {"content": prompt, "add_special": True, "parse_special": True}, timeout
-    )
+    async with model.lease():  # a managed model is loaded if needed (ondemand; issue 10)
+        templated = await _call(model.balancer, "/apply-template", chat, timeout)
+        prompt = templated.get("prompt")
+        if not isinstance(prompt, str):
+            raise ApiError(502, "upstream /apply-template answered without a prompt")
+        # Tokenized the way llama-server tokenizes a templated prompt for generation: special
+        # tokens added (BOS) and the template's turn markers parsed as special tokens.
+        tokens = await _call(
+            model.balancer, "/tokenize", {"content": prompt, "add_special": True, "parse_special": True}, timeout
+        )
     if not isinstance(tokens.get("tokens"), list):
         raise ApiError(502, "upstream /tokenize answered without tokens")
     writer.send(200, orjson.dumps({"input_tokens": len(tokens["tokens"])}))

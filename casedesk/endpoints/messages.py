@@ -45,7 +45,9 @@ async def handle_messages(gateway: Gateway, request: Request, writer: ResponseWr
     parsed = parse_messages_request(gateway.anthropic_body(request))
     record.model, record.stream = parsed.model, parsed.stream
     model = route.model(parsed.model)
-    async with route.admission.slot():
+    # model.lease(): a managed model is loaded if needed and kept running until the end
+    # (ondemand; issue 10). The wait for a load happens here, inside the handler.
+    async with route.admission.slot(), model.lease():
         payload = orjson.dumps(to_chat_request(parsed, stream=True))
         exchange = await _open(gateway, model, payload)
         record.upstream = exchange.pool.authority

@@ -1,5 +1,6 @@
 """GET /metrics (Prometheus text format) and GET /readyz (200 only when every deployment
-has a healthy upstream), for the operators of the box."""
+has a healthy upstream or an on-demand model that can start, and no managed model failed to
+start), for the operators of the box."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ async def handle_metrics(gateway: Gateway, request: Request, writer: ResponseWri
 
 
 async def handle_readyz(gateway: Gateway, request: Request, writer: ResponseWriter) -> None:
-    if not gateway.ready():
-        raise ApiError(503, "not ready: a deployment has no healthy upstream")
+    problem = gateway.not_ready()
+    if problem is not None:
+        raise ApiError(503, f"not ready: {problem}")
     writer.send(200, b'{"status":"ready"}')

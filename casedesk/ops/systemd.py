@@ -54,6 +54,17 @@ class Notifier:
     def ready(self, status: str) -> None:
         self.notify("READY=1", f"STATUS={status}")
 
+    def keep_extending_start(self, status: str, step: float = 30.0) -> asyncio.Task[None]:
+        """Until the task is cancelled, push systemd's start timeout `step` seconds ahead every
+        `step / 3` seconds (EXTEND_TIMEOUT_USEC, systemd >= 236)."""
+
+        async def extend() -> None:
+            while True:
+                self.notify(f"EXTEND_TIMEOUT_USEC={int(step * 1e6)}", f"STATUS={status}")
+                await asyncio.sleep(step / 3)
+
+        return asyncio.create_task(extend(), name="extend start timeout")
+
     def reloading(self) -> None:
         self.notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
 

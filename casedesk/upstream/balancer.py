@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from casedesk.upstream.client import Exchange, call_json, open_exchange
@@ -30,6 +31,9 @@ class UpstreamState:
     errors: int = 0
     # A one-socket pool of its own, so that health checks never queue behind busy streams.
     probe: UpstreamPool | None = field(default=None, repr=False)
+    # True while a managed on-demand llama-server is stopped on purpose: not health-checked
+    # (it would be taken out, and the first request after its load refused).
+    standby: Callable[[], bool] | None = field(default=None, repr=False)
 
     @property
     def healthy(self) -> bool:
@@ -67,6 +71,8 @@ class Balancer:
     async def check_health(self, timeout: float = 5.0) -> None:
         """GET /health on every upstream: 200 brings one back, anything else takes it out."""
         for state in self.states:
+            if state.standby is not None and state.standby():
+                continue
             if state.probe is None:
                 pool = state.pool
                 state.probe = UpstreamPool(pool.host, pool.port, max_connections=1, connect_timeout=timeout)
