@@ -80,6 +80,7 @@ class ServerSettings:
     upstream_connect_timeout: float = 5.0
     upstream_read_timeout: float = 300.0  # silence from llama-server before giving up
     health_interval: float = 5.0  # seconds between active /health checks of each upstream
+    stream_keepalive: float = 2.0  # a stream silent this long gets an SSE comment (see http/keepalive.py)
     access_log: str = "-"  # "-": stdout; a path: appended to; "": off
 
 
@@ -205,6 +206,7 @@ def _server(checker: _Checker, raw: Any) -> ServerSettings:
         "upstream_connect_timeout": False,
         "upstream_read_timeout": False,
         "health_interval": False,
+        "stream_keepalive": False,
     }
     values = {
         key: checker.number(raw, key, "server", getattr(defaults, key), integer=is_int)

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from casedesk.anthropic.errors import ApiError
-from casedesk.anthropic.schema import parse_messages_request
+from casedesk.anthropic.schema import MessagesRequest, parse_messages_request
+from casedesk.http.keepalive import StreamKeepAlive
 from casedesk.http.server import Request, ResponseWriter
 from casedesk.http.sse import SseDecoder
 from casedesk.ops.accesslog import RequestRecord
@@ -31,7 +32,7 @@ from casedesk.upstream.client import Exchange
 from casedesk.upstream.pool import UpstreamError
 
 if TYPE_CHECKING:
-    from casedesk.app import Gateway, ModelRoute
+    from casedesk.app import DeploymentRoute, Gateway, ModelRoute
 
 log = logging.getLogger("casedesk.messages")
 
@@ -44,6 +45,24 @@ async def handle_messages(gateway: Gateway, request: Request, writer: ResponseWr
     route.authorize(request.headers)
     parsed = parse_messages_request(gateway.anthropic_body(request))
     record.model, record.stream = parsed.model, parsed.stream
+    # From here on a streamed request is never silent, whatever it waits for (queue, busy
+    # slots, prefill, a model loading); an error after the head went out becomes an event.
+    keepalive = StreamKeepAlive(writer, gateway.settings.stream_keepalive) if parsed.stream else None
+    try:
+        await _answer(gateway, route, parsed, writer, record)
+    except ApiError as error:
+        if writer.started and not writer.finished:
+            writer.write(error.sse_event())
+            writer.end()
+        raise
+    finally:
+        if keepalive is not None:
+            keepalive.cancel()
+
+
+async def _answer(
+    gateway: Gateway, route: DeploymentRoute, parsed: MessagesRequest, writer: ResponseWriter, record: RequestRecord
+) -> None:
     model = route.model(parsed.model)
     async with route.admission.slot():
         payload = orjson.dumps(to_chat_request(parsed, stream=True))
@@ -187,7 +206,8 @@ async def _relay_to_client(
             pending.clear()
 
     relay = _Relay(exchange, on_chunk, lambda: translator.cut, flush)
-    writer.start_stream()
+    if not writer.started:  # the keep-alive may have started it already
+        writer.start_stream()
     writer.set_flow_listener(relay)
     await relay.run()
     flush()
