@@ -246,7 +246,7 @@ class HttpProtocol(asyncio.Protocol):
             error = ApiError(529, "too many open connections to this gateway; retry shortly")
             body = error.body()
             self.transport.write(
-                b"HTTP/1.1 529 Overloaded\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                b"HTTP/1.1 529 Overloaded\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\n"
                 b"content-length: %d\r\n\r\n%b" % (len(body), body)
             )
             self.close()
