@@ -150,3 +150,32 @@ async def test_the_shutdown_529_says_when_to_retry(start_gateway: GatewayFactory
         assert status == 529 and "shutting down" in orjson.loads(body)["error"]["message"]
         assert retry_after(headers) >= 1 and time.monotonic() - started < 5
         assert (await busy)[-1][0] == "error"
+
+
+async def test_an_error_reported_in_the_stream_is_an_answer_not_a_fault(start_gateway: GatewayFactory) -> None:
+    """llama-server reports some errors after its 200 head as `data: {"error": …}` (then ends
+    the stream without [DONE]: docs/llama-server-facts.md §4): not retried elsewhere, no
+    health change, a 502 with its message when nothing had been sent yet."""
+    asked: list[int] = []
+
+    async def reporting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head.startswith(b"GET /health "):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 15\r\nConnection: close\r\n\r\n{\"status\":\"ok\"}")
+            writer.close()
+            return
+        asked.append(1)
+        event = b'data: {"error":{"code":500,"message":"failed to decode the batch","type":"server_error"}}\n\n'
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"%x\r\n%b\r\n0\r\n\r\n" % (len(event), event))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(reporting, "127.0.0.1", 0)
+    async with server, FakeLlamaServer(GOOD) as good:
+        port = server.sockets[0].getsockname()[1]
+        gw = await start_gateway(gateway_config([f"http://127.0.0.1:{port}", good.url]))
+        status, _, body = await http_post(gw.port, MESSAGES, {"model": "m", "max_tokens": 5, "messages": ASK})
+        assert status == 502 and "failed to decode the batch" in orjson.loads(body)["error"]["message"]
+        assert len(asked) == 1 and not good.chat_requests()
+        assert await readyz(gw) == 200

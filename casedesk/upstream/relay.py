@@ -134,8 +134,10 @@ class AnswerRelay:
                 return translator, None
             if attempt.transport_failed:
                 self.balancer.failed(state)
-            if translator.started or not attempt.transport_failed:
+            if translator.started:
                 return translator, attempt.error
+            if not attempt.transport_failed:  # llama-server reported an error: its answer
+                raise ApiError(502, f"upstream {self.upstream} failed: {attempt.error}")
             log.warning("upstream %s failed before the answer began: %s", self.upstream, attempt.error)
             last = UpstreamError(attempt.error)
         raise _final(last)
