@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
 
 import orjson
 
@@ -93,10 +92,9 @@ async def open_with_failover(
 class AnswerRelay:
     """Relays one chat answer from the balancer's best upstream, through a StreamTranslator.
 
-    `write` receives the answer's events as bytes: up to and with the first token each as it
-    comes; after it, those of one upstream read joined in one call. `start` runs once, before
-    the first write. Also the client socket's FlowListener: a client that stops reading
-    pauses the upstream.
+    `write` receives the answer's events as bytes, those of one upstream read joined in one
+    call; `start` runs once, before the first write. Also the client socket's FlowListener: a
+    client that stops reading pauses the upstream.
     """
 
     def __init__(self, balancer: Balancer, read_timeout: float) -> None:
@@ -160,7 +158,17 @@ class _Attempt:
     """
 
     __slots__ = (
-        "exchange", "translator", "start", "write", "on_first_token", "pending", "done", "error", "transport_failed"
+        "exchange",
+        "translator",
+        "start",
+        "write",
+        "on_first_token",
+        "pending",
+        "begun",
+        "waiting",
+        "done",
+        "error",
+        "transport_failed",
     )
 
     def __init__(
@@ -177,6 +185,8 @@ class _Attempt:
         self.write = write
         self.on_first_token = on_first_token
         self.pending: list[bytes] = []
+        self.begun = False  # `start` has run
+        self.waiting = True  # for the first token to be written
         self.done = False
         self.error: str | None = None
         self.transport_failed = False
@@ -214,35 +224,33 @@ class _Attempt:
         if not isinstance(chunk, dict) or "error" in chunk:
             self.fail(stream_error_message(payload))
             return
-        self.on_chunk(chunk)
+        out = self.translator.feed(chunk)
+        if out:
+            self.pending.append(out)
         if self.translator.cut:
             self.done = True
             self._abort()  # the answer is complete; llama-server stops here
 
-    def on_chunk(self, chunk: dict[str, Any]) -> None:
-        translator = self.translator
-        if translator.has_content:  # the per-token path: written once per upstream read
-            out = translator.feed(chunk)
-            if out:
-                self.pending.append(out)
-            return
-        started = translator.started
-        out = translator.feed(chunk)
-        if out:  # up to and with the first token, every event leaves at once
-            if not started:
-                self.start()
-            self.write(out)
-            if translator.has_content and self.on_first_token is not None:
-                self.on_first_token()
-
     def flush(self) -> None:
-        # Events that came in one upstream read leave in one write: nothing waits for
-        # anything (each read is written before the next is taken), but a burst of tokens
-        # (a fast model, or a client catching up) costs one syscall instead of one each.
+        # The events of one upstream read leave in one write (the first one with the response
+        # head: message_start and the first token usually arrive in the same read). Nothing
+        # waits for anything: each read is written before the next is taken, but a burst of
+        # tokens (a fast model, or a client catching up) costs one syscall instead of one each.
         pending = self.pending
         if pending:
+            if self.waiting:
+                self._before_first_writes()
             self.write(pending[0] if len(pending) == 1 else b"".join(pending))
             pending.clear()
+
+    def _before_first_writes(self) -> None:
+        if not self.begun:
+            self.begun = True
+            self.start()
+        if self.translator.has_content:
+            self.waiting = False
+            if self.on_first_token is not None:
+                self.on_first_token()
 
     def on_error(self, payload: bytes) -> None:
         self.fail(stream_error_message(payload))
