@@ -259,6 +259,7 @@ class _Attempt:
         if self.error is None:
             self.error = message
             self.transport_failed = transport
+        self.done = True  # the rest of this read is not relayed
         self._abort()
 
     def _abort(self) -> None:
