@@ -79,7 +79,9 @@ def _final(error: Exception | None) -> ApiError:
 async def open_with_failover(
     balancer: Balancer, method: str, path: str, body: bytes | None, read_timeout: float
 ) -> Exchange:
-    """A 200 exchange from the best upstream that gives one; otherwise the ApiError to send."""
+    """A 200 exchange for `method path` with `body` from the best upstream that gives one,
+    each tried at most once; otherwise raises the ApiError to send (the last server fault's,
+    the request's own error at once, or 502 when none could be reached)."""
     last: Exception | None = None
     for state in balancer.candidates():
         try:
@@ -111,8 +113,15 @@ class AnswerRelay:
         write: Callable[[bytes], None],
         on_first_token: Callable[[], None] | None = None,
     ) -> tuple[StreamTranslator, str | None]:
-        """The translator that made the answer, and what went wrong after its first event
-        (None: complete). Raises ApiError when the answer never started."""
+        """Relay the answer to `payload` (a llama-server chat request, streamed).
+
+        new_translator: a fresh StreamTranslator for each attempt (a failed one said nothing).
+        start: called once, before the first write (e.g. commit the response head).
+        write: the answer's events, as bytes.
+        on_first_token: called once, just before the first token is written.
+        Returns the translator that made the answer and what went wrong after its first event
+        (None: the answer is complete). Raises ApiError when no attempt's answer began.
+        """
         last: Exception | None = None
         for state in self.balancer.candidates():
             self.upstream = state.pool.authority
