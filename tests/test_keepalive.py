@@ -34,6 +34,7 @@ class RawStream:
 
     def __init__(self) -> None:
         self.status = 0
+        self.headers: dict[str, str] = {}
         self.body = b""
         self.arrivals: list[float] = []
         self.sent_at = 0.0
@@ -57,6 +58,7 @@ class RawStream:
                     conn.receive_data(data)
                 elif isinstance(event, h11.Response):
                     self.status = event.status_code
+                    self.headers = {k.decode(): v.decode() for k, v in event.headers}
                 elif isinstance(event, h11.Data):
                     self.body += event.data
                 elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
@@ -130,6 +132,7 @@ async def test_a_head_withheld_for_30_s_keeps_every_client_fed(start_gateway: Ga
         )
     assert len(fake.chat_requests()) == 6  # reference, raw, two Python, two TypeScript
     assert raw.status == 200 and raw.arrivals[-1] - raw.sent_at >= 30
+    assert raw.headers["content-type"] == "text/event-stream" and raw.headers["x-accel-buffering"] == "no"
     assert raw.largest_gap <= 5.0 and raw.comments >= 10
     assert raw.events()[0][0] == "message_start" and answer_of(raw.events()) == reference
 
@@ -173,7 +176,7 @@ async def test_an_error_after_the_head_is_an_event_with_the_same_type_and_messag
     async with FakeLlamaServer(too_long) as fake:
         gateway = await start_gateway(gateway_config([fake.url], server={"stream_keepalive": 0.2}))
         raw = await RawStream().run(gateway.port, {})
-        assert raw.status == 200 and raw.comments >= 2
+        assert raw.status == 200 and raw.comments >= 2 and raw.headers["x-accel-buffering"] == "no"
         assert raw.events() == [("error", {"type": "error", "error": {
             "type": "invalid_request_error", "message": "prompt is too long: 9024 tokens > 2048 maximum"}})]
         client = anthropic.AsyncAnthropic(base_url=gateway.base_url(), api_key="k", max_retries=0)
@@ -191,3 +194,4 @@ async def test_a_fast_answer_has_no_keep_alive_bytes(start_gateway: GatewayFacto
         gateway = await start_gateway(gateway_config([fake.url]))
         raw = await RawStream().run(gateway.port, {})
     assert raw.comments == 0 and answer_of(raw.events())["text"] == "Hello world!"
+    assert raw.headers["x-accel-buffering"] == "no"  # nginx passes events on at once

@@ -19,7 +19,7 @@ import orjson
 
 from casedesk.anthropic.errors import ApiError
 from casedesk.anthropic.schema import MessagesRequest, parse_messages_request
-from casedesk.http.keepalive import StreamKeepAlive
+from casedesk.http.keepalive import STREAM_HEADERS, StreamKeepAlive
 from casedesk.http.server import Request, ResponseWriter
 from casedesk.ops.accesslog import RequestRecord
 from casedesk.translate.request import to_chat_request
@@ -89,7 +89,7 @@ async def _stream(
 ) -> None:
     def start() -> None:
         if not writer.started:  # the keep-alive may have started it already
-            writer.start_stream()
+            writer.start_stream(headers=STREAM_HEADERS)
 
     def first_token() -> None:
         record.ttft = time.monotonic() - record.started

@@ -21,6 +21,9 @@ import asyncio
 from casedesk.http.server import ResponseWriter
 
 COMMENT = b": keep-alive\n\n"
+# The head of every event stream: nginx buffers a proxied response unless told not to, and
+# would hold back the very bytes that keep the connection alive (llama-server sends it too).
+STREAM_HEADERS = (("x-accel-buffering", "no"),)
 
 
 class StreamKeepAlive:
@@ -39,7 +42,7 @@ class StreamKeepAlive:
             self._handle = None
             return
         if not writer.started:
-            writer.start_stream()
+            writer.start_stream(headers=STREAM_HEADERS)
             writer.write(COMMENT)
         elif writer.bytes_sent == self._seen:
             writer.write(COMMENT)
