@@ -236,15 +236,18 @@ class _Attempt:
         out = self.translator.feed(chunk)
         if out:
             self.pending.append(out)
+            if self.waiting and self.translator.has_content:
+                # The first token leaves at once, with message_start and the head, not after
+                # the rest of this read (a fast upstream's first read may hold hundreds).
+                self.flush()
         if self.translator.cut:
             self.done = True
             self._abort()  # the answer is complete; llama-server stops here
 
     def flush(self) -> None:
-        # The events of one upstream read leave in one write (the first one with the response
-        # head: message_start and the first token usually arrive in the same read). Nothing
-        # waits for anything: each read is written before the next is taken, but a burst of
-        # tokens (a fast model, or a client catching up) costs one syscall instead of one each.
+        # The events of one upstream read leave in one write. Nothing waits for anything: each
+        # read is written before the next is taken, but a burst of tokens (a fast model, or a
+        # client catching up) costs one syscall instead of one each.
         pending = self.pending
         if pending:
             if self.waiting:
