@@ -33,7 +33,7 @@ test: $(STAMP) $(TS_SDK)
 
 # Unit and protocol tests only (no real llama-server): seconds, for the edit-test loop.
 test-fast: $(STAMP)
-	$(PY) -m pytest -ra -m "not e2e"
+	$(PY) -m pytest -ra -m "not e2e and not slow"
 
 bench: $(STAMP)
 	$(PY) bench/run.py

@@ -83,6 +83,7 @@ class ServerSettings:
     upstream_connect_timeout: float = 5.0
     upstream_read_timeout: float = 300.0  # silence from llama-server before giving up
     health_interval: float = 5.0  # seconds between active /health checks of each upstream
+    stream_keepalive: float = 2.0  # a stream silent this long gets an SSE comment (see http/keepalive.py)
     access_log: str = "-"  # "-": stdout; a path: appended to; "": off
     max_loaded_models: int = 0  # managed llama-servers running at once; 0: no limit
 
@@ -227,6 +228,7 @@ def _server(checker: _Checker, raw: Any) -> ServerSettings:
         "upstream_connect_timeout": False,
         "upstream_read_timeout": False,
         "health_interval": False,
+        "stream_keepalive": False,
     }
     max_loaded = checker.number(raw, "max_loaded_models", "server", 0, integer=True, exclusive=False)
     values = {

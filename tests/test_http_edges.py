@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import GatewayFactory, RunningGateway, gateway_config
 from tests.fake_llama import FakeLlamaServer, Reply
-from tests.test_relay import raw_events
+from tests.test_relay import ASK, http_post, raw_events
 from tests.test_http_server import DEAD_UPSTREAM, MESSAGES, exchange, parse, read_response
 
 ASK = [{"role": "user", "content": "hi"}]
@@ -353,8 +353,18 @@ async def test_an_upstream_event_that_never_ends_fails_the_stream_with_a_clear_e
     try:
         port = server.sockets[0].getsockname()[1]
         gw = await start_gateway(gateway_config([f"http://127.0.0.1:{port}"]))
-        events = await asyncio.wait_for(raw_events(gw, {}), 10)
+        status, _headers, data = await asyncio.wait_for(
+            http_post(
+                gw.port,
+                "/proxy/dep/anthropic/v1/messages",
+                {"model": "m", "max_tokens": 100, "messages": ASK, "stream": True},
+            ),
+            10,
+        )
     finally:
         server.close()
-    assert events[-1][0] == "error"
-    assert "larger than 1048576 bytes" in events[-1][1]["error"]["message"]
+    # Nothing of the answer had gone out, so the failure is still a real HTTP status.
+    assert status == 502
+    error = orjson.loads(data)["error"]
+    assert error["type"] == "api_error"
+    assert "larger than 1048576 bytes" in error["message"]

@@ -1,7 +1,7 @@
-"""StreamTranslator and the whole-answer mapping, without sockets: chunks in, events out.
+"""StreamTranslator and the whole message built from its events, without sockets.
 
 The final events are fed to the official SDK's own accumulator, so what a client builds
-from them is checked too.
+from them is checked too; MessageAccumulator (the non-streamed answer) must build the same.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from anthropic.lib.streaming._messages import accumulate_event
 from anthropic.types import RawMessageStreamEvent
 from pydantic import TypeAdapter
 
-from casedesk.translate.response import CompletionAccumulator, to_message
+from casedesk.translate.response import MessageAccumulator
 from casedesk.translate.stream import StreamTranslator
 
 EVENT = TypeAdapter(RawMessageStreamEvent)
@@ -68,11 +68,12 @@ def test_text_stream_is_the_full_anthropic_sequence() -> None:
     assert message.usage.output_tokens == 5 and message.usage.input_tokens == 20
 
 
-def test_later_progress_chunks_are_pings_at_most_once_an_interval() -> None:
-    events = run([PROGRESS, PROGRESS, PROGRESS, delta(content="x"), finish("stop")], ping_interval=0)
-    assert [n for n, _ in events][:3] == ["message_start", "ping", "ping"]
-    events = run([PROGRESS, PROGRESS, PROGRESS, delta(content="x"), finish("stop")], ping_interval=60)
-    assert [n for n, _ in events][:2] == ["message_start", "content_block_start"]
+def test_progress_chunks_say_nothing_until_the_answer_begins() -> None:
+    translator = StreamTranslator("tag", wants_thinking=False)
+    assert translator.feed(PROGRESS) == b"" and translator.feed(PROGRESS) == b"" and not translator.started
+    out = translator.feed(delta(role="assistant", content=None))
+    assert out.startswith(b"event: message_start\n") and translator.started and not translator.has_content
+    assert b'"input_tokens":20' in out and b'"cache_read_input_tokens":10' in out
 
 
 @pytest.mark.parametrize("text", ['say "hi"', "back\\slash", "new\nline", "tab\tand\u0001ctl", "é 中文 🐉", "</script>"])
@@ -101,10 +102,10 @@ def test_thinking_then_text_with_a_signature_when_asked() -> None:
     assert message.content[1].text == "42"
 
 
-def test_reasoning_not_asked_for_is_dropped_with_pings() -> None:
+def test_reasoning_not_asked_for_is_dropped() -> None:
     events = run([PROGRESS, delta(reasoning_content="secret"), delta(content="answer"), finish("stop")], wants_thinking=False)
     assert "secret" not in orjson.dumps(events).decode()
-    assert [n for n, _ in events][1] == "ping"
+    assert [n for n, _ in events][:2] == ["message_start", "content_block_start"]
     assert sdk_message(events).content[0].text == "answer"
 
 
@@ -151,26 +152,49 @@ def test_max_tokens_and_stop_sequence_stop_reasons() -> None:
     assert run([PROGRESS, delta(content="a"), eos])[-2][1]["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
 
 
-def test_accumulated_chunks_make_the_same_message_as_the_stream() -> None:
-    accumulator = CompletionAccumulator()
-    for chunk in tool_chunks():
-        accumulator.feed(chunk)
-    message = to_message(accumulator.completion(), "tag", wants_thinking=False)
-    streamed = sdk_message(run(tool_chunks(), wants_thinking=False))
-    assert message["content"] == [b.model_dump(exclude_none=True) for b in streamed.content]
-    assert message["stop_reason"] == streamed.stop_reason == "tool_use"
+def whole(chunks: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
+    """The non-streamed answer: the translator's events accumulated."""
+    translator = StreamTranslator("tag", **{"wants_thinking": False, **options})
+    accumulator = MessageAccumulator()
+    for chunk in chunks:
+        accumulator.feed(translator.feed(chunk))
+        if translator.cut:
+            break
+    accumulator.feed(translator.finish())
+    return accumulator.message
+
+
+@pytest.mark.parametrize("wants_thinking", [False, True])
+@pytest.mark.parametrize("chunks", [
+    tool_chunks(),
+    [PROGRESS, delta(reasoning_content="r1 "), delta(reasoning_content="r2"), delta(content="hi"), finish("length"), USAGE],
+    [PROGRESS, delta(content="a"), {**finish("stop"), "__verbose": {"stop_type": "word", "stopping_word": "END"}}, USAGE],
+    [PROGRESS, delta(content="cut short, no usage")],
+])
+def test_the_whole_message_is_what_the_sdk_builds_from_the_stream(chunks: list[dict[str, Any]], wants_thinking: bool) -> None:
+    message = whole(chunks, wants_thinking=wants_thinking, message_id="msg_x")
+    streamed = sdk_message(run(chunks, wants_thinking=wants_thinking, message_id="msg_x"))
+    assert message == streamed.model_dump(exclude_none=True) | {"stop_sequence": streamed.stop_sequence}
+
+
+def test_whole_message_fields() -> None:
+    message = whole(tool_chunks())
+    assert [b["type"] for b in message["content"]] == ["text", "tool_use", "tool_use"]
+    assert message["content"][1] == {"type": "tool_use", "id": "call_a", "name": "weather", "input": {"city": "Oslo"}}
+    assert message["stop_reason"] == "tool_use" and message["stop_sequence"] is None and message["model"] == "tag"
     assert message["usage"] == {"input_tokens": 20, "output_tokens": 5, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 10}
+    thinking = [PROGRESS, delta(reasoning_content="r"), delta(content="hi"), finish("stop")]
+    shown = whole(thinking, wants_thinking=True)["content"]
+    assert [b["type"] for b in shown] == ["thinking", "text"] and shown[0]["thinking"] == "r" and shown[0]["signature"]
+    assert whole(thinking)["content"] == [{"type": "text", "text": "hi"}]
+    stopped = whole([PROGRESS, delta(content="a"), {**finish("stop"), "__verbose": {"stop_type": "word", "stopping_word": "END"}}])
+    assert (stopped["stop_reason"], stopped["stop_sequence"]) == ("stop_sequence", "END")
 
 
-def test_whole_completion_mapping() -> None:
-    completion = {
-        "choices": [{"finish_reason": "stop", "message": {"role": "assistant", "content": "hi", "reasoning_content": "r",
-                                                            "tool_calls": [{"id": "c1", "function": {"name": "f", "arguments": '{"a": [1]}'}}]}}],
-        "usage": {"prompt_tokens": 9, "completion_tokens": 3, "prompt_tokens_details": {"cached_tokens": 4}},
-    }
-    message = to_message(completion, "tag", wants_thinking=True)
-    assert [b["type"] for b in message["content"]] == ["thinking", "text", "tool_use"]
-    assert message["content"][2] == {"type": "tool_use", "id": "c1", "name": "f", "input": {"a": [1]}}
-    assert message["stop_reason"] == "tool_use" and message["model"] == "tag"
-    assert message["usage"]["input_tokens"] == 5 and message["usage"]["cache_read_input_tokens"] == 4
-    assert [b["type"] for b in to_message(completion, "tag", wants_thinking=False)["content"]] == ["text", "tool_use"]
+def test_whole_message_single_tool_cut_and_bad_arguments() -> None:
+    cut = whole(tool_chunks(), single_tool_use=True)
+    assert [b["type"] for b in cut["content"]] == ["text", "tool_use"] and cut["stop_reason"] == "tool_use"
+    assert cut["usage"]["output_tokens"] == 5  # cut before the usage chunk: the delta chunks seen
+    bad = [PROGRESS, delta(tool_calls=[{"index": 0, "id": "c", "function": {"name": "f", "arguments": "{not json"}}]),
+           finish("tool_calls")]
+    assert whole(bad)["content"][0]["input"] == {"_raw_arguments": "{not json"}

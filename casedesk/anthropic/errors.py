@@ -27,6 +27,9 @@ ERROR_TYPES: dict[int, str] = {
 }
 
 
+DEFAULT_RETRY_AFTER = 1  # seconds, on every 429 and 529 that does not say otherwise
+
+
 class ApiError(Exception):
     """A failure the client should see as an Anthropic error response."""
 
@@ -41,6 +44,9 @@ class ApiError(Exception):
         self.status = status
         self.message = message
         self.error_type = error_type or ERROR_TYPES.get(status, "api_error")
+        if status in (429, 529) and not any(name == "retry-after" for name, _ in headers):
+            # "Back off and retry": the SDKs wait what retry-after says (shared/protocol.md §1).
+            headers = (*headers, ("retry-after", str(DEFAULT_RETRY_AFTER)))
         self.headers = headers
 
     def body(self) -> bytes:

@@ -15,10 +15,8 @@ import orjson
 from casedesk.anthropic.errors import ApiError
 from casedesk.anthropic.schema import parse_messages_request
 from casedesk.http.server import Request, ResponseWriter
-from casedesk.translate.errors import upstream_error
 from casedesk.translate.request import to_chat_request
-from casedesk.upstream.balancer import open_with_failover
-from casedesk.upstream.pool import UpstreamError
+from casedesk.upstream.relay import open_with_failover
 
 if TYPE_CHECKING:
     from casedesk.app import Gateway
@@ -47,13 +45,8 @@ async def handle_count_tokens(gateway: Gateway, request: Request, writer: Respon
 
 
 async def _call(balancer: Any, path: str, payload: dict[str, Any], timeout: float) -> dict[str, Any]:
+    exchange = await open_with_failover(balancer, "POST", path, orjson.dumps(payload), timeout)
     try:
-        exchange, _state = await open_with_failover(balancer, "POST", path, orjson.dumps(payload), timeout)
-    except UpstreamError as exc:
-        raise ApiError(502, f"no upstream could be reached: {exc}") from None
-    try:
-        if exchange.head.status != 200:
-            raise upstream_error(exchange.head.status, await exchange.read_body(), exchange.pool.authority)
         result = await exchange.read_json()
     finally:
         exchange.close()

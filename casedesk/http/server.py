@@ -139,6 +139,11 @@ class ResponseWriter:
         self._held_head = b""
 
     @property
+    def bytes_written(self) -> int:
+        """Bytes written on this connection so far: a cheap "anything new since?" check."""
+        return self._protocol.bytes_written
+
+    @property
     def disconnected(self) -> bool:
         return self._protocol.closed
 

@@ -1,8 +1,9 @@
-"""llama-server chat completion → Anthropic message (non-streamed), and the shared mappings.
+"""The whole Anthropic message for a non-streamed request, and the mappings both paths share.
 
-Pure functions over dicts. Reasoning the request did not ask for (no `thinking` enabled) is
-left out of the answer: an Anthropic client that did not enable thinking does not expect
-thinking blocks. README.md ("Thinking") documents this.
+A non-streamed message is StreamTranslator's events accumulated (`MessageAccumulator`): one
+translator, one place for stop reasons, usage, tool inputs and the single-tool cut.
+Reasoning the request did not ask for (no `thinking` enabled) is left out of the answer by
+the translator: README.md ("Thinking") documents this.
 """
 
 from __future__ import annotations
@@ -80,129 +81,50 @@ def matched_stop_sequence(payload: dict[str, Any]) -> str | None:
     return None
 
 
-class CompletionAccumulator:
-    """Streamed chunks → the completion a non-streamed call would have returned.
+class MessageAccumulator:
+    """StreamTranslator's events → the whole message a non-streamed request answers with.
 
-    Non-streamed Anthropic requests are streamed from llama-server too: the upstream then
-    never goes silent during a long generation (the stall timeout means "no bytes", not
-    "no answer yet"), and one code path serves both kinds of client.
+    One translator serves both kinds of client: a non-streamed answer is the stream's events
+    accumulated, as the SDKs' own accumulators build their final message.
+    Fed our own encoding only (`event: NAME\ndata: JSON\n\n`, several per feed).
     """
 
-    def __init__(self, *, single_tool_use: bool = False) -> None:
-        # single_tool_use: see StreamTranslator; a second tool call ends the answer (`cut`).
-        self.single_tool_use = single_tool_use
-        self.cut = False
-        self.deltas = 0
-        self.content: list[str] = []
-        self.reasoning: list[str] = []
-        self.calls: dict[int, dict[str, Any]] = {}
-        self.finish_reason: str | None = None
-        self.usage: dict[str, Any] | None = None
-        self.verbose: dict[str, Any] | None = None
-        self.prompt_progress: dict[str, Any] | None = None
+    __slots__ = ("message", "_parts", "_json")
 
-    def feed(self, chunk: dict[str, Any]) -> None:
-        if "prompt_progress" in chunk:
-            self.prompt_progress = chunk["prompt_progress"]
-            return
-        for choice in chunk.get("choices") or ():
-            delta = choice.get("delta") or {}
-            if delta:
-                self.deltas += 1
-            if delta.get("content"):
-                self.content.append(delta["content"])
-            if delta.get("reasoning_content"):
-                self.reasoning.append(delta["reasoning_content"])
-            for call in delta.get("tool_calls") or ():
-                index = int(call.get("index") or 0)
-                if self.single_tool_use and self.calls and index not in self.calls:
-                    self.cut = True
-                    return
-                slot = self.calls.setdefault(index, {"id": None, "name": "", "arguments": []})
-                function = call.get("function") or {}
-                slot["id"] = slot["id"] or call.get("id")
-                slot["name"] = slot["name"] or function.get("name") or ""
-                if function.get("arguments"):
-                    slot["arguments"].append(function["arguments"])
-            if choice.get("finish_reason"):
-                self.finish_reason = choice["finish_reason"]
-        if chunk.get("usage"):
-            self.usage = chunk["usage"]
-        if isinstance(chunk.get("__verbose"), dict):
-            self.verbose = chunk["__verbose"]
+    def __init__(self) -> None:
+        self.message: dict[str, Any] = {}
+        self._parts: list[str] = []  # the open block's text, thinking or tool input pieces
+        self._json = False  # the open block is a tool_use (its pieces are JSON)
 
-    def completion(self) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.content)}
-        if self.reasoning:
-            message["reasoning_content"] = "".join(self.reasoning)
-        if self.calls:
-            message["tool_calls"] = [
-                {
-                    "id": c["id"],
-                    "type": "function",
-                    "function": {"name": c["name"], "arguments": "".join(c["arguments"])},
-                }
-                for _, c in sorted(self.calls.items())
-            ]
-        usage = self.usage
-        if usage is None:  # cut short before llama-server's usage chunk (see StreamTranslator)
-            progress = self.prompt_progress or {}
-            usage = {
-                "prompt_tokens": progress.get("total", 0),
-                "completion_tokens": self.deltas,
-                "prompt_tokens_details": {"cached_tokens": progress.get("cache", 0)},
-            }
-        completion: dict[str, Any] = {
-            "choices": [
-                {"index": 0, "message": message, "finish_reason": "tool_calls" if self.cut else self.finish_reason}
-            ],
-            "usage": usage,
-        }
-        if self.verbose is not None:
-            completion["__verbose"] = self.verbose
-        return completion
+    def feed(self, events: bytes) -> None:
+        for block in events.split(b"\n\n"):
+            if block:
+                self._event(orjson.loads(block[block.index(b"\ndata: ") + 7 :]))
 
-
-def to_message(
-    completion: dict[str, Any],
-    model: str,
-    *,
-    wants_thinking: bool,
-    message_id: str | None = None,
-) -> dict[str, Any]:
-    """The Anthropic message for a whole chat completion."""
-    choices = completion.get("choices") or [{}]
-    choice = choices[0]
-    message = choice.get("message") or {}
-    content: list[dict[str, Any]] = []
-    reasoning = message.get("reasoning_content")
-    if wants_thinking and reasoning:
-        content.append({"type": "thinking", "thinking": reasoning, "signature": thinking_signature(reasoning)})
-    text = message.get("content")
-    if text:
-        content.append({"type": "text", "text": text})
-    for call in message.get("tool_calls") or []:
-        function = call.get("function") or {}
-        content.append(
-            {
-                "type": "tool_use",
-                "id": call.get("id") or new_tool_use_id(),
-                "name": function.get("name", ""),
-                "input": tool_input(function.get("arguments")),
-            }
-        )
-    has_tool_use = any(block["type"] == "tool_use" for block in content)
-    stop_sequence = matched_stop_sequence(completion)
-    stop_reason = (
-        "stop_sequence" if stop_sequence is not None else stop_reason_of(choice.get("finish_reason"), has_tool_use)
-    )
-    return {
-        "id": message_id or new_message_id(),
-        "type": "message",
-        "role": "assistant",
-        "model": model,
-        "content": content,
-        "stop_reason": stop_reason,
-        "stop_sequence": stop_sequence,
-        "usage": usage_of(completion.get("usage")),
-    }
+    def _event(self, event: dict[str, Any]) -> None:
+        kind = event["type"]
+        if kind == "content_block_delta":
+            delta = event["delta"]
+            piece = delta.get("text", delta.get("thinking", delta.get("partial_json")))
+            if piece is not None:
+                self._parts.append(piece)
+            elif "signature" in delta:
+                self.message["content"][-1]["signature"] = delta["signature"]
+        elif kind == "content_block_start":
+            block = dict(event["content_block"])
+            self.message["content"].append(block)
+            self._parts = []
+            self._json = block["type"] == "tool_use"
+        elif kind == "content_block_stop":
+            block = self.message["content"][-1]
+            text = "".join(self._parts)
+            if self._json:
+                block["input"] = tool_input(text)
+            else:
+                block["thinking" if block["type"] == "thinking" else "text"] = text
+        elif kind == "message_start":
+            self.message = dict(event["message"])
+            self.message["content"] = []
+        elif kind == "message_delta":
+            self.message.update(event["delta"])
+            self.message["usage"] = {**self.message["usage"], **event["usage"]}

@@ -12,7 +12,6 @@ bytes are pre-encoded around one `orjson.dumps(text)` (tests compare them with t
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import orjson
@@ -28,10 +27,6 @@ from casedesk.translate.response import (
 )
 
 log = logging.getLogger("casedesk.translate")
-
-PING = b'event: ping\ndata: {"type":"ping"}\n\n'
-PING_INTERVAL = 1.0  # seconds: llama-server reports progress every batch; clients need far fewer pings
-_SUPPRESSED_PING_EVERY = 32  # chunks of reasoning nobody asked for between two pings
 
 
 class StreamTranslator:
@@ -52,14 +47,11 @@ class StreamTranslator:
         "_usage",
         "_input_tokens",
         "_cached_tokens",
-        "_suppressed",
         "has_tool_use",
         "stop_sequence",
         "single_tool_use",
         "cut",
         "_deltas",
-        "ping_interval",
-        "_last_ping",
         "final_usage",
     )
 
@@ -70,7 +62,6 @@ class StreamTranslator:
         wants_thinking: bool,
         single_tool_use: bool = False,
         message_id: str | None = None,
-        ping_interval: float = PING_INTERVAL,
     ) -> None:
         self.model = model
         self.message_id = message_id or new_message_id()
@@ -88,7 +79,6 @@ class StreamTranslator:
         self._usage: dict[str, Any] | None = None
         self._input_tokens = 0
         self._cached_tokens = 0
-        self._suppressed = 0
         self.has_tool_use = False
         self.stop_sequence: str | None = None
         # disable_parallel_tool_use: llama-server's grammar may still allow more calls, so a
@@ -96,8 +86,6 @@ class StreamTranslator:
         self.single_tool_use = single_tool_use
         self.cut = False
         self._deltas = 0  # chunks carrying a delta: the output token count if cut short
-        self.ping_interval = ping_interval
-        self._last_ping = time.monotonic()
         self.final_usage: dict[str, int] = {}  # the usage message_delta reported
 
     # -- input ----------------------------------------------------------------------------
@@ -107,17 +95,13 @@ class StreamTranslator:
         out = b""
         progress = chunk.get("prompt_progress")
         if progress is not None:
-            if self.started:
-                # A long prompt is still being processed: keep the client informed, now and then.
-                now = time.monotonic()
-                if now - self._last_ping < self.ping_interval:
-                    return b""
-                self._last_ping = now
-                return PING
+            # The prompt's size and cached part, for message_start. That event waits for the
+            # answer's first chunk: until then a failed upstream can be replaced unseen
+            # (upstream/relay.py), and the keep-alive covers a long prefill.
             total = int(progress.get("total") or 0)
             self._cached_tokens = int(progress.get("cache") or 0)
             self._input_tokens = max(total - self._cached_tokens, 0)
-            return self._message_start()
+            return b""
         if not self.started:
             out = self._message_start()
         choices = chunk.get("choices")
@@ -157,8 +141,7 @@ class StreamTranslator:
 
     def _reasoning(self, reasoning: str) -> bytes:
         if not self.wants_thinking:
-            self._suppressed += 1
-            return PING if self._suppressed % _SUPPRESSED_PING_EVERY == 1 else b""
+            return b""  # the stream's keep-alive covers the silence (http/keepalive.py)
         out = b""
         if self._block != "thinking":
             out = self._open(b'{"type":"thinking","thinking":"","signature":""}', "thinking")

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from casedesk.upstream.client import Exchange, call_json, open_exchange
+from casedesk.upstream.client import call_json
 from casedesk.upstream.pool import UpstreamError, UpstreamPool
 
 log = logging.getLogger("casedesk.balancer")
@@ -98,30 +98,3 @@ class Balancer:
             await self.check_health()
             await asyncio.sleep(interval)
 
-
-async def open_with_failover(
-    balancer: Balancer, method: str, path: str, body: bytes | None, read_timeout: float
-) -> tuple[Exchange, UpstreamState]:
-    """Send to the best upstream; before any byte reaches the client, move on to the next one
-    when an upstream cannot be reached or answers 5xx. The last answer is returned as it is
-    (the caller maps a non-200 to an error); UpstreamError when none could be reached."""
-    candidates = balancer.candidates()
-    last_error: UpstreamError | None = None
-    for position, state in enumerate(candidates):
-        is_last = position == len(candidates) - 1
-        try:
-            exchange = await open_exchange(state.pool, method, path, body, read_timeout)
-        except UpstreamError as exc:
-            balancer.failed(state)
-            last_error = exc
-            continue
-        if exchange.head.status >= 500:
-            balancer.failed(state)
-            if not is_last:
-                exchange.close()
-                continue
-        else:
-            balancer.succeeded(state)
-        return exchange, state
-    assert last_error is not None
-    raise last_error
