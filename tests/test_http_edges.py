@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import GatewayFactory, RunningGateway, gateway_config
 from tests.fake_llama import FakeLlamaServer, Reply
-from tests.test_relay import ASK, http_post, raw_events
+from tests.test_relay import http_post
 from tests.test_http_server import DEAD_UPSTREAM, MESSAGES, exchange, parse, read_response
 
 ASK = [{"role": "user", "content": "hi"}]
