@@ -28,6 +28,7 @@ from casedesk.http.server import Request, ResponseWriter, ServerLimits
 from casedesk.ops.accesslog import AccessLog, RequestRecord
 from casedesk.ops.metrics import Metrics
 from casedesk.router import Router
+from casedesk.upstream.affinity import Thresholds
 from casedesk.upstream.balancer import Balancer
 from casedesk.upstream.pool import UpstreamPool
 
@@ -101,7 +102,8 @@ class Gateway:
                     UpstreamPool(u.host, u.port, model.max_connections, self.settings.upstream_connect_timeout)
                     for u in [*model.upstreams, *upstreams.get((dep.id, model.tag), [])]
                 ]
-                route.models[model.tag] = ModelRoute(model.tag, Balancer(pools))
+                thresholds = Thresholds(model.balance_abs_threshold, model.balance_rel_threshold)
+                route.models[model.tag] = ModelRoute(model.tag, Balancer(pools, model.balance, thresholds))
             self.deployments[dep.id] = route
         self.router = Router()
         self.router.add("POST", BASE + "/v1/messages", handle_messages)
@@ -145,6 +147,8 @@ class Gateway:
                     input_tokens=record.input_tokens,
                     output_tokens=record.output_tokens,
                     ttft=record.ttft,
+                    upstream=record.upstream if known else "",
+                    cached_tokens=record.cached_tokens,
                 )
             self.access_log.write(record)
 

@@ -26,6 +26,7 @@ from casedesk.translate.errors import stream_error_message, upstream_error
 from casedesk.translate.request import to_chat_request
 from casedesk.translate.response import CompletionAccumulator, to_message
 from casedesk.translate.stream import StreamTranslator
+from casedesk.upstream.affinity import RouteKey
 from casedesk.upstream.balancer import open_with_failover
 from casedesk.upstream.client import Exchange
 from casedesk.upstream.pool import UpstreamError
@@ -46,8 +47,9 @@ async def handle_messages(gateway: Gateway, request: Request, writer: ResponseWr
     record.model, record.stream = parsed.model, parsed.stream
     model = route.model(parsed.model)
     async with route.admission.slot():
-        payload = orjson.dumps(to_chat_request(parsed, stream=True))
-        exchange = await _open(gateway, model, payload)
+        chat = to_chat_request(parsed, stream=True)
+        payload = orjson.dumps(chat)
+        exchange = await _open(gateway, model, payload, model.balancer.route_key(chat))
         record.upstream = exchange.pool.authority
         try:
             if exchange.head.status != 200:
@@ -67,15 +69,16 @@ async def handle_messages(gateway: Gateway, request: Request, writer: ResponseWr
                 writer.send(200, orjson.dumps(message))
                 usage = message["usage"]
                 record.input_tokens = usage["input_tokens"] + usage["cache_read_input_tokens"]
+                record.cached_tokens = usage["cache_read_input_tokens"]
                 record.output_tokens = usage["output_tokens"]
         finally:
             exchange.close()
 
 
-async def _open(gateway: Gateway, model: ModelRoute, payload: bytes) -> Exchange:
+async def _open(gateway: Gateway, model: ModelRoute, payload: bytes, route_key: RouteKey | None) -> Exchange:
     try:
         exchange, _state = await open_with_failover(
-            model.balancer, "POST", CHAT_PATH, payload, gateway.settings.upstream_read_timeout
+            model.balancer, "POST", CHAT_PATH, payload, gateway.settings.upstream_read_timeout, route_key=route_key
         )
     except UpstreamError as exc:
         raise ApiError(502, f"no upstream for model {model.tag!r} could be reached: {exc}") from None
@@ -199,4 +202,5 @@ async def _relay_to_client(
     writer.end()
     usage = translator.final_usage
     record.input_tokens = usage.get("input_tokens", 0) + usage.get("cache_read_input_tokens", 0)
+    record.cached_tokens = usage.get("cache_read_input_tokens", 0)
     record.output_tokens = usage.get("output_tokens", 0)

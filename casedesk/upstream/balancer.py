@@ -1,4 +1,6 @@
-"""Pick an upstream for a request: healthy ones first, then the fewest requests in flight.
+"""Pick an upstream for a request: healthy ones first, then, per the model's `balance`, the one
+most likely to hold the prompt's cache ("prefix", upstream/affinity.py) or the fewest requests
+in flight ("least_in_flight").
 
 An upstream that fails to connect or answers 5xx is taken out for a backoff that doubles
 with each consecutive failure (1 s up to 60 s); it is tried again after that, and a success
@@ -12,7 +14,9 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
+from casedesk.upstream.affinity import PrefixTable, RouteKey, Thresholds, Upstream, order, route_key
 from casedesk.upstream.client import Exchange, call_json, open_exchange
 from casedesk.upstream.pool import UpstreamError, UpstreamPool
 
@@ -37,15 +41,35 @@ class UpstreamState:
 
 
 class Balancer:
-    def __init__(self, pools: list[UpstreamPool]) -> None:
+    def __init__(
+        self, pools: list[UpstreamPool], balance: str = "prefix", thresholds: Thresholds | None = None
+    ) -> None:
         self.states = [UpstreamState(pool) for pool in pools]
+        self.balance = balance
+        self.thresholds = thresholds or Thresholds()
+        self.prefixes = PrefixTable(len(pools))
 
-    def candidates(self) -> list[UpstreamState]:
+    def route_key(self, chat: dict[str, Any]) -> RouteKey | None:
+        """The key that routes this chat request; None when the choice does not use one."""
+        if self.balance != "prefix" or len(self.states) == 1:
+            return None
+        return route_key(chat)
+
+    def candidates(self, key: RouteKey | None = None) -> list[UpstreamState]:
         """Upstreams in the order to try them."""
-        now = time.monotonic()
         if len(self.states) == 1:
             return self.states
+        if key is not None:
+            now = time.monotonic()
+            seen = [Upstream(s.pool.authority, s.down_until <= now, s.pool.in_flight) for s in self.states]
+            return [self.states[i] for i in order(key, seen, self.prefixes, self.thresholds)]
+        now = time.monotonic()
         return sorted(self.states, key=lambda s: (s.down_until > now, s.pool.in_flight))
+
+    def served(self, key: RouteKey | None, state: UpstreamState) -> None:
+        """`state` answered this request with a 200 head: its cache now holds the prompt."""
+        if key is not None:
+            self.prefixes.record(self.states.index(state), key)
 
     def failed(self, state: UpstreamState) -> None:
         state.failures += 1
@@ -94,12 +118,18 @@ class Balancer:
 
 
 async def open_with_failover(
-    balancer: Balancer, method: str, path: str, body: bytes | None, read_timeout: float
+    balancer: Balancer,
+    method: str,
+    path: str,
+    body: bytes | None,
+    read_timeout: float,
+    *,
+    route_key: RouteKey | None = None,
 ) -> tuple[Exchange, UpstreamState]:
     """Send to the best upstream; before any byte reaches the client, move on to the next one
     when an upstream cannot be reached or answers 5xx. The last answer is returned as it is
     (the caller maps a non-200 to an error); UpstreamError when none could be reached."""
-    candidates = balancer.candidates()
+    candidates = balancer.candidates(route_key)
     last_error: UpstreamError | None = None
     for position, state in enumerate(candidates):
         is_last = position == len(candidates) - 1
@@ -116,6 +146,8 @@ async def open_with_failover(
                 continue
         else:
             balancer.succeeded(state)
+            if exchange.head.status == 200:
+                balancer.served(route_key, state)
         return exchange, state
     assert last_error is not None
     raise last_error
