@@ -133,3 +133,22 @@ def test_eviction_eats_prompts_from_their_tails() -> None:
     table = PrefixTable(1, max_blocks=len(key.blocks) - 2)
     table.record(0, key)
     assert table.matched(0, key) == len(key.blocks) - 2  # the head survives
+
+
+def test_the_balance_keys_are_checked_by_name() -> None:
+    import pytest
+
+    from casedesk.config import ConfigError, parse
+
+    def model(**keys: Any) -> dict[str, Any]:
+        return {"deployments": {"d": {"models": {"m": {"upstreams": ["http://127.0.0.1:1"], **keys}}}}}
+
+    assert parse(model()).deployments["d"].models["m"].balance == "prefix"
+    chosen = parse(model(balance="least_in_flight", balance_abs_threshold=2, balance_rel_threshold=2))
+    m = chosen.deployments["d"].models["m"]
+    assert (m.balance, m.balance_abs_threshold, m.balance_rel_threshold) == ("least_in_flight", 2, 2.0)
+    with pytest.raises(ConfigError) as caught:
+        parse(model(balance="random", balance_abs_threshold=0, balance_rel_threshold=0.5))
+    problems = "\n".join(caught.value.problems)
+    assert "deployments.d.models.m.balance: must be 'prefix' or 'least_in_flight', got 'random'" in problems
+    assert "balance_abs_threshold" in problems and "balance_rel_threshold" in problems
