@@ -569,8 +569,10 @@ async def bench_fleet(args: argparse.Namespace, procs: Processes, config_dir: Pa
             row = {"variant": variant, "balance": balance, **summary}
             rows.append(row)
             print(fmt_fleet(row), flush=True)
+    pinning = await bench_slot_pinning(args, procs) if args.fleet_slot_pinning else []
     return {
         "fleet": rows,
+        "slot_pinning": pinning,
         "fleet_setup": {
             "servers": args.fleet_servers,
             "slots": args.fleet_slots,
@@ -581,6 +583,74 @@ async def bench_fleet(args: argparse.Namespace, procs: Processes, config_dir: Pa
             "hot_branches": args.fleet_hot_branches,
         },
     }
+
+
+def post_chat(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    request = urllib.request.Request(
+        url + "/v1/chat/completions", json.dumps(body).encode(), {"content-type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=600) as answer:
+        return dict(json.loads(answer.read()))
+
+
+async def slot_conversation(
+    url: str,
+    name: str,
+    index: int,
+    pin: int,
+    args: argparse.Namespace,
+    gate: asyncio.Semaphore,
+    results: list[tuple[int, float, int, int]],
+) -> None:
+    """One conversation straight to llama-server; pin > 0: `id_slot = index % pin`."""
+    messages: list[dict[str, str]] = [{"role": "system", "content": system_prompt(name, args.fleet_prompt_words)}]
+    for turn in range(args.fleet_turns):
+        messages.append({"role": "user", "content": f"Question {turn} for {name}: what is the weather?"})
+        body: dict[str, Any] = {"messages": messages, "max_tokens": args.fleet_tokens, "temperature": 0}
+        if pin:
+            body["id_slot"] = index % pin
+        async with gate:
+            answer = await asyncio.to_thread(post_chat, url, body)
+        usage, timings = answer["usage"], answer.get("timings", {})
+        cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+        results.append((turn, float(timings.get("prompt_ms", 0)), usage["prompt_tokens"], cached))
+        messages.append({"role": "assistant", "content": answer["choices"][0]["message"]["content"]})
+
+
+async def bench_slot_pinning(args: argparse.Namespace, procs: Processes) -> list[dict[str, Any]]:
+    """Issue 11 item 3: inside one llama-server, does pinning a conversation to a slot
+    (`id_slot`, deferred while that slot is busy) beat llama-server's own slot choice plus its
+    `--cache-ram`? Straight to llama-server, one fresh server per mode, same traffic."""
+    rows = []
+    conversations = args.fleet_conversations // args.fleet_servers  # what one server of the fleet carries
+    in_flight = max(1, args.fleet_in_flight // args.fleet_servers)
+    for mode in ("llama-server's choice", "id_slot pinned"):
+        server = Processes()
+        try:
+            (url,) = start_llama_servers(server, 1, args)
+            gate = asyncio.Semaphore(in_flight)
+            results: list[tuple[int, float, int, int]] = []  # turn, prompt ms, prompt tokens, cached
+
+            started = time.perf_counter()
+            pin = args.fleet_slots if mode == "id_slot pinned" else 0
+            await asyncio.gather(
+                *(slot_conversation(url, f"slots-{pin}-{i}", i, pin, args, gate, results) for i in range(conversations))
+            )
+            wall = time.perf_counter() - started
+        finally:
+            server.stop()
+        later = [r for r in results if r[0] > 0]
+        row = {
+            "mode": mode,
+            "conversations": conversations,
+            "in_flight": in_flight,
+            "later_cached_share": sum(r[3] for r in later) / max(1, sum(r[2] for r in later)),
+            "later_prompt_ms_p50": pct(sorted(r[1] for r in later), 50),
+            "wall_s": wall,
+        }
+        print(f"slot pinning: {row}", flush=True)
+        rows.append(row)
+    return rows
 
 
 def fmt_fleet(row: dict[str, Any]) -> str:
@@ -667,6 +737,19 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{r['requests_per_upstream']} ({r['max_over_mean_requests']:.2f}) | "
                 f"{r['work_per_upstream']} ({r['max_over_mean_work']:.2f}) |"
             )
+        if result.get("slot_pinning"):
+            lines += [
+                "",
+                "Inside one llama-server (its share of the same traffic), slot pinning vs its own choice:",
+                "",
+                "| slot choice | later-turn prompt tokens cached | later-turn prefill p50 ms | wall s |",
+                "|---|---|---|---|",
+            ]
+            for r in result["slot_pinning"]:
+                lines.append(
+                    f"| {r['mode']} | {r['later_cached_share'] * 100:.1f} % | {r['later_prompt_ms_p50']:.0f} | "
+                    f"{r['wall_s']:.0f} |"
+                )
     if result.get("profile"):
         lines += [
             "",
@@ -719,6 +802,7 @@ def main() -> None:
     parser.add_argument("--fleet-tokens", type=int, default=16, help="max_tokens: small, so prefill dominates")
     parser.add_argument("--fleet-prompt-words", type=int, default=1050, help="system prompt words (~1,300 tokens)")
     parser.add_argument("--fleet-hot-branches", type=int, default=16)
+    parser.add_argument("--fleet-slot-pinning", action="store_true", help="also id_slot vs llama-server's choice")
     parser.add_argument("--fleet-variants", nargs="*", help="main, two-instance, skewed (default: all)")
     parser.add_argument("--peer", help="another Anthropic-compatible gateway's base URL on the same fake upstream")
     parser.add_argument("--tokens", type=int, default=256)
@@ -752,7 +836,8 @@ def main() -> None:
                 result.update(asyncio.run(runner(args, procs, Path(tmp))))
     finally:
         procs.stop()
-    name = "fleet" if args.fleet else "real" if args.real else ("latest" if args.workers == 1 else f"workers-{args.workers}")
+    name = "latest" if args.workers == 1 else f"workers-{args.workers}"
+    name = "fleet" if args.fleet else "real" if args.real else name
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
     (RESULTS / f"{name}.md").write_text(markdown(result))
     if not (args.real or args.fleet):
