@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import io
 import json
 import os
@@ -393,8 +394,6 @@ WORDS = (
 
 def system_prompt(name: str, words: int) -> str:
     """A long, distinct system prompt (~1.2 tokens a word with Gemma's tokenizer)."""
-    import random
-
     rng = random.Random(name)
     body = " ".join(rng.choice(WORDS) for _ in range(words))
     return f"You are assistant {name}. Answer in one short sentence. Background notes: {body}"
@@ -436,9 +435,11 @@ async def converse(
     max_tokens: int,
     prompt_words: int,
     branches: dict[str, int] | None = None,
+    think: float = 1.0,
 ) -> list[Turn]:
     """Each conversation's turns in order (its turn t goes to bases[(i + t) % len(bases)]); at
-    most `in_flight` requests at once. A conversation in `branches` sends that many requests at
+    most `in_flight` requests at once, a random pause of up to `think` seconds before each
+    turn. A conversation in `branches` sends that many requests at
     once after its first turn, each a different question on the same history (an agent's
     parallel calls): the hot spot of the skewed variant."""
     gate = asyncio.Semaphore(in_flight)
@@ -456,7 +457,10 @@ async def converse(
     async def one(index: int, name: str, count: int) -> None:
         system = system_prompt(name, prompt_words)
         messages: list[dict[str, str]] = []
+        pause = random.Random(name)
         for turn in range(count):
+            # An agent runs tools, a user reads and types: turns do not arrive in lockstep.
+            await asyncio.sleep(pause.uniform(0, think))
             messages.append({"role": "user", "content": f"Question {turn} for {name}: what is the weather?"})
             answer = await ask(index, name, turn, system, list(messages))
             messages.append({"role": "assistant", "content": answer})
@@ -559,9 +563,8 @@ async def bench_fleet(args: argparse.Namespace, procs: Processes, config_dir: Pa
                 hot = {f"{variant}-{balance}-{name}": count for name, count in branches.items()}
                 started = time.perf_counter()
                 bases = [base for base, _ in gateways]
-                turns = await converse(
-                    bases, tagged, args.fleet_in_flight, args.fleet_tokens, args.fleet_prompt_words, hot
-                )
+                words, think = args.fleet_prompt_words, args.fleet_think
+                turns = await converse(bases, tagged, args.fleet_in_flight, args.fleet_tokens, words, hot, think)
                 wall = time.perf_counter() - started
             finally:
                 fleet.stop()
@@ -802,6 +805,7 @@ def main() -> None:
     parser.add_argument("--fleet-tokens", type=int, default=16, help="max_tokens: small, so prefill dominates")
     parser.add_argument("--fleet-prompt-words", type=int, default=1050, help="system prompt words (~1,300 tokens)")
     parser.add_argument("--fleet-hot-branches", type=int, default=16)
+    parser.add_argument("--fleet-think", type=float, default=2.0, help="pause before a turn: up to this many s")
     parser.add_argument("--fleet-slot-pinning", action="store_true", help="also id_slot vs llama-server's choice")
     parser.add_argument("--fleet-variants", nargs="*", help="main, two-instance, skewed (default: all)")
     parser.add_argument("--peer", help="another Anthropic-compatible gateway's base URL on the same fake upstream")

@@ -12,11 +12,12 @@ mode do (shared/protocol.md §4):
   upstreams, keyed by its leading prefix (tools + system + first user turn). Every CaseDesk
   instance with the same upstreams and health computes the same home, with no shared state;
   when the home dies its conversations move to their next choice and come back after.
-- The home wins while it holds the conversation (or nobody does); a conversation that was
-  served elsewhere (a spill) stays where its longest prefix is. A load bound (absolute and
-  relative in-flight thresholds, after SGLang's `balance_abs_threshold`/`balance_rel_threshold`)
-  moves a request off an overloaded choice, to the upstream holding most of it, else the
-  least loaded.
+- A request goes where the longest prefix of it was sent, else to its home. A load bound
+  (absolute and relative in-flight thresholds, after SGLang's `balance_abs_threshold` and
+  `balance_rel_threshold`) moves a request off an overloaded choice, to the upstream holding
+  most of it, else the least loaded; the conversation then stays where it was moved, so a
+  lopsided hash evens out. What an upstream serves only because the home is down is not
+  remembered (Balancer.served): the conversation goes back home when the home recovers.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class Thresholds:
     """The load bound: leave the cache-chosen upstream when its requests in flight exceed the
     least-loaded one's by at least `absolute` AND by the factor `relative`."""
 
-    absolute: int = 4
+    absolute: int = 2
     relative: float = 1.5
 
     def overloaded(self, load: int, least: int) -> bool:
@@ -83,30 +84,38 @@ def route_key(chat: dict[str, Any], block_bytes: int = BLOCK_BYTES) -> RouteKey:
 class PrefixTable:
     """Per upstream, the block hashes CaseDesk sent it: a bounded LRU each, so memory stays
     bounded whatever the traffic. A request's blocks are touched last-first, which keeps a
-    prefix's head the freshest: eviction eats prompts from their tails, as a cache would."""
+    prefix's head the freshest: eviction eats prompts from their tails, as a cache would.
+    Each block remembers when it was last sent, so that of two upstreams holding as many
+    blocks of a prompt the one that served its latest turn wins (a turn adds less than a block)."""
 
     def __init__(
         self, upstreams: int, max_blocks: int = MAX_BLOCKS_PER_UPSTREAM, block_bytes: int = BLOCK_BYTES
     ) -> None:
         self.block_bytes = block_bytes
         self.max_blocks = max_blocks
-        self._held: list[OrderedDict[bytes, None]] = [OrderedDict() for _ in range(upstreams)]
+        self._held: list[OrderedDict[bytes, int]] = [OrderedDict() for _ in range(upstreams)]
+        self._clock = 0
 
     def record(self, upstream: int, key: RouteKey) -> None:
+        self._clock += 1
         held = self._held[upstream]
         for block in reversed(key.blocks):
-            held[block] = None
+            held[block] = self._clock
             held.move_to_end(block)
         while len(held) > self.max_blocks:
             held.popitem(last=False)
 
-    def matched(self, upstream: int, key: RouteKey) -> int:
-        """How many leading blocks of the request this upstream was sent (0: none)."""
+    def match(self, upstream: int, key: RouteKey) -> tuple[int, int]:
+        """(how many leading blocks of the request this upstream was sent, when last); (0, 0): none."""
         held = self._held[upstream]
         for count in range(len(key.blocks), 0, -1):
-            if key.blocks[count - 1] in held:  # chained: this one hash stands for the whole prefix
-                return count
-        return 0
+            when = held.get(key.blocks[count - 1])  # chained: this one hash stands for the whole prefix
+            if when is not None:
+                return count, when
+        return 0, 0
+
+    def matched(self, upstream: int, key: RouteKey) -> int:
+        return self.match(upstream, key)[0]
 
     def holds_lead(self, upstream: int, key: RouteKey) -> bool:
         """The upstream was sent at least this conversation's leading prefix."""
@@ -139,15 +148,15 @@ def order(key: RouteKey, upstreams: Sequence[Upstream], table: PrefixTable, thre
     ranked = [pool[j] for j in rendezvous(key.lead, [upstreams[i].name for i in pool])]
     holders = [i for i in ranked if table.holds_lead(i, key)]
     home = ranked[0]
-    if holders and home not in holders:
-        # Served elsewhere before (a spill): its longest prefix is there; ties in rendezvous order.
-        home = max(holders, key=lambda i: table.matched(i, key))
+    if holders:
+        # Where its longest prefix is (after a spill, not always its home), the latest first.
+        home = max(holders, key=lambda i: table.match(i, key))
     least = min(upstreams[i].in_flight for i in pool)
     if thresholds.overloaded(upstreams[home].in_flight, least):
         fit = [i for i in ranked if not thresholds.overloaded(upstreams[i].in_flight, least)]
         held = [i for i in fit if i in holders]
         if held:
-            home = max(held, key=lambda i: table.matched(i, key))
+            home = max(held, key=lambda i: table.match(i, key))
         else:
             home = min(fit, key=lambda i: upstreams[i].in_flight)
     rest = [i for i in ranked if i != home]

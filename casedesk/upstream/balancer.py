@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from casedesk.upstream.affinity import PrefixTable, RouteKey, Thresholds, Upstream, order, route_key
+from casedesk.upstream.affinity import PrefixTable, RouteKey, Thresholds, Upstream, order, rendezvous, route_key
 from casedesk.upstream.client import Exchange, call_json, open_exchange
 from casedesk.upstream.pool import UpstreamError, UpstreamPool
 
@@ -67,8 +67,14 @@ class Balancer:
         return sorted(self.states, key=lambda s: (s.down_until > now, s.pool.in_flight))
 
     def served(self, key: RouteKey | None, state: UpstreamState) -> None:
-        """`state` answered this request with a 200 head: its cache now holds the prompt."""
-        if key is not None:
+        """`state` answered this request with a 200 head: its cache now holds the prompt.
+
+        Not remembered when `state` only stood in for a home that is down: when the home is
+        back, the conversation returns to it (and every instance agrees on that again)."""
+        if key is None:
+            return
+        home = self.states[rendezvous(key.lead, [s.pool.authority for s in self.states])[0]]
+        if state is home or home.healthy:
             self.prefixes.record(self.states.index(state), key)
 
     def failed(self, state: UpstreamState) -> None:
