@@ -56,7 +56,7 @@ class Model:
     llama_server: ManagedServer | None = None
     max_connections: int = 32  # per upstream: the pool's bound on open sockets
     balance: str = "prefix"  # "prefix" (keep each conversation's prompt cache) or "least_in_flight"
-    balance_abs_threshold: int = 2  # prefix: leave an upstream with this many more in flight than the least…
+    balance_abs_threshold: int = 4  # prefix: leave an upstream with this many more in flight than the least…
     balance_rel_threshold: float = 1.5  # …and more than this times as many
 
 
@@ -288,7 +288,7 @@ def _model(checker: _Checker, prefix: str, tag: str, raw: Any, base_dir: Path | 
         choices = " or ".join(map(repr, BALANCE_POLICIES))
         checker.problem(f"{prefix}.balance", f"must be {choices}, got {balance!r}")
         balance = "prefix"
-    abs_threshold = checker.number(raw, "balance_abs_threshold", prefix, 2, integer=True)
+    abs_threshold = checker.number(raw, "balance_abs_threshold", prefix, 4, integer=True)
     rel_threshold = checker.number(raw, "balance_rel_threshold", prefix, 1.5, minimum=1, exclusive=False)
     checker.unknown(
         raw,
