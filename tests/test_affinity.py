@@ -152,3 +152,14 @@ def test_the_balance_keys_are_checked_by_name() -> None:
     problems = "\n".join(caught.value.problems)
     assert "deployments.d.models.m.balance: must be 'prefix' or 'least_in_flight', got 'random'" in problems
     assert "balance_abs_threshold" in problems and "balance_rel_threshold" in problems
+
+
+def test_a_request_nobody_holds_moves_at_half_the_absolute_threshold() -> None:
+    fresh, table = route_key(chat(SYSTEM, 1)), PrefixTable(2)
+    home = order(fresh, up(0, 0), table, Thresholds(absolute=4))[0]
+    loads = [0, 0]
+    loads[home] = 2
+    assert order(fresh, up(*loads), table, Thresholds(absolute=4))[0] != home  # no cache to lose
+    table.record(home, fresh)
+    later = route_key(chat(SYSTEM, 2))
+    assert order(later, up(*loads), table, Thresholds(absolute=4))[0] == home  # its cache is worth a wait
