@@ -59,11 +59,10 @@ class Balancer:
         """Upstreams in the order to try them."""
         if len(self.states) == 1:
             return self.states
+        now = time.monotonic()
         if key is not None:
-            now = time.monotonic()
             seen = [Upstream(s.pool.authority, s.down_until <= now, s.pool.in_flight) for s in self.states]
             return [self.states[i] for i in order(key, seen, self.prefixes, self.thresholds)]
-        now = time.monotonic()
         return sorted(self.states, key=lambda s: (s.down_until > now, s.pool.in_flight))
 
     def served(self, key: RouteKey | None, state: UpstreamState) -> None:
