@@ -493,7 +493,9 @@ def start_llama_servers(procs: Processes, count: int, args: argparse.Namespace) 
     return servers
 
 
-def start_fleet_gateway(procs: Processes, upstreams: list[str], balance: str, config_dir: Path) -> tuple[str, Path]:
+def start_fleet_gateway(
+    procs: Processes, upstreams: list[str], balance: str, config_dir: Path, abs_threshold: int | None = None
+) -> tuple[str, Path]:
     port = free_port()
     log = config_dir / f"access-{port}.log"
     config = config_dir / f"fleet-{port}.toml"
@@ -502,6 +504,7 @@ def start_fleet_gateway(procs: Processes, upstreams: list[str], balance: str, co
         f'[server]\nlisten = "127.0.0.1:{port}"\naccess_log = "{log}"\nupstream_read_timeout = 600\n'
         f"[deployments.bench]\nmax_concurrency = 64\n"
         f'[deployments.bench.models.m]\nupstreams = [{listed}]\nbalance = "{balance}"\n'
+        + (f"balance_abs_threshold = {abs_threshold}\n" if abs_threshold else "")
     )
     command = [sys.executable, "-m", "casedesk", "serve", "--config", str(config), "--log-level", "warning"]
     procs.start(command, cwd=ROOT)
@@ -554,11 +557,14 @@ async def bench_fleet(args: argparse.Namespace, procs: Processes, config_dir: Pa
     for variant, (conversations, branches, instances) in variants.items():
         if args.fleet_variants and variant not in args.fleet_variants:
             continue
-        for balance in ("least_in_flight", "prefix"):
+        for balance in args.fleet_balances:
             fleet = Processes()
             try:
                 upstreams = start_llama_servers(fleet, args.fleet_servers, args)
-                gateways = [start_fleet_gateway(fleet, upstreams, balance, config_dir) for _ in range(instances)]
+                gateways = [
+                    start_fleet_gateway(fleet, upstreams, balance, config_dir, args.fleet_abs_threshold)
+                    for _ in range(instances)
+                ]
                 tagged = {f"{variant}-{balance}-{name}": count for name, count in conversations.items()}
                 hot = {f"{variant}-{balance}-{name}": count for name, count in branches.items()}
                 started = time.perf_counter()
@@ -807,6 +813,8 @@ def main() -> None:
     parser.add_argument("--fleet-hot-branches", type=int, default=16)
     parser.add_argument("--fleet-think", type=float, default=2.0, help="pause before a turn: up to this many s")
     parser.add_argument("--fleet-slot-pinning", action="store_true", help="also id_slot vs llama-server's choice")
+    parser.add_argument("--fleet-balances", nargs="+", default=["least_in_flight", "prefix"])
+    parser.add_argument("--fleet-abs-threshold", type=int, help="balance_abs_threshold (default: CaseDesk's)")
     parser.add_argument("--fleet-variants", nargs="*", help="main, two-instance, skewed (default: all)")
     parser.add_argument("--peer", help="another Anthropic-compatible gateway's base URL on the same fake upstream")
     parser.add_argument("--tokens", type=int, default=256)
