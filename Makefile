@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= examples/local.toml
 
-.PHONY: install serve test test-fast bench bench-real clean
+.PHONY: install serve test test-fast bench bench-real bench-fleet clean
 
 install: $(STAMP)
 
@@ -40,6 +40,10 @@ bench: $(STAMP)
 
 bench-real: $(STAMP)
 	$(PY) bench/run.py --real
+
+# Prefix-aware vs least-in-flight routing over 2 real llama-servers (README, "Fleets"): ~15 min.
+bench-fleet: $(STAMP)
+	$(PY) bench/run.py --fleet
 
 clean:
 	rm -rf $(VENV) build *.egg-info

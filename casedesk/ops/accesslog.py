@@ -27,7 +27,8 @@ class RequestRecord:
     model: str = ""
     stream: bool = False
     status: int = 0
-    input_tokens: int = 0
+    input_tokens: int = 0  # prompt tokens, the cached ones included
+    cached_tokens: int = 0  # of which served from llama-server's prompt cache
     output_tokens: int = 0
     ttft: float | None = None  # seconds from the request to its first token
     upstream: str = ""
@@ -45,6 +46,7 @@ class RequestRecord:
                     "status": self.status,
                     "stream": self.stream,
                     "input_tokens": self.input_tokens,
+                    "cached_tokens": self.cached_tokens,
                     "output_tokens": self.output_tokens,
                     "ttft_ms": round(self.ttft * 1000, 2) if self.ttft is not None else None,
                     "duration_ms": round((now - self.started) * 1000, 2),

@@ -42,6 +42,8 @@ class Metrics:
         self.requests: defaultdict[Labels, int] = defaultdict(int)
         self.input_tokens: defaultdict[Labels, int] = defaultdict(int)
         self.output_tokens: defaultdict[Labels, int] = defaultdict(int)
+        self.prompt_tokens: defaultdict[Labels, int] = defaultdict(int)  # by upstream too
+        self.cached_prompt_tokens: defaultdict[Labels, int] = defaultdict(int)
         self.ttft: dict[Labels, Histogram] = {}
         self.inter_token: dict[Labels, Histogram] = {}
         self.duration: dict[Labels, Histogram] = {}
@@ -78,9 +80,15 @@ class Metrics:
         input_tokens: int = 0,
         output_tokens: int = 0,
         ttft: float | None = None,
+        upstream: str = "",
+        cached_tokens: int = 0,
     ) -> None:
         """One finished request (model "" when the request named none that exists)."""
         labels: Labels = (("deployment", deployment), ("model", model))
+        if upstream and input_tokens:
+            by_upstream: Labels = (*labels, ("upstream", upstream))
+            self.prompt_tokens[by_upstream] += input_tokens
+            self.cached_prompt_tokens[by_upstream] += cached_tokens
         self.requests[(*labels, ("status", str(status)))] += 1
         self.duration.setdefault(labels, Histogram(DURATION_BUCKETS)).observe(duration)
         if input_tokens:
@@ -98,6 +106,18 @@ class Metrics:
         _counter(out, "casedesk_requests_total", "Requests answered, by status.", self.requests)
         _counter(out, "casedesk_input_tokens_total", "Prompt tokens (cached ones included).", self.input_tokens)
         _counter(out, "casedesk_output_tokens_total", "Generated tokens.", self.output_tokens)
+        _counter(
+            out,
+            "casedesk_prompt_tokens_total",
+            "Prompt tokens each upstream was sent (cached ones included).",
+            self.prompt_tokens,
+        )
+        _counter(
+            out,
+            "casedesk_cached_prompt_tokens_total",
+            "Prompt tokens each upstream served from its prompt cache.",
+            self.cached_prompt_tokens,
+        )
         _histograms(out, "casedesk_time_to_first_token_seconds", "Request received to first token sent.", self.ttft)
         _histograms(
             out, "casedesk_inter_token_seconds", "Mean gap between tokens, one sample per stream.", self.inter_token

@@ -1,4 +1,6 @@
-"""Pick an upstream for a request: healthy ones first, then the fewest requests in flight.
+"""Pick an upstream for a request: healthy ones first, then, per the model's `balance`, the one
+most likely to hold the prompt's cache ("prefix", upstream/affinity.py) or the fewest requests
+in flight ("least_in_flight").
 
 An upstream that fails to connect or answers 5xx is taken out for a backoff that doubles
 with each consecutive failure (1 s up to 60 s); it is tried again after that, and a success
@@ -13,7 +15,9 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+from casedesk.upstream.affinity import PrefixTable, RouteKey, Thresholds, Upstream, order, rendezvous, route_key
 from casedesk.upstream.client import call_json
 from casedesk.upstream.pool import UpstreamError, UpstreamPool
 
@@ -41,15 +45,40 @@ class UpstreamState:
 
 
 class Balancer:
-    def __init__(self, pools: list[UpstreamPool]) -> None:
+    def __init__(
+        self, pools: list[UpstreamPool], balance: str = "prefix", thresholds: Thresholds | None = None
+    ) -> None:
         self.states = [UpstreamState(pool) for pool in pools]
+        self.balance = balance
+        self.thresholds = thresholds or Thresholds()
+        self.prefixes = PrefixTable(len(pools))
 
-    def candidates(self) -> list[UpstreamState]:
+    def route_key(self, chat: dict[str, Any]) -> RouteKey | None:
+        """The key that routes this chat request; None when the choice does not use one."""
+        if self.balance != "prefix" or len(self.states) == 1:
+            return None
+        return route_key(chat)
+
+    def candidates(self, key: RouteKey | None = None) -> list[UpstreamState]:
         """Upstreams in the order to try them."""
-        now = time.monotonic()
         if len(self.states) == 1:
             return self.states
+        now = time.monotonic()
+        if key is not None:
+            seen = [Upstream(s.pool.authority, s.down_until <= now, s.pool.in_flight) for s in self.states]
+            return [self.states[i] for i in order(key, seen, self.prefixes, self.thresholds)]
         return sorted(self.states, key=lambda s: (s.down_until > now, s.pool.in_flight))
+
+    def served(self, key: RouteKey | None, state: UpstreamState) -> None:
+        """`state` answered this request with a 200 head: its cache now holds the prompt.
+
+        Not remembered when `state` only stood in for a home that is down: when the home is
+        back, the conversation returns to it (and every instance agrees on that again)."""
+        if key is None:
+            return
+        home = self.states[rendezvous(key.lead, [s.pool.authority for s in self.states])[0]]
+        if state is home or home.healthy:
+            self.prefixes.record(self.states.index(state), key)
 
     def failed(self, state: UpstreamState) -> None:
         state.failures += 1

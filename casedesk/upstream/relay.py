@@ -25,6 +25,7 @@ from casedesk.anthropic.errors import ApiError
 from casedesk.http.sse import SseDecoder
 from casedesk.translate.errors import stream_error_message, upstream_error
 from casedesk.translate.stream import StreamTranslator
+from casedesk.upstream.affinity import RouteKey
 from casedesk.upstream.balancer import Balancer, UpstreamState
 from casedesk.upstream.client import Exchange, open_exchange
 from casedesk.upstream.pool import UpstreamError
@@ -43,10 +44,17 @@ class _ServerFault(Exception):
 
 
 async def _attempt(
-    balancer: Balancer, state: UpstreamState, method: str, path: str, body: bytes | None, read_timeout: float
+    balancer: Balancer,
+    state: UpstreamState,
+    method: str,
+    path: str,
+    body: bytes | None,
+    read_timeout: float,
+    route_key: RouteKey | None = None,
 ) -> Exchange:
     """Send to one upstream; its 200 exchange. Raises UpstreamError (transport), _ServerFault,
-    or the ApiError of an answer the request caused; health is updated accordingly."""
+    or the ApiError of an answer the request caused; health is updated accordingly, and a 200
+    tells the balancer where this prompt's cache now is."""
     try:
         exchange = await open_exchange(state.pool, method, path, body, read_timeout)
     except UpstreamError:
@@ -54,6 +62,7 @@ async def _attempt(
         raise
     if exchange.head.status == 200:
         balancer.succeeded(state)
+        balancer.served(route_key, state)
         return exchange
     try:
         error = upstream_error(exchange.head.status, await exchange.read_body(), state.pool.authority)
@@ -99,9 +108,10 @@ class AnswerRelay:
     client that stops reading pauses the upstream.
     """
 
-    def __init__(self, balancer: Balancer, read_timeout: float) -> None:
+    def __init__(self, balancer: Balancer, read_timeout: float, route_key: RouteKey | None = None) -> None:
         self.balancer = balancer
         self.read_timeout = read_timeout
+        self.route_key = route_key  # where the prompt's cache most likely is (upstream/affinity.py)
         self.upstream = ""  # the authority of the upstream last tried (for the access log)
         self._current: _Attempt | None = None
 
@@ -123,10 +133,12 @@ class AnswerRelay:
         (None: the answer is complete). Raises ApiError when no attempt's answer began.
         """
         last: Exception | None = None
-        for state in self.balancer.candidates():
+        for state in self.balancer.candidates(self.route_key):
             self.upstream = state.pool.authority
             try:
-                exchange = await _attempt(self.balancer, state, "POST", CHAT_PATH, payload, self.read_timeout)
+                exchange = await _attempt(
+                    self.balancer, state, "POST", CHAT_PATH, payload, self.read_timeout, self.route_key
+                )
             except (UpstreamError, _ServerFault) as exc:
                 last = exc
                 continue

@@ -1,0 +1,168 @@
+"""Prefix-aware upstream choice, without I/O: which upstream most likely holds a prompt's cache.
+
+llama-server keeps a conversation's KV cache in the slot (and its `--cache-ram` prompt cache)
+of the server that served its last turn, so the next turn should go back there. CaseDesk
+judges that from what it sent where, as SGLang's cache-aware router and llm-d's approximate
+mode do (shared/protocol.md §4):
+
+- A chat request is serialised canonically (tools and template options, then each message)
+  and cut into fixed-size blocks; the hash of block i covers block i-1's hash, so one hash
+  names a whole prefix. Each upstream keeps the blocks it was sent in a bounded LRU.
+- A conversation's *home* is a rendezvous (highest-random-weight) choice over the healthy
+  upstreams, keyed by its leading prefix (tools + system + first user turn). Every CaseDesk
+  instance with the same upstreams and health computes the same home, with no shared state;
+  when the home dies its conversations move to their next choice and come back after.
+- A request goes where the longest prefix of it was sent, else to its home. A load bound
+  (absolute and relative in-flight thresholds, after SGLang's `balance_abs_threshold` and
+  `balance_rel_threshold`) moves a request off an overloaded choice, to the upstream holding
+  most of it, else the least loaded; the conversation then stays where it was moved, so a
+  lopsided hash evens out. A request nobody holds moves at half the absolute threshold.
+  What an upstream serves only because the home is down is not remembered
+  (Balancer.served): the conversation goes back home when the home recovers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+BLOCK_BYTES = 512  # ~128 tokens of JSON text: fine enough, and an 80 KB agent prompt is 160 hashes
+MAX_BLOCKS_PER_UPSTREAM = 32768  # ≈ 16 MB of prompt text remembered per upstream in ~6 MB (tracemalloc)
+
+_HASH_BYTES = 8
+
+
+@dataclass(frozen=True, slots=True)
+class RouteKey:
+    """What the balancer needs to know of one chat request."""
+
+    lead: bytes  # hash of the leading prefix: tools + template options + system + first user turn
+    lead_bytes: int  # how long that prefix is in the canonical serialisation
+    blocks: tuple[bytes, ...]  # chained hashes of the serialisation's whole blocks
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    """The load bound: leave the cache-chosen upstream when its requests in flight exceed the
+    least-loaded one's by at least `absolute` AND by the factor `relative`."""
+
+    absolute: int = 4
+    relative: float = 1.5
+
+    def overloaded(self, load: int, least: int) -> bool:
+        return load - least >= self.absolute and load > least * self.relative
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=_HASH_BYTES).digest()
+
+
+def route_key(chat: dict[str, Any], block_bytes: int = BLOCK_BYTES) -> RouteKey:
+    """The RouteKey of a llama-server chat request (translate/request.py's output)."""
+    parts = [orjson.dumps([chat.get("tools"), chat.get("chat_template_kwargs")], option=orjson.OPT_SORT_KEYS)]
+    lead_end = 0
+    seen_user = False
+    for message in chat.get("messages") or ():
+        parts.append(orjson.dumps(message, option=orjson.OPT_SORT_KEYS))
+        if not seen_user:
+            lead_end += 1
+            seen_user = message.get("role") == "user"
+    text = b"".join(parts)
+    lead_bytes = sum(len(p) for p in parts[: lead_end + 1])
+    blocks: list[bytes] = []
+    previous = b""
+    for start in range(0, len(text) - block_bytes + 1, block_bytes):
+        previous = _digest(previous + text[start : start + block_bytes])
+        blocks.append(previous)
+    return RouteKey(lead=_digest(text[:lead_bytes]), lead_bytes=lead_bytes, blocks=tuple(blocks))
+
+
+class PrefixTable:
+    """Per upstream, the block hashes CaseDesk sent it: a bounded LRU each, so memory stays
+    bounded whatever the traffic. A request's blocks are touched last-first, which keeps a
+    prefix's head the freshest: eviction eats prompts from their tails, as a cache would.
+    Each block remembers when it was last sent, so that of two upstreams holding as many
+    blocks of a prompt the one that served its latest turn wins (a turn adds less than a block)."""
+
+    def __init__(
+        self, upstreams: int, max_blocks: int = MAX_BLOCKS_PER_UPSTREAM, block_bytes: int = BLOCK_BYTES
+    ) -> None:
+        self.block_bytes = block_bytes
+        self.max_blocks = max_blocks
+        self._held: list[OrderedDict[bytes, int]] = [OrderedDict() for _ in range(upstreams)]
+        self._clock = 0
+
+    def record(self, upstream: int, key: RouteKey) -> None:
+        self._clock += 1
+        held = self._held[upstream]
+        for block in reversed(key.blocks):
+            held[block] = self._clock
+            held.move_to_end(block)
+        while len(held) > self.max_blocks:
+            held.popitem(last=False)
+
+    def match(self, upstream: int, key: RouteKey) -> tuple[int, int]:
+        """(how many leading blocks of the request this upstream was sent, when last); (0, 0): none."""
+        held = self._held[upstream]
+        for count in range(len(key.blocks), 0, -1):
+            when = held.get(key.blocks[count - 1])  # chained: this one hash stands for the whole prefix
+            if when is not None:
+                return count, when
+        return 0, 0
+
+    def matched(self, upstream: int, key: RouteKey) -> int:
+        return self.match(upstream, key)[0]
+
+    def holds_lead(self, upstream: int, key: RouteKey) -> bool:
+        """The upstream was sent at least this conversation's leading prefix."""
+        return self.matched(upstream, key) >= max(1, key.lead_bytes // self.block_bytes)
+
+    def size(self) -> int:
+        return sum(len(held) for held in self._held)
+
+
+def rendezvous(lead: bytes, names: Sequence[str]) -> list[int]:
+    """Indices of `names` from the highest to the lowest random weight for `lead`: the same on
+    every instance, and removing a name moves only the keys whose first choice it was."""
+    weights = [(_digest(lead + name.encode()), i) for i, name in enumerate(names)]
+    return [i for _, i in sorted(weights, reverse=True)]
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """What the choice needs to know of one upstream right now."""
+
+    name: str  # its identity across instances: "host:port" as configured
+    healthy: bool
+    in_flight: int
+
+
+def order(key: RouteKey, upstreams: Sequence[Upstream], table: PrefixTable, thresholds: Thresholds) -> list[int]:
+    """The upstreams (indices) in the order to try them for this request."""
+    healthy = [i for i, u in enumerate(upstreams) if u.healthy]
+    pool = healthy or list(range(len(upstreams)))
+    ranked = [pool[j] for j in rendezvous(key.lead, [upstreams[i].name for i in pool])]
+    holders = [i for i in ranked if table.holds_lead(i, key)]
+    home = ranked[0]
+    if holders:
+        # Where its longest prefix is (after a spill, not always its home), the latest first.
+        home = max(holders, key=lambda i: table.match(i, key))
+    least = min(upstreams[i].in_flight for i in pool)
+    if not holders:
+        # Nothing cached anywhere: nothing to lose by moving, so it moves sooner.
+        thresholds = Thresholds(max(1, thresholds.absolute // 2), thresholds.relative)
+    if thresholds.overloaded(upstreams[home].in_flight, least):
+        fit = [i for i in ranked if not thresholds.overloaded(upstreams[i].in_flight, least)]
+        held = [i for i in fit if i in holders]
+        if held:
+            home = max(held, key=lambda i: table.match(i, key))
+        else:
+            home = min(fit, key=lambda i: upstreams[i].in_flight)
+    rest = [i for i in ranked if i != home]
+    unhealthy = sorted((i for i in range(len(upstreams)) if i not in pool), key=lambda i: upstreams[i].in_flight)
+    return [home, *rest, *unhealthy]
