@@ -90,11 +90,11 @@ def summary(stdout: str) -> dict[str, Any]:
     return parsed if isinstance(parsed, dict) else {}
 
 
-async def run_claude(claude: Path, prompt: str, cwd: Path, env: dict[str, str], timeout: float) -> Run:
+async def run_claude(claude: Path, prompt: str, cwd: Path, env: dict[str, str], timeout: float, *flags: str) -> Run:
     """`claude -p PROMPT --output-format json` without blocking the loop (the gateway runs in it)."""
     started = time.monotonic()
     process = await asyncio.create_subprocess_exec(
-        str(claude), "-p", prompt, "--output-format", "json",
+        str(claude), *flags, "-p", prompt, "--output-format", "json",
         cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
@@ -230,3 +230,43 @@ async def test_claude_code_waits_out_a_30_second_withheld_response_head(
     # One request, not a retry: Claude Code waited rather than giving up and asking again.
     assert len(box.fake.chat_requests()) == 1
     assert [(r["tag"], r["status"]) for r in access_lines(box.access_log)] == [(MODEL, 200)]
+
+
+def last_user_text(body: dict[str, Any]) -> str:
+    users = [m for m in body.get("messages", []) if m.get("role") == "user"]
+    return str(users[-1].get("content")) if users else ""
+
+
+async def test_claude_code_compacts_on_casedesks_prompt_too_long_error(
+    claude: Path, box: FakeBox, tmp_path: Path
+) -> None:
+    """The exact text `prompt is too long: N tokens > M maximum` is what Claude Code reads to
+    compact a conversation that outgrew the model's window (shared/protocol.md §4)."""
+    project, home = tmp_path / "project", tmp_path / "home"
+    project.mkdir()
+    home.mkdir()
+    env = claude_env(box.gateway.base_url(), home)
+    box.fake.replies.append(Reply(tokens=["First", " answer."]))
+    first = await run_claude(claude, "Say hi.", project, env, FAKE_TIMEOUT)
+    assert first.returncode == 0 and first.result.get("result") == "First answer.", first.explain()
+
+    overflow = Reply(status=400, error_type="exceed_context_size_error", error_message="the request exceeds the "
+                     "available context size", error_extra={"n_prompt_tokens": 40000, "n_ctx": 32768})
+    compactions: list[str] = []
+
+    def after_overflow(body: dict[str, Any]) -> Reply:
+        text = last_user_text(body)
+        if "summary" in text.lower() and "Do NOT call any tools" in text:  # Claude Code's compaction prompt
+            compactions.append(text)
+            return Reply(tokens=["<summary>The user said hi and then asked for more.</summary>"])
+        return Reply(tokens=["Carried", " on", " after", " compacting."])
+
+    box.fake.replies.extend([overflow, *[after_overflow] * 6])
+    # --continue: the second run carries the first conversation, which then "overflows".
+    second = await run_claude(claude, "Say more.", project, env, FAKE_TIMEOUT, "--continue")
+    print(second.explain())
+    assert second.returncode == 0, second.explain()
+    assert second.result.get("result") == "Carried on after compacting.", second.explain()
+    assert compactions, [last_user_text(r.body or {})[:200] for r in box.fake.chat_requests()]
+    statuses = [r["status"] for r in access_lines(box.access_log)]
+    assert statuses[:3] == [200, 400, 200], statuses
