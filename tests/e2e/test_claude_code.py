@@ -130,7 +130,7 @@ def test_claude_code_with_only_the_base_url_runs_on_the_real_model(claude: Path,
     home.mkdir()
     # No --model: Claude Code asks for its default claude-… model. Output kept short: the
     # tiny model's answer is nonsense anyway, and each token costs time on 2 cores.
-    env = claude_env(rig.base_url, home, CLAUDE_CODE_MAX_OUTPUT_TOKENS="48")
+    env = claude_env(rig.base_url, home, CLAUDE_CODE_MAX_OUTPUT_TOKENS="256")
     before = len(access_lines(rig.log))
     run = asyncio.run(run_claude(claude, "Say hello in one short sentence.", project, env, REAL_MODEL_TIMEOUT))
     print(run.explain())  # shown with -s / on failure: Claude Code's own words
