@@ -28,7 +28,13 @@ $(TS_SDK): tests/ts/package.json tests/ts/package-lock.json
 	cd tests/ts && npm ci --no-audit --no-fund
 	touch $@
 
-test: $(STAMP) $(TS_SDK)
+# Claude Code (the real CLI) for its end-to-end suite, pinned by tests/claude-code/package-lock.json.
+CLAUDE_CODE := tests/claude-code/node_modules/.installed
+$(CLAUDE_CODE): tests/claude-code/package.json tests/claude-code/package-lock.json
+	cd tests/claude-code && npm ci --no-audit --no-fund
+	touch $@
+
+test: $(STAMP) $(TS_SDK) $(CLAUDE_CODE)
 	$(PY) -m pytest -ra
 
 # Unit and protocol tests only (no real llama-server): seconds, for the edit-test loop.

@@ -116,13 +116,16 @@ class DeploymentRoute:
         if not matched:
             raise authentication_failed("invalid x-api-key")
 
-    def model(self, tag: str) -> ModelRoute:
-        route = self.models.get(tag)
-        if route is None:
+    def model(self, name: str) -> ModelRoute:
+        """The model a requested name means: its tag, or the tag of its first matching alias."""
+        tag = self.config.resolve(name)
+        if tag is None:
+            aliases = ", ".join(f'"{pattern}" -> {target}' for pattern, target in self.config.aliases)
             raise not_found(
-                f"model {tag!r} not found in deployment {self.config.id!r}; it serves: {', '.join(self.models)}"
+                f"model {name!r} not found in deployment {self.config.id!r}; it serves: {', '.join(self.models)}"
+                + (f"; aliases (first match wins): {aliases}" if aliases else "")
             )
-        return route
+        return self.models[tag]
 
 
 class Gateway:
@@ -215,11 +218,12 @@ class Gateway:
         """A finished request: its metrics and its access-log line."""
         record.status = record.status or status
         if record.deployment:
-            # Only configured tags become label values: a client's typo must not add series.
-            known = record.model in self.deployments[record.deployment].models
+            # Labelled by the resolved tag (never the requested name): a client's typo or an
+            # alias must not add series.
+            known = bool(record.tag)
             self.metrics.record(
                 record.deployment,
-                record.model if known else "",
+                record.tag,
                 record.status,
                 duration=time.monotonic() - record.started,
                 input_tokens=record.input_tokens,

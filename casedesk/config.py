@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from fnmatch import fnmatchcase
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,17 @@ class Deployment:
     max_concurrency: int = 8
     max_queue: int = 64
     queue_timeout: float = 60.0
+    aliases: tuple[tuple[str, str], ...] = ()  # (glob pattern, tag) in file order
+
+    def resolve(self, name: str) -> str | None:
+        """The tag a requested model name means: the tag itself, else the first alias
+        pattern (fnmatch, case-sensitive) that matches it; None when nothing does."""
+        if name in self.models:
+            return name
+        for pattern, tag in self.aliases:
+            if fnmatchcase(name, pattern):
+                return tag
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,7 +288,10 @@ def _deployment(checker: _Checker, dep_id: str, raw: Any, base_dir: Path | None)
         model = _model(checker, f"{prefix}.models.{_quote(tag)}", tag, model_raw, base_dir)
         if model is not None:
             models[tag] = model
-    checker.unknown(raw, {"api_keys_sha256", "max_concurrency", "max_queue", "queue_timeout", "models"}, prefix)
+    aliases = _aliases(checker, f"{prefix}.aliases", raw.get("aliases", {}), raw_models)
+    checker.unknown(
+        raw, {"api_keys_sha256", "max_concurrency", "max_queue", "queue_timeout", "models", "aliases"}, prefix
+    )
     return Deployment(
         id=dep_id,
         models=models,
@@ -284,7 +299,24 @@ def _deployment(checker: _Checker, dep_id: str, raw: Any, base_dir: Path | None)
         max_concurrency=max_concurrency,
         max_queue=max_queue,
         queue_timeout=queue_timeout,
+        aliases=aliases,
     )
+
+
+def _aliases(checker: _Checker, prefix: str, raw: Any, tags: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """`"glob pattern" = "tag"` pairs, kept in file order (tomllib keeps a table's order)."""
+    raw = _table(checker, raw, prefix)
+    aliases: list[tuple[str, str]] = []
+    for pattern, tag in raw.items():
+        key = f"{prefix}.{_quote(pattern)}"
+        if not pattern:
+            checker.problem(key, "an alias pattern must not be empty")
+        elif not isinstance(tag, str) or tag not in tags:
+            known = ", ".join(tags) or "none"
+            checker.problem(key, f"must name a model tag of this deployment (its tags: {known}), got {tag!r}")
+        else:
+            aliases.append((pattern, tag))
+    return tuple(aliases)
 
 
 def _quote(key: str) -> str:

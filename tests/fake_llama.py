@@ -29,7 +29,9 @@ Not copied: real tool-call ids (32 random alphanumerics; here `call_<i>_fake` un
 the EOS token in `completion_tokens`, the full `/slots` `/props` `/v1/models` objects (subsets
 with the real keys), the real tokenizer and chat template (see `fake_template`).
 
-What a test wants as the answer is scripted with `Reply` values in `server.replies`.
+What a test wants as the answer is scripted with `Reply` values in `server.replies`; an entry
+may also be a function of the chat request's body that returns the `Reply` (an agent loop whose
+next answer depends on the tool result it was sent).
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ class FakeLlamaServer:
         prompt is the real 400). `close_after_stream=False` keeps streamed connections open
         (the real server does not). `wait_for_slot`: requests beyond `slots` wait, head unsent."""
         self.default = default or Reply()
-        self.replies: deque[Reply] = deque()
+        self.replies: deque[Reply | Callable[[dict[str, Any]], Reply]] = deque()
         self.keepalive_timeout = keepalive_timeout
         self.keepalive_max = keepalive_max
         self.slots = slots
@@ -192,8 +194,9 @@ class FakeLlamaServer:
             await asyncio.sleep(0.005)
         return True
 
-    def _next_reply(self) -> Reply:
-        return self.replies.popleft() if self.replies else self.default
+    def _next_reply(self, body: dict[str, Any]) -> Reply:
+        scripted = self.replies.popleft() if self.replies else self.default
+        return scripted if isinstance(scripted, Reply) else scripted(body)
 
     def _content_prefixes(self, reply: Reply) -> list[bytes]:
         """`data: {"choices":[{…"delta":{"content":…}}]` per token, encoded once per Reply:
@@ -460,7 +463,7 @@ class _Connection(asyncio.Protocol):
 
     async def _chat(self, record: Recorded, body: Any) -> None:
         server = self.server
-        reply = server._next_reply()
+        reply = server._next_reply(body)
         gate = server._slot_gate
         server.active_generations += 1
         try:

@@ -27,7 +27,8 @@ async def handle_count_tokens(gateway: Gateway, request: Request, writer: Respon
     route.authorize(request.headers)
     parsed = parse_messages_request(gateway.anthropic_body(request), count_only=True)
     model = route.model(parsed.model)
-    chat = to_chat_request(parsed, stream=False)
+    request.record.model, request.record.tag = parsed.model, model.tag
+    chat = {**to_chat_request(parsed, stream=False), "model": model.tag}
     timeout = gateway.settings.upstream_read_timeout
     async with model.lease():  # a managed model is loaded if needed (ondemand; issue 10)
         templated = await _call(model.balancer, "/apply-template", chat, timeout)

@@ -58,10 +58,12 @@ async def _answer(
     gateway: Gateway, route: DeploymentRoute, parsed: MessagesRequest, writer: ResponseWriter, record: RequestRecord
 ) -> None:
     model = route.model(parsed.model)
+    record.tag = model.tag
     # model.lease(): a managed model is loaded if needed and kept running until the end
     # (ondemand; issue 10). The wait for a load happens here, inside the handler.
     async with route.admission.slot(), model.lease():
-        chat = to_chat_request(parsed, stream=True)
+        # llama-server is asked for the tag (the answer still names what the client asked for).
+        chat = {**to_chat_request(parsed, stream=True), "model": model.tag}
         payload = orjson.dumps(chat)
         relay = AnswerRelay(model.balancer, gateway.settings.upstream_read_timeout, model.balancer.route_key(chat))
         message_id = new_message_id()

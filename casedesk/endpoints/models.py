@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from casedesk.anthropic.errors import not_found
 from casedesk.http.server import Request, ResponseWriter
 
 if TYPE_CHECKING:
@@ -40,9 +39,8 @@ async def handle_get_model(
 ) -> None:
     route = gateway.deployment(deployment, request)
     route.authorize(request.headers)
-    if model not in route.models:
-        raise not_found(f"model {model!r} not found in deployment {deployment!r}; it serves: {', '.join(route.models)}")
-    writer.send(200, orjson.dumps(_model_object(gateway, model)))
+    # An alias answers with the tag it means, as Anthropic's API answers an alias with its model.
+    writer.send(200, orjson.dumps(_model_object(gateway, route.model(model).tag)))
 
 
 async def handle_head_probe(gateway: Gateway, request: Request, writer: ResponseWriter, deployment: str) -> None:

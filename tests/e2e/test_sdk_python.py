@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import urllib.error
 import urllib.request
 
 import anthropic
 import pytest
 
-from tests.e2e.conftest import MODEL, Rig
+from tests.e2e.conftest import MODEL, SLOT_CONTEXT, Rig
 
 # SDK 2.x no longer types sampling parameters; they still go in the body.
 T0 = {"temperature": 0}
@@ -124,10 +125,13 @@ def test_bad_temperature_is_a_400_naming_the_field(client: anthropic.Anthropic) 
 
 
 def test_a_prompt_longer_than_the_context_is_a_clear_400(client: anthropic.Anthropic) -> None:
-    huge = "word " * 9000
+    huge = "word " * (SLOT_CONTEXT + 2000)
     with pytest.raises(anthropic.BadRequestError) as caught:
         client.messages.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": huge}])
-    assert "prompt is too long" in str(caught.value)
+    # The exact text Claude Code matches to compact its conversation (shared/protocol.md §4).
+    found = re.search(r"prompt is too long: (\d+) tokens > (\d+) maximum", str(caught.value))
+    assert found, str(caught.value)
+    assert int(found[1]) > SLOT_CONTEXT and int(found[2]) == SLOT_CONTEXT
 
 
 def test_curl_style_request_without_version_header_is_refused(rig: Rig) -> None:
