@@ -46,7 +46,8 @@ async def test_a_failure_before_the_first_event_is_retried_unseen(
     start_gateway: GatewayFactory, failure: Reply, stream: bool
 ) -> None:
     async with FakeLlamaServer(failure) as bad, FakeLlamaServer(GOOD) as good:
-        gw = await start_gateway(gateway_config([bad.url, good.url], server={"upstream_read_timeout": 1}, model=IN_ORDER))
+        config = gateway_config([bad.url, good.url], server={"upstream_read_timeout": 1}, model=IN_ORDER)
+        gw = await start_gateway(config)
         assert await ask(gw, stream) == ("from the good one", "end_turn")
         assert len(bad.chat_requests()) == 1 and len(good.chat_requests()) == 1
         assert await ask(gw, stream) == ("from the good one", "end_turn")
