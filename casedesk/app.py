@@ -1,131 +1,43 @@
 """Wiring: config → deployments, pools and routes; the one place the rooms meet.
 
-`Gateway` holds what handlers need (passed to them as an argument, never a global). One
-Gateway serves one version of the config: a reload builds a new one (casedesk/service.py).
+One Gateway serves one version of the config (a reload builds a new one: casedesk/service.py).
+It builds each deployment's state (casedesk/serving.py), routes a request, gives its handler
+exactly what it needs (a deployment's state, or the metrics, or the readiness check), renders
+Anthropic errors, and accounts for every request in one place (`_account`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
-import math
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
-from typing import Any
-
-import orjson
+from functools import partial
 
 from casedesk.admission import Admission
-from casedesk.anthropic.errors import ApiError, authentication_failed, invalid_request, not_found, overloaded
-from casedesk.config import Config, Deployment, ServerSettings, Upstream
+from casedesk.anthropic.errors import ApiError, not_found
+from casedesk.config import Config, Upstream
 from casedesk.endpoints.count_tokens import handle_count_tokens
 from casedesk.endpoints.messages import handle_messages
 from casedesk.endpoints.models import handle_get_model, handle_head_probe, handle_healthz, handle_list_models
 from casedesk.endpoints.ops import handle_metrics, handle_readyz
-from casedesk.http.server import ErrorResponse, Request, ResponseWriter, ServerLimits
+from casedesk.http.server import ErrorResponse, Request, ResponseWriter
 from casedesk.ops.accesslog import AccessLog, RequestRecord
 from casedesk.ops.metrics import Metrics
-from casedesk.ops.supervisor import LeaseTimeout, LoadFailed, ManagedProcess, State, Supervisor
-from casedesk.router import Router
+from casedesk.ops.supervisor import Supervisor
+from casedesk.router import Router, RouteHandler
+from casedesk.serving import DeploymentState, ManagedModel, ModelState
 from casedesk.upstream.affinity import Thresholds
-from casedesk.upstream.balancer import Balancer, UpstreamState
+from casedesk.upstream.balancer import Balancer
 from casedesk.upstream.pool import UpstreamPool
 
 log = logging.getLogger("casedesk")
 
 BASE = "/proxy/{deployment}/anthropic"
 
-
-@dataclass(slots=True)
-class ManagedModel:
-    """A model whose llama-server CaseDesk runs (casedesk/ops/supervisor.py)."""
-
-    supervisor: Supervisor
-    process: ManagedProcess
-    upstream: UpstreamState  # that llama-server in the model's balancer
-    queue_timeout: float  # the deployment's: the longest a request waits for a load
-    generation: int = 0  # the process's load this route last saw
-
-    def on_demand(self) -> bool:
-        """Its upstream is down on purpose now (not loaded): health checks leave it alone."""
-        return self.process.state is not State.READY
-
-
-@dataclass(slots=True)
-class ModelRoute:
-    tag: str
-    balancer: Balancer
-    managed: ManagedModel | None = None
-
-    @asynccontextmanager
-    async def lease(self) -> AsyncIterator[None]:
-        """Around a request's upstream part: a managed model is loaded if needed and kept
-        running until the request ends (Supervisor.lease); nothing to do for other models."""
-        managed = self.managed
-        if managed is None:
-            yield
-            return
-        process = managed.process
-        try:
-            ticket = await managed.supervisor.acquire(process, managed.queue_timeout)
-        except LoadFailed as exc:
-            raise ApiError(503, f"model {self.tag!r} could not be started: {exc.reason}") from None
-        except LeaseTimeout:
-            loads = process.load_seconds
-            retry_after = math.ceil(loads.total / loads.count) if loads.count else 5
-            raise overloaded(
-                f"model {self.tag!r} is not loaded: waited {managed.queue_timeout:g} s (queue_timeout) "
-                "for it to start; retry shortly",
-                retry_after=max(1, retry_after),
-            ) from None
-        try:
-            if process.generation != managed.generation:
-                managed.generation = process.generation  # a fresh llama-server: healthy again
-                self.balancer.succeeded(managed.upstream)
-            yield
-        finally:
-            managed.supervisor.release(process, ticket)
-
-
-@dataclass(slots=True)
-class DeploymentRoute:
-    config: Deployment
-    admission: Admission
-    models: dict[str, ModelRoute] = field(default_factory=dict)
-
-    def authorize(self, headers: dict[str, str]) -> None:
-        """With `api_keys_sha256` set, a key is required and must hash to one of them."""
-        if not self.config.api_keys_sha256:
-            return
-        key = headers.get("x-api-key", "")
-        if not key:
-            scheme, _, token = headers.get("authorization", "").partition(" ")
-            key = token.strip() if scheme.lower() == "bearer" else ""
-        if not key:
-            raise authentication_failed("an API key is required: send it as x-api-key or Authorization: Bearer")
-        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
-        # Compare against every hash, always, in constant time per comparison.
-        matched = False
-        for known in self.config.api_keys_sha256:
-            matched |= hmac.compare_digest(digest, known)
-        if not matched:
-            raise authentication_failed("invalid x-api-key")
-
-    def model(self, name: str) -> ModelRoute:
-        """The model a requested name means: its tag, or the tag of its first matching alias."""
-        tag = self.config.resolve(name)
-        if tag is None:
-            aliases = ", ".join(f'"{pattern}" -> {target}' for pattern, target in self.config.aliases)
-            raise not_found(
-                f"model {name!r} not found in deployment {self.config.id!r}; it serves: {', '.join(self.models)}"
-                + (f"; aliases (first match wins): {aliases}" if aliases else "")
-            )
-        return self.models[tag]
+# (DeploymentState, Request, ResponseWriter, RequestRecord, **path parameters)
+DeploymentHandler = Callable[..., Awaitable[None]]
 
 
 class Gateway:
@@ -143,46 +55,64 @@ class Gateway:
         # Both outlive a reload (they belong to the process), hence passed in.
         self.metrics = metrics or Metrics()
         self.access_log = access_log or AccessLog("")
-        self.settings: ServerSettings = config.server
-        self.started_at = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        self.deployments: dict[str, DeploymentRoute] = {}
+        self.settings = settings = config.server
+        started_at = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self.deployments: dict[str, DeploymentState] = {}
         self._health_tasks: list[asyncio.Task[None]] = []
         self.active = 0  # requests being handled: a retired Gateway closes when this is 0
         for dep in config.deployments.values():
-            route = DeploymentRoute(dep, Admission(dep.max_concurrency, dep.max_queue, dep.queue_timeout))
+            admission = Admission(dep.max_concurrency, dep.max_queue, dep.queue_timeout)
+            state = self.deployments[dep.id] = DeploymentState(dep, admission, settings, started_at)
             for model in dep.models.values():
                 pools = [
-                    UpstreamPool(u.host, u.port, model.max_connections, self.settings.upstream_connect_timeout)
+                    UpstreamPool(u.host, u.port, model.max_connections, settings.upstream_connect_timeout)
                     for u in [*model.upstreams, *upstreams.get((dep.id, model.tag), [])]
                 ]
                 thresholds = Thresholds(model.balance_abs_threshold, model.balance_rel_threshold)
-                route.models[model.tag] = ModelRoute(model.tag, Balancer(pools, model.balance, thresholds))
+                served = state.models[model.tag] = ModelState(model.tag, Balancer(pools, model.balance, thresholds))
                 process = supervisor.processes.get((dep.id, model.tag)) if supervisor is not None else None
                 if process is not None and supervisor is not None:
-                    balancer = route.models[model.tag].balancer
-                    managed = ManagedModel(supervisor, process, balancer.states[-1], dep.queue_timeout)
-                    managed.upstream.standby = managed.on_demand
-                    route.models[model.tag].managed = managed
-            self.deployments[dep.id] = route
+                    served.managed = ManagedModel(supervisor, process, served.balancer.states[-1], dep.queue_timeout)
+                    served.managed.upstream.standby = served.managed.on_demand
         self.router = Router()
-        self.router.add("POST", BASE + "/v1/messages", handle_messages)
-        self.router.add("POST", BASE + "/v1/messages/count_tokens", handle_count_tokens)
-        self.router.add("GET", BASE + "/v1/models", handle_list_models)
-        self.router.add("GET", BASE + "/v1/models/{model}", handle_get_model)
-        self.router.add("HEAD", BASE + "/*", handle_head_probe)
+        for method, path, handler in (
+            ("POST", "/v1/messages", handle_messages),
+            ("POST", "/v1/messages/count_tokens", handle_count_tokens),
+            ("GET", "/v1/models", handle_list_models),
+            ("GET", "/v1/models/{model}", handle_get_model),
+            ("HEAD", "/*", handle_head_probe),
+        ):
+            self.router.add(method, BASE + path, self._with_deployment(handler))
         self.router.add(("GET", "HEAD"), "/healthz", handle_healthz)
-        self.router.add(("GET", "HEAD"), "/readyz", handle_readyz)
-        self.router.add(("GET", "HEAD"), "/metrics", handle_metrics)
+        self.router.add(("GET", "HEAD"), "/readyz", partial(handle_readyz, self.not_ready))
+        self.router.add(("GET", "HEAD"), "/metrics", partial(handle_metrics, self.metrics))
+
+    def _with_deployment(self, handler: DeploymentHandler) -> RouteHandler:
+        """`handler` given the state of the deployment its path names (404 if none), which the
+        request's record notes for the access log and metrics."""
+
+        async def run(
+            request: Request, writer: ResponseWriter, record: RequestRecord, deployment: str, **params: str
+        ) -> None:
+            state = self._find(deployment)
+            record.deployment = deployment
+            await handler(state, request, writer, record, **params)
+
+        return run
+
+    def _find(self, deployment: str) -> DeploymentState:
+        state = self.deployments.get(deployment)
+        if state is None:
+            raise not_found(f"deployment {deployment!r} not found")
+        return state
 
     async def handle(self, request: Request, writer: ResponseWriter) -> None:
         """Route, run the handler, render its errors, and account for the request."""
-        record = request.record = RequestRecord(
-            request.request_id, request.method, request.path, request.client, time.monotonic()
-        )
+        record = RequestRecord(request.request_id, request.method, request.path, request.client, time.monotonic())
         self.active += 1
         try:
             match = self.router.resolve(request.method, request.path)
-            await match.handler(self, request, writer, **match.params)
+            await match.handler(request, writer, record, **match.params)
         except ApiError as error:
             record.status = error.status
             respond_with_error(writer, error)
@@ -205,7 +135,7 @@ class Gateway:
             match = self.router.resolve(request.method, request.path)
             deployment = match.params.get("deployment")
             if deployment is not None:
-                self.deployment(deployment).authorize(request.headers)
+                self._find(deployment).authorize(request.headers)
         except ApiError as error:
             record = RequestRecord(request.request_id, request.method, request.path, request.client, time.monotonic())
             if deployment is not None and deployment in self.deployments:
@@ -251,25 +181,6 @@ class Gateway:
                 return f"deployment {dep.config.id!r} has no healthy upstream"
         return None
 
-    def deployment(self, deployment_id: str, request: Request | None = None) -> DeploymentRoute:
-        route = self.deployments.get(deployment_id)
-        if route is None:
-            raise not_found(f"deployment {deployment_id!r} not found")
-        if request is not None and request.record is not None:
-            request.record.deployment = deployment_id
-        return route
-
-    def anthropic_body(self, request: Request) -> Any:
-        """The JSON body of an Anthropic API call, after its required header is checked."""
-        if not request.headers.get("anthropic-version"):
-            raise invalid_request("anthropic-version: header is required (e.g. anthropic-version: 2023-06-01)")
-        if not request.body:
-            raise invalid_request("request body is empty; expected a JSON object")
-        try:
-            return orjson.loads(request.body)
-        except orjson.JSONDecodeError as exc:
-            raise invalid_request(f"request body is not valid JSON: {exc}") from None
-
     def balancers(self) -> list[Balancer]:
         return [model.balancer for dep in self.deployments.values() for model in dep.models.values()]
 
@@ -302,16 +213,3 @@ def respond_with_error(writer: ResponseWriter, error: ApiError, close: bool = Fa
     else:
         writer.write(error.sse_event())
         writer.end()
-
-
-def limits_of(settings: ServerSettings) -> ServerLimits:
-    return ServerLimits(
-        max_body_bytes=settings.max_body_bytes,
-        max_header_bytes=settings.max_header_bytes,
-        max_header_count=settings.max_header_count,
-        max_connections=settings.max_connections,
-        header_timeout=settings.header_timeout,
-        body_timeout=settings.body_timeout,
-        keepalive_timeout=settings.keepalive_timeout,
-        write_timeout=settings.write_timeout,
-    )

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import re
 import tomllib
-from fnmatch import fnmatchcase
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-DEFAULT_LISTEN = "127.0.0.1:8787"
+from casedesk.http.server import ServerLimits
+
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 BALANCE_POLICIES = ("prefix", "least_in_flight")
 
@@ -84,18 +85,24 @@ class Deployment:
         return None
 
 
+# The [server] keys that are the HTTP layer's limits (their defaults live in ServerLimits).
+LIMIT_KEYS = (
+    "max_body_bytes",
+    "max_header_bytes",
+    "max_header_count",
+    "max_connections",
+    "header_timeout",  # to receive a request head
+    "body_timeout",  # to receive a request body
+    "keepalive_timeout",  # idle client connections
+    "write_timeout",  # a client that takes none of its response for this long is cut
+)
+
+
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
     listen_host: str = "127.0.0.1"
     listen_port: int = 8787
-    max_body_bytes: int = 32 * 1024 * 1024
-    max_header_bytes: int = 64 * 1024
-    max_header_count: int = 128
-    max_connections: int = 1024
-    header_timeout: float = 10.0  # to receive a request head
-    body_timeout: float = 60.0  # to receive a request body
-    keepalive_timeout: float = 75.0  # idle client connections
-    write_timeout: float = 60.0  # a client that takes none of its response for this long is cut
+    limits: ServerLimits = field(default_factory=ServerLimits)  # the client side: http/server.py
     upstream_connect_timeout: float = 5.0
     upstream_read_timeout: float = 300.0  # silence from llama-server before giving up
     health_interval: float = 5.0  # seconds between active /health checks of each upstream
@@ -186,12 +193,13 @@ class _Checker:
         prefix: str,
         default: float,
         *,
-        integer: bool = False,
         minimum: float = 0,
         exclusive: bool = True,
     ) -> Any:
+        """`table[key]`, checked against `default`'s kind (an int default wants an integer)."""
         value = table.get(key, default)
         name = f"{prefix}.{key}"
+        integer = isinstance(default, int)
         kinds = (int,) if integer else (int, float)
         if isinstance(value, bool) or not isinstance(value, kinds):
             self.problem(name, f"must be {'an integer' if integer else 'a number'}, got {value!r}")
@@ -200,6 +208,11 @@ class _Checker:
             self.problem(name, f"must be {'>' if exclusive else '>='} {minimum}, got {value!r}")
             return default
         return value
+
+
+def _default(cls: Any, name: str) -> Any:
+    """A key's default, read from its dataclass: the one place defaults are written."""
+    return cls.__dataclass_fields__[name].default
 
 
 def _table(checker: _Checker, value: Any, key: str) -> dict[str, Any]:
@@ -224,7 +237,7 @@ def _server(checker: _Checker, raw: Any) -> ServerSettings:
     raw = _table(checker, raw, "server")
     defaults = ServerSettings()
     host, port = defaults.listen_host, defaults.listen_port
-    listen = raw.get("listen", DEFAULT_LISTEN)
+    listen = raw.get("listen", f"{host}:{port}")
     if not isinstance(listen, str):
         checker.problem("server.listen", f"must be a string HOST:PORT, got {listen!r}")
     else:
@@ -232,32 +245,22 @@ def _server(checker: _Checker, raw: Any) -> ServerSettings:
             host, port = split_host_port(listen)
         except ValueError as exc:
             checker.problem("server.listen", str(exc))
-    numeric = {
-        "max_body_bytes": True,
-        "max_header_bytes": True,
-        "max_header_count": True,
-        "max_connections": True,
-        "header_timeout": False,
-        "body_timeout": False,
-        "keepalive_timeout": False,
-        "write_timeout": False,
-        "upstream_connect_timeout": False,
-        "upstream_read_timeout": False,
-        "health_interval": False,
-        "stream_keepalive": False,
-    }
-    max_loaded = checker.number(raw, "max_loaded_models", "server", 0, integer=True, exclusive=False)
-    values = {
-        key: checker.number(raw, key, "server", getattr(defaults, key), integer=is_int)
-        for key, is_int in numeric.items()
-    }
-    access_log = raw.get("access_log", "-")
+    limits = ServerLimits(**{k: checker.number(raw, k, "server", _default(ServerLimits, k)) for k in LIMIT_KEYS})
+    numeric = ("upstream_connect_timeout", "upstream_read_timeout", "health_interval", "stream_keepalive")
+    values = {key: checker.number(raw, key, "server", getattr(defaults, key)) for key in numeric}
+    max_loaded = checker.number(raw, "max_loaded_models", "server", defaults.max_loaded_models, exclusive=False)
+    access_log = raw.get("access_log", defaults.access_log)
     if not isinstance(access_log, str):
         checker.problem("server.access_log", 'must be "-" (stdout), a file path, or "" (off)')
-        access_log = "-"
-    checker.unknown(raw, {"listen", "access_log", "max_loaded_models", *numeric}, "server")
+        access_log = defaults.access_log
+    checker.unknown(raw, {"listen", "access_log", "max_loaded_models", *LIMIT_KEYS, *numeric}, "server")
     return ServerSettings(
-        listen_host=host, listen_port=port, access_log=access_log, max_loaded_models=max_loaded, **values
+        listen_host=host,
+        listen_port=port,
+        limits=limits,
+        access_log=access_log,
+        max_loaded_models=max_loaded,
+        **values,
     )
 
 
@@ -276,9 +279,9 @@ def _deployment(checker: _Checker, dep_id: str, raw: Any, base_dir: Path | None)
                 checker.problem(f"{prefix}.api_keys_sha256[{i}]", "must be 64 hex digits (sha256sum of the key)")
             else:
                 hashes.add(digest.lower())
-    max_concurrency = checker.number(raw, "max_concurrency", prefix, 8, integer=True)
-    max_queue = checker.number(raw, "max_queue", prefix, 64, integer=True, exclusive=False)
-    queue_timeout = checker.number(raw, "queue_timeout", prefix, 60.0)
+    max_concurrency = checker.number(raw, "max_concurrency", prefix, _default(Deployment, "max_concurrency"))
+    max_queue = checker.number(raw, "max_queue", prefix, _default(Deployment, "max_queue"), exclusive=False)
+    queue_timeout = checker.number(raw, "queue_timeout", prefix, _default(Deployment, "queue_timeout"))
     models: dict[str, Model] = {}
     raw_models = raw.get("models")
     if not isinstance(raw_models, dict) or not raw_models:
@@ -341,14 +344,16 @@ def _model(checker: _Checker, prefix: str, tag: str, raw: Any, base_dir: Path | 
         managed = _managed(checker, f"{prefix}.llama_server", raw["llama_server"], base_dir)
     if not raw_upstreams and "llama_server" not in raw:
         checker.problem(prefix, "needs `upstreams = [...]` or a [llama_server] table")
-    max_connections = checker.number(raw, "max_connections", prefix, 32, integer=True)
-    balance = raw.get("balance", "prefix")
+    max_connections = checker.number(raw, "max_connections", prefix, _default(Model, "max_connections"))
+    balance = raw.get("balance", _default(Model, "balance"))
     if balance not in BALANCE_POLICIES:
         choices = " or ".join(map(repr, BALANCE_POLICIES))
         checker.problem(f"{prefix}.balance", f"must be {choices}, got {balance!r}")
-        balance = "prefix"
-    abs_threshold = checker.number(raw, "balance_abs_threshold", prefix, 4, integer=True)
-    rel_threshold = checker.number(raw, "balance_rel_threshold", prefix, 1.5, minimum=1, exclusive=False)
+        balance = _default(Model, "balance")
+    abs_threshold = checker.number(raw, "balance_abs_threshold", prefix, _default(Model, "balance_abs_threshold"))
+    rel_threshold = checker.number(
+        raw, "balance_rel_threshold", prefix, _default(Model, "balance_rel_threshold"), minimum=1, exclusive=False
+    )
     checker.unknown(
         raw,
         {"upstreams", "llama_server", "max_connections", "balance", "balance_abs_threshold", "balance_rel_threshold"},
@@ -394,12 +399,12 @@ def _managed(checker: _Checker, prefix: str, raw: Any, base_dir: Path | None) ->
     if binary is not None and not isinstance(binary, str):
         checker.problem(f"{prefix}.binary", "must be a path string")
         binary = None
-    host = raw.get("host", "127.0.0.1")
+    host = raw.get("host", _default(ManagedServer, "host"))
     if not isinstance(host, str):
         checker.problem(f"{prefix}.host", "must be a string")
-        host = "127.0.0.1"
-    port = checker.number(raw, "port", prefix, 0, integer=True, exclusive=False)
-    startup_timeout = checker.number(raw, "startup_timeout", prefix, 300.0)
+        host = _default(ManagedServer, "host")
+    port = checker.number(raw, "port", prefix, _default(ManagedServer, "port"), exclusive=False)
+    startup_timeout = checker.number(raw, "startup_timeout", prefix, _default(ManagedServer, "startup_timeout"))
     template = raw.get("chat_template_file")
     if template is not None:
         if not isinstance(template, str):
@@ -412,11 +417,11 @@ def _managed(checker: _Checker, prefix: str, raw: Any, base_dir: Path | None) ->
             if not path.is_file():
                 checker.problem(f"{prefix}.chat_template_file", f"no such file: {path}")
             template = str(path)
-    preload = raw.get("preload", True)
+    preload = raw.get("preload", _default(ManagedServer, "preload"))
     if not isinstance(preload, bool):
         checker.problem(f"{prefix}.preload", f"must be true or false, got {preload!r}")
-        preload = True
-    ttl = checker.number(raw, "ttl", prefix, 0.0, exclusive=False)
+        preload = _default(ManagedServer, "preload")
+    ttl = checker.number(raw, "ttl", prefix, _default(ManagedServer, "ttl"), exclusive=False)
     checker.unknown(
         raw,
         {"model", "args", "binary", "host", "port", "startup_timeout", "chat_template_file", "preload", "ttl"},

@@ -14,7 +14,7 @@ import signal
 import socket
 
 from casedesk.anthropic.errors import ApiError
-from casedesk.app import Gateway, limits_of, render_error, respond_with_error
+from casedesk.app import Gateway, render_error, respond_with_error
 from casedesk.config import Config, ConfigError, Upstream, load
 from casedesk.http.server import ConnectionTracker, ErrorResponse, Request, ResponseWriter, start_server
 from casedesk.ops.accesslog import AccessLog
@@ -158,7 +158,7 @@ class Service:
         settings = self.config.server
         self.server = await start_server(
             self.handle,
-            limits_of(settings),
+            settings.limits,
             self.tracker,
             render_error,
             self.check_head,

@@ -30,7 +30,7 @@ def test_the_documented_shape_loads(tmp_path: Path) -> None:
     assert (config.server.listen_host, config.server.listen_port) == ("127.0.0.1", 8787)
     assert dep.max_concurrency == 8 and dep.max_queue == 64 and not dep.api_keys_sha256
     assert dep.models["llama3.1:8b"].upstreams[0].port == 8080
-    assert config.server.max_body_bytes == 32 * 1024 * 1024
+    assert config.server.limits.max_body_bytes == 32 * 1024 * 1024
 
 
 def test_the_examples_load() -> None:

@@ -7,8 +7,11 @@ accepted and ignored; only malformed input is refused.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from casedesk.anthropic.errors import ApiError, invalid_request
 
@@ -41,6 +44,18 @@ class MessagesRequest:
     @property
     def single_tool_use(self) -> bool:
         return bool(self.tool_choice and self.tool_choice.get("disable_parallel_tool_use"))
+
+
+def request_json(headers: Mapping[str, str], body: bytes) -> Any:
+    """The JSON body of an Anthropic API call, after its required header is checked."""
+    if not headers.get("anthropic-version"):
+        raise invalid_request("anthropic-version: header is required (e.g. anthropic-version: 2023-06-01)")
+    if not body:
+        raise invalid_request("request body is empty; expected a JSON object")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise invalid_request(f"request body is not valid JSON: {exc}") from None
 
 
 def parse_messages_request(body: Any, *, count_only: bool = False) -> MessagesRequest:

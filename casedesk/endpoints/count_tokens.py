@@ -8,28 +8,28 @@ Messages endpoint would send) and tokenizes the result (`/tokenize`), so the cou
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
 from casedesk.anthropic.errors import ApiError
-from casedesk.anthropic.schema import parse_messages_request
+from casedesk.anthropic.schema import parse_messages_request, request_json
 from casedesk.http.server import Request, ResponseWriter
+from casedesk.ops.accesslog import RequestRecord
+from casedesk.serving import DeploymentState
 from casedesk.translate.request import to_chat_request
 from casedesk.upstream.relay import open_with_failover
 
-if TYPE_CHECKING:
-    from casedesk.app import Gateway
 
-
-async def handle_count_tokens(gateway: Gateway, request: Request, writer: ResponseWriter, deployment: str) -> None:
-    route = gateway.deployment(deployment, request)
-    route.authorize(request.headers)
-    parsed = parse_messages_request(gateway.anthropic_body(request), count_only=True)
-    model = route.model(parsed.model)
-    request.record.model, request.record.tag = parsed.model, model.tag
+async def handle_count_tokens(
+    deployment: DeploymentState, request: Request, writer: ResponseWriter, record: RequestRecord
+) -> None:
+    deployment.authorize(request.headers)
+    parsed = parse_messages_request(request_json(request.headers, request.body), count_only=True)
+    model = deployment.model(parsed.model)
+    record.model, record.tag = parsed.model, model.tag
     chat = {**to_chat_request(parsed, stream=False), "model": model.tag}
-    timeout = gateway.settings.upstream_read_timeout
+    timeout = deployment.settings.upstream_read_timeout
     async with model.lease():  # a managed model is loaded if needed (ondemand; issue 10)
         templated = await _call(model.balancer, "/apply-template", chat, timeout)
         prompt = templated.get("prompt")

@@ -13,59 +13,53 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import orjson
 
 from casedesk.anthropic.errors import ApiError
-from casedesk.anthropic.schema import MessagesRequest, parse_messages_request
+from casedesk.anthropic.schema import MessagesRequest, parse_messages_request, request_json
 from casedesk.http.keepalive import STREAM_HEADERS, StreamKeepAlive
 from casedesk.http.server import Request, ResponseWriter
 from casedesk.ops.accesslog import RequestRecord
+from casedesk.serving import DeploymentState
 from casedesk.translate.request import to_chat_request
 from casedesk.translate.response import MessageAccumulator, new_message_id
 from casedesk.translate.stream import StreamTranslator
 from casedesk.upstream.relay import AnswerRelay
 
-if TYPE_CHECKING:
-    from casedesk.app import DeploymentRoute, Gateway
-
 log = logging.getLogger("casedesk.messages")
 
 
-async def handle_messages(gateway: Gateway, request: Request, writer: ResponseWriter, deployment: str) -> None:
-    record = request.record
-    route = gateway.deployment(deployment, request)
-    route.authorize(request.headers)
-    parsed = parse_messages_request(gateway.anthropic_body(request))
+async def handle_messages(
+    deployment: DeploymentState, request: Request, writer: ResponseWriter, record: RequestRecord
+) -> None:
+    deployment.authorize(request.headers)
+    parsed = parse_messages_request(request_json(request.headers, request.body))
     record.model, record.stream = parsed.model, parsed.stream
     # From here on a streamed request is never silent, whatever it waits for (queue, busy
-    # slots, prefill, a model loading); an error after the head went out becomes an event.
-    keepalive = StreamKeepAlive(writer, gateway.settings.stream_keepalive) if parsed.stream else None
+    # slots, prefill, a model loading); an error after the head went out becomes an event
+    # (app.py renders it).
+    keepalive = StreamKeepAlive(writer, deployment.settings.stream_keepalive) if parsed.stream else None
     try:
-        await _answer(gateway, route, parsed, writer, record)
-    except ApiError as error:
-        if writer.started and not writer.finished:
-            writer.write(error.sse_event())
-            writer.end()
-        raise
+        await _answer(deployment, parsed, writer, record)
     finally:
         if keepalive is not None:
             keepalive.cancel()
 
 
 async def _answer(
-    gateway: Gateway, route: DeploymentRoute, parsed: MessagesRequest, writer: ResponseWriter, record: RequestRecord
+    deployment: DeploymentState, parsed: MessagesRequest, writer: ResponseWriter, record: RequestRecord
 ) -> None:
-    model = route.model(parsed.model)
+    model = deployment.model(parsed.model)
     record.tag = model.tag
     # model.lease(): a managed model is loaded if needed and kept running until the end
     # (ondemand; issue 10). The wait for a load happens here, inside the handler.
-    async with route.admission.slot(), model.lease():
+    async with deployment.admission.slot(), model.lease():
         # llama-server is asked for the tag (the answer still names what the client asked for).
         chat = {**to_chat_request(parsed, stream=True), "model": model.tag}
         payload = orjson.dumps(chat)
-        relay = AnswerRelay(model.balancer, gateway.settings.upstream_read_timeout, model.balancer.route_key(chat))
+        timeout = deployment.settings.upstream_read_timeout
+        relay = AnswerRelay(model.balancer, timeout, model.balancer.route_key(chat))
         message_id = new_message_id()
 
         def new_translator() -> StreamTranslator:  # one per attempt; all give the same id

@@ -3,24 +3,24 @@ so `client.models.list()` and `client.models.retrieve()` work. HEAD probes and /
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
 from casedesk.http.server import Request, ResponseWriter
-
-if TYPE_CHECKING:
-    from casedesk.app import Gateway
-
-
-def _model_object(gateway: Gateway, tag: str) -> dict[str, Any]:
-    return {"type": "model", "id": tag, "display_name": tag, "created_at": gateway.started_at}
+from casedesk.ops.accesslog import RequestRecord
+from casedesk.serving import DeploymentState
 
 
-async def handle_list_models(gateway: Gateway, request: Request, writer: ResponseWriter, deployment: str) -> None:
-    route = gateway.deployment(deployment, request)
-    route.authorize(request.headers)
-    data = [_model_object(gateway, tag) for tag in route.models]
+def _model_object(deployment: DeploymentState, tag: str) -> dict[str, Any]:
+    return {"type": "model", "id": tag, "display_name": tag, "created_at": deployment.started_at}
+
+
+async def handle_list_models(
+    deployment: DeploymentState, request: Request, writer: ResponseWriter, record: RequestRecord
+) -> None:
+    deployment.authorize(request.headers)
+    data = [_model_object(deployment, tag) for tag in deployment.models]
     writer.send(
         200,
         orjson.dumps(
@@ -35,19 +35,19 @@ async def handle_list_models(gateway: Gateway, request: Request, writer: Respons
 
 
 async def handle_get_model(
-    gateway: Gateway, request: Request, writer: ResponseWriter, deployment: str, model: str
+    deployment: DeploymentState, request: Request, writer: ResponseWriter, record: RequestRecord, model: str
 ) -> None:
-    route = gateway.deployment(deployment, request)
-    route.authorize(request.headers)
+    deployment.authorize(request.headers)
     # An alias answers with the tag it means, as Anthropic's API answers an alias with its model.
-    writer.send(200, orjson.dumps(_model_object(gateway, route.model(model).tag)))
+    writer.send(200, orjson.dumps(_model_object(deployment, deployment.model(model).tag)))
 
 
-async def handle_head_probe(gateway: Gateway, request: Request, writer: ResponseWriter, deployment: str) -> None:
+async def handle_head_probe(
+    deployment: DeploymentState, request: Request, writer: ResponseWriter, record: RequestRecord
+) -> None:
     """Agents probe the base URL with HEAD: 200, no body, for a known deployment."""
-    gateway.deployment(deployment, request)
     writer.send(200, b"")
 
 
-async def handle_healthz(gateway: Gateway, request: Request, writer: ResponseWriter) -> None:
+async def handle_healthz(request: Request, writer: ResponseWriter, record: RequestRecord) -> None:
     writer.send(200, b'{"status":"ok"}')

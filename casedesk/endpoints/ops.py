@@ -4,21 +4,23 @@ start), for the operators of the box."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from casedesk.anthropic.errors import ApiError
 from casedesk.http.server import Request, ResponseWriter
-
-if TYPE_CHECKING:
-    from casedesk.app import Gateway
-
-
-async def handle_metrics(gateway: Gateway, request: Request, writer: ResponseWriter) -> None:
-    writer.send(200, gateway.metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8")
+from casedesk.ops.accesslog import RequestRecord
+from casedesk.ops.metrics import Metrics
 
 
-async def handle_readyz(gateway: Gateway, request: Request, writer: ResponseWriter) -> None:
-    problem = gateway.not_ready()
+async def handle_metrics(metrics: Metrics, request: Request, writer: ResponseWriter, record: RequestRecord) -> None:
+    writer.send(200, metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def handle_readyz(
+    not_ready: Callable[[], str | None], request: Request, writer: ResponseWriter, record: RequestRecord
+) -> None:
+    """`not_ready()`: why the gateway cannot serve (None: it can)."""
+    problem = not_ready()
     if problem is not None:
         raise ApiError(503, f"not ready: {problem}")
     writer.send(200, b'{"status":"ready"}')

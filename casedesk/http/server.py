@@ -19,7 +19,7 @@ import struct
 import termios
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Protocol, cast
 
 import h11
 
@@ -69,7 +69,6 @@ class Request:
     body: bytes
     client: str
     request_id: str
-    record: Any = None  # the application's notes on this request (its access-log record)
 
 
 Handler = Callable[[Request, "ResponseWriter"], Awaitable[None]]
