@@ -133,7 +133,7 @@ def test_notify_abstract_namespace_and_no_socket(tmp_path: Path) -> None:
     Notifier({"NOTIFY_SOCKET": "@" + name}).notify("WATCHDOG=1")
     assert sock.recv(100) == b"WATCHDOG=1"
     silent = Notifier({})
-    assert not silent.enabled
+    assert not silent.address
     silent.ready("nothing happens")  # no socket: a no-op, no error
 
 

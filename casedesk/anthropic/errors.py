@@ -77,6 +77,3 @@ def overloaded(message: str, retry_after: int | None = None) -> ApiError:
     headers = (("retry-after", str(retry_after)),) if retry_after is not None else ()
     return ApiError(529, message, headers=headers)
 
-
-def upstream_failed(message: str) -> ApiError:
-    return ApiError(502, message)

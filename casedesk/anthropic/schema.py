@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from casedesk.anthropic.errors import ApiError, invalid_request
+from casedesk.anthropic.errors import invalid_request
 
 ROLES = frozenset({"user", "assistant", "system"})
 TOOL_CHOICES = frozenset({"auto", "any", "tool", "none"})
@@ -299,7 +299,3 @@ def _thinking(value: Any) -> tuple[str | None, int | None]:
         raise invalid_request(f"thinking.budget_tokens: must be an integer >= 1, got {budget!r}")
     return "enabled", int(budget)
 
-
-def check_version_header(headers: dict[str, str]) -> None:
-    if not headers.get("anthropic-version"):
-        raise ApiError(400, "anthropic-version: header is required (e.g. anthropic-version: 2023-06-01)")

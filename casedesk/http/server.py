@@ -103,9 +103,6 @@ class ConnectionTracker:
         self.idle_changed = asyncio.Event()
         self.write_timeouts = 0  # requests ended because the client stopped reading
 
-    def busy(self) -> list[HttpProtocol]:
-        return [p for p in self.open if p.handling]
-
 
 class ResponseWriter:
     """Writes one response: a whole one (`send`) or a streamed one (`start_stream`, `write`…, `end`).
@@ -268,10 +265,6 @@ class HttpProtocol(asyncio.Protocol):
         self._acked = -1
         self._progress_at = 0.0
         self._write_timer: asyncio.TimerHandle | None = None
-
-    @property
-    def handling(self) -> bool:
-        return self._task is not None
 
     # -- asyncio callbacks -------------------------------------------------------------
 

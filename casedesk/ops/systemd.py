@@ -38,10 +38,6 @@ class Notifier:
             return None
         return int(usec) / 1e6 / 2
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.address)
-
     def notify(self, *lines: str) -> None:
         if not self.address:
             return
