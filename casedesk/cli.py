@@ -63,7 +63,7 @@ def serve_command(args: argparse.Namespace) -> int:
         config = dataclasses.replace(
             config, server=dataclasses.replace(config.server, listen_host=host, listen_port=port)
         )
-    from casedesk.ops.supervisor import SupervisorError
+    from casedesk.ops.process import SupervisorError
     from casedesk.ops.systemd import listen_fds
     from casedesk.service import run
 

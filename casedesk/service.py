@@ -19,7 +19,8 @@ from casedesk.config import Config, ConfigError, Upstream, load
 from casedesk.http.server import ConnectionTracker, ErrorResponse, Request, ResponseWriter, start_server
 from casedesk.ops.accesslog import AccessLog
 from casedesk.ops.metrics import Histogram, Labels, Metrics
-from casedesk.ops.supervisor import ManagedProcess, State, Supervisor, SupervisorError
+from casedesk.ops.process import ManagedProcess, State, SupervisorError
+from casedesk.ops.supervisor import Supervisor
 from casedesk.ops.systemd import Notifier
 
 log = logging.getLogger("casedesk")

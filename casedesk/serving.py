@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from casedesk.admission import Admission
 from casedesk.anthropic.errors import ApiError, authentication_failed, not_found, overloaded
 from casedesk.config import Deployment, ServerSettings
-from casedesk.ops.supervisor import LeaseTimeout, LoadFailed, ManagedProcess, State, Supervisor
+from casedesk.ops.process import LeaseTimeout, LoadFailed, ManagedProcess, State
+from casedesk.ops.supervisor import Supervisor
 from casedesk.upstream.balancer import Balancer, UpstreamState
 
 

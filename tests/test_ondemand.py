@@ -17,7 +17,8 @@ import anthropic
 import pytest
 
 from casedesk.config import parse
-from casedesk.ops.supervisor import State, Supervisor, is_valid_transition
+from casedesk.ops.process import State, is_valid_transition
+from casedesk.ops.supervisor import Supervisor
 from tests.conftest import GatewayFactory, RunningGateway
 from tests.test_ops import NotifyListener, get
 

