@@ -182,9 +182,9 @@ class ResponseWriter:
     ) -> None:
         """Start a streamed (chunked) response; body pieces follow with write().
 
-        The head leaves with the first piece, in the same write: the caller starts a stream
-        only once llama-server has started answering, and its first event follows at once,
-        so this saves the client a wakeup and a syscall on the way to the first token.
+        The head leaves with the first piece, in the same write (the first event, or a
+        keep-alive comment): this saves the client a wakeup and a syscall on the way to the
+        first token.
         """
         conn = self._protocol.conn
         head = [("content-type", content_type), ("cache-control", "no-cache"), *headers]
@@ -209,10 +209,6 @@ class ResponseWriter:
         self.finished = True
         self._protocol.write(self._held_head + self._protocol.conn.send(h11.EndOfMessage()))
         self._held_head = b""
-
-    async def drain(self) -> None:
-        """Wait while the client's socket buffer is full (flow control)."""
-        await self._protocol.drain()
 
     def set_flow_listener(self, listener: FlowListener | None) -> None:
         """Tell `listener` when the client stops and starts reading (back-pressure upstream)."""
@@ -249,8 +245,6 @@ class HttpProtocol(asyncio.Protocol):
         self.client = ""
         self.closed = False
         self.flow_listener: FlowListener | None = None
-        self._writable = asyncio.Event()
-        self._writable.set()
         self._reading_paused = False
         self._timer: asyncio.TimerHandle | None = None
         self._request: Request | None = None
@@ -296,7 +290,6 @@ class HttpProtocol(asyncio.Protocol):
         self._stop_write_watchdog()
         self._tracker.open.discard(self)
         self._tracker.idle_changed.set()
-        self._writable.set()  # wake writers so they notice the disconnect
         if self._task is not None:
             self._task.cancel()
 
@@ -313,12 +306,10 @@ class HttpProtocol(asyncio.Protocol):
         self._handle_events()
 
     def pause_writing(self) -> None:
-        self._writable.clear()
         if self.flow_listener is not None:
             self.flow_listener.pause()
 
     def resume_writing(self) -> None:
-        self._writable.set()
         if self.flow_listener is not None:
             self.flow_listener.resume()
 
@@ -328,10 +319,6 @@ class HttpProtocol(asyncio.Protocol):
         if not self.closed and self.transport is not None:
             self.bytes_written += len(data)
             self.transport.write(data)
-
-    async def drain(self) -> None:
-        if not self._writable.is_set():
-            await self._writable.wait()
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
