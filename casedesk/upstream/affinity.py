@@ -83,7 +83,7 @@ def route_key(chat: dict[str, Any], block_bytes: int = BLOCK_BYTES) -> RouteKey:
     for start in range(0, len(text) - block_bytes + 1, block_bytes):
         previous = _digest(previous + text[start : start + block_bytes])
         blocks.append(previous)
-    first = len(parts) == lead_end + 1
+    first = len(parts) == lead_end + 1  # parts: the tools, then one per message
     return RouteKey(lead=_digest(text[:lead_bytes]), lead_bytes=lead_bytes, blocks=tuple(blocks), first=first)
 
 
