@@ -515,6 +515,9 @@ def start_fleet_gateway(
     log = config_dir / f"access-{port}.log"
     config = config_dir / f"fleet-{port}.toml"
     listed = ", ".join(f'"{u}"' for u in upstreams)
+    # "prefix@/path/to/checkout": that checkout's CaseDesk, to compare two versions in one run.
+    balance, _, checkout = balance.partition("@")
+    root = Path(checkout) if checkout else ROOT
     config.write_text(
         f'[server]\nlisten = "127.0.0.1:{port}"\naccess_log = "{log}"\nupstream_read_timeout = 600\n'
         f"[deployments.bench]\nmax_concurrency = 64\n"
@@ -522,7 +525,7 @@ def start_fleet_gateway(
         + (f"balance_abs_threshold = {abs_threshold}\n" if abs_threshold else "")
     )
     command = [sys.executable, "-m", "casedesk", "serve", "--config", str(config), "--log-level", "warning"]
-    procs.start(command, cwd=ROOT)
+    procs.start(command, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
     wait_http(f"http://127.0.0.1:{port}/healthz", 60)
     return f"http://127.0.0.1:{port}/proxy/bench/anthropic", log
 
@@ -580,8 +583,9 @@ async def bench_fleet(args: argparse.Namespace, procs: Processes, config_dir: Pa
                     start_fleet_gateway(fleet, upstreams, balance, config_dir, args.fleet_abs_threshold)
                     for _ in range(instances)
                 ]
-                tagged = {f"{variant}-{balance}-{name}": count for name, count in conversations.items()}
-                hot = {f"{variant}-{balance}-{name}": count for name, count in branches.items()}
+                # The same prompts and pauses for every balance (fresh servers: no cache is inherited).
+                tagged = {f"{variant}-{name}": count for name, count in conversations.items()}
+                hot = {f"{variant}-{name}": count for name, count in branches.items()}
                 started = time.perf_counter()
                 bases = [base for base, _ in gateways]
                 words, think = args.fleet_prompt_words, args.fleet_think
@@ -838,7 +842,12 @@ def main() -> None:
     parser.add_argument("--fleet-hot-branches", type=int, default=16)
     parser.add_argument("--fleet-think", type=float, default=2.0, help="pause before a turn: up to this many s")
     parser.add_argument("--fleet-slot-pinning", action="store_true", help="also id_slot vs llama-server's choice")
-    parser.add_argument("--fleet-balances", nargs="+", default=["least_in_flight", "prefix"])
+    parser.add_argument(
+        "--fleet-balances",
+        nargs="+",
+        default=["least_in_flight", "prefix"],
+        help="least_in_flight, prefix; BALANCE@PATH: the CaseDesk checkout at PATH (e.g. prefix@/work/main)",
+    )
     parser.add_argument("--fleet-abs-threshold", type=int, help="balance_abs_threshold (default: CaseDesk's)")
     parser.add_argument("--fleet-variants", nargs="*", help="main, two-instance, skewed (default: all)")
     parser.add_argument("--peer", help="another Anthropic-compatible gateway's base URL on the same fake upstream")

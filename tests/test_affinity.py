@@ -154,6 +154,19 @@ def test_the_balance_keys_are_checked_by_name() -> None:
     assert "balance_abs_threshold" in problems and "balance_rel_threshold" in problems
 
 
+def test_a_later_turn_nobody_here_holds_goes_home_like_a_held_one() -> None:
+    """Another instance served its earlier turns, most likely at its home: this instance, which
+    sees only its own load, must not move it at the first-turn threshold."""
+    later, table = route_key(chat(SYSTEM, 2)), PrefixTable(2)
+    assert route_key(chat(SYSTEM, 1)).first and not later.first
+    home = order(later, up(0, 0), table, Thresholds(absolute=4))[0]
+    loads = [0, 0]
+    loads[home] = 2  # enough to move a first turn (half of 4), not a later one
+    assert order(later, up(*loads), table, Thresholds(absolute=4))[0] == home
+    loads[home] = 4
+    assert order(later, up(*loads), table, Thresholds(absolute=4))[0] != home  # the load bound still holds
+
+
 def test_a_request_nobody_holds_moves_at_half_the_absolute_threshold() -> None:
     fresh, table = route_key(chat(SYSTEM, 1)), PrefixTable(2)
     home = order(fresh, up(0, 0), table, Thresholds(absolute=4))[0]

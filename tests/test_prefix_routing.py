@@ -198,3 +198,33 @@ async def test_cached_tokens_per_upstream_in_metrics_and_the_access_log(
     labels = f'deployment="dep",model="m",upstream="127.0.0.1:{fakes[0].port}"'
     assert f"casedesk_prompt_tokens_total{{{labels}}} 220" in text
     assert f"casedesk_cached_prompt_tokens_total{{{labels}}} 96" in text
+
+
+async def test_two_instances_agree_when_the_second_sees_load_on_the_home(
+    fakes: list[FakeLlamaServer], start_gateway: GatewayFactory
+) -> None:
+    """Instance B has not seen conversation 0 (A served its first turn, at home) and has a
+    request of its own in flight there: enough to move a first turn, so B must not treat the
+    conversation's second turn as one and send it where nothing of it is cached."""
+    pair = fakes[:2]
+    model = {"balance_abs_threshold": 2}  # a first turn moves at 1 more in flight, a later one at 2
+    config = gateway_config([f.url for f in pair], server=QUIET, model=model)
+    a, b, probe = await start_gateway(config), await start_gateway(config), await start_gateway(config)
+    home_of = {n: await _home_of(probe, pair, n) for n in range(16)}  # a third instance's choice: the same
+    for fake in pair:
+        fake.requests.clear()
+    await turn(client(a), 0, 1)
+    home = home_of[0]
+    assert served(pair)[(0, 0)] == [home]
+    pair[home].default = Reply(tokens=["ok"], head_delay=30)
+    pair[home].replies.append(Reply(tokens=["ok"], head_delay=30))  # B's own request, kept in flight
+    blocker = asyncio.ensure_future(turn(client(b), next(n for n in range(1, 16) if home_of[n] == home), 2))
+    await until(lambda: pair[home].active_generations == 1)
+    pair[home].replies.append(Reply(tokens=["ok"]))
+    await turn(client(b), 0, 2)
+    assert served(pair)[(0, 1)] == [home]  # where its first turn is cached
+    blocker.cancel()
+    await asyncio.gather(blocker, return_exceptions=True)
+    pair[home].default = Reply(tokens=["ok"])
+    await turn(client(a), 0, 3)
+    assert served(pair)[(0, 2)] == [home]

@@ -16,7 +16,10 @@ mode do (shared/protocol.md §4):
   (absolute and relative in-flight thresholds, after SGLang's `balance_abs_threshold` and
   `balance_rel_threshold`) moves a request off an overloaded choice, to the upstream holding
   most of it, else the least loaded; the conversation then stays where it was moved, so a
-  lopsided hash evens out. A request nobody holds moves at half the absolute threshold.
+  lopsided hash evens out. A first turn nobody holds moves at half the absolute threshold
+  (it has no cache to lose); a later turn nobody here holds was served by another instance
+  (or before a restart), most likely at its home, so it is judged like a held one: instances
+  that each see only their own load then do not each move it elsewhere.
   What an upstream serves only because the home is down is not remembered
   (Balancer.served): the conversation goes back home when the home recovers.
 """
@@ -44,6 +47,7 @@ class RouteKey:
     lead: bytes  # hash of the leading prefix: tools + template options + system + first user turn
     lead_bytes: int  # how long that prefix is in the canonical serialisation
     blocks: tuple[bytes, ...]  # chained hashes of the serialisation's whole blocks
+    first: bool  # nothing after the first user turn: a conversation's first request
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +83,8 @@ def route_key(chat: dict[str, Any], block_bytes: int = BLOCK_BYTES) -> RouteKey:
     for start in range(0, len(text) - block_bytes + 1, block_bytes):
         previous = _digest(previous + text[start : start + block_bytes])
         blocks.append(previous)
-    return RouteKey(lead=_digest(text[:lead_bytes]), lead_bytes=lead_bytes, blocks=tuple(blocks))
+    first = len(parts) == lead_end + 1  # parts: the tools, then one per message
+    return RouteKey(lead=_digest(text[:lead_bytes]), lead_bytes=lead_bytes, blocks=tuple(blocks), first=first)
 
 
 class PrefixTable:
@@ -153,7 +158,7 @@ def order(key: RouteKey, upstreams: Sequence[Upstream], table: PrefixTable, thre
         # Where its longest prefix is (after a spill, not always its home), the latest first.
         home = max(holders, key=lambda i: table.match(i, key))
     least = min(upstreams[i].in_flight for i in pool)
-    if not holders:
+    if not holders and key.first:
         # Nothing cached anywhere: nothing to lose by moving, so it moves sooner.
         thresholds = Thresholds(max(1, thresholds.absolute // 2), thresholds.relative)
     if thresholds.overloaded(upstreams[home].in_flight, least):
