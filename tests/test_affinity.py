@@ -154,25 +154,50 @@ def test_the_balance_keys_are_checked_by_name() -> None:
     assert "balance_abs_threshold" in problems and "balance_rel_threshold" in problems
 
 
-def test_a_later_turn_nobody_here_holds_goes_home_like_a_held_one() -> None:
-    """Another instance served its earlier turns, most likely at its home: this instance, which
-    sees only its own load, must not move it at the first-turn threshold."""
-    later, table = route_key(chat(SYSTEM, 2)), PrefixTable(2)
-    assert route_key(chat(SYSTEM, 1)).first and not later.first
-    home = order(later, up(0, 0), table, Thresholds(absolute=4))[0]
-    loads = [0, 0]
-    loads[home] = 2  # enough to move a first turn (half of 4), not a later one
-    assert order(later, up(*loads), table, Thresholds(absolute=4))[0] == home
-    loads[home] = 4
-    assert order(later, up(*loads), table, Thresholds(absolute=4))[0] != home  # the load bound still holds
+def test_a_turn_nobody_here_holds_goes_home_until_the_load_bound() -> None:
+    """First turn or later turn another instance served: every instance must guess the same
+    upstream, and the only guess they share is the home; one instance's own load (which the
+    others do not see) moves it only past the bound."""
+    for turns in (1, 2):
+        key, table = route_key(chat(SYSTEM, turns)), PrefixTable(2)
+        home = order(key, up(0, 0), table, Thresholds(absolute=4))[0]
+        loads = [0, 0]
+        loads[home] = 3  # busy, but within the bound
+        assert order(key, up(*loads), table, Thresholds(absolute=4))[0] == home
+        loads[home] = 4
+        assert order(key, up(*loads), table, Thresholds(absolute=4))[0] != home  # the bound holds
 
 
-def test_a_request_nobody_holds_moves_at_half_the_absolute_threshold() -> None:
-    fresh, table = route_key(chat(SYSTEM, 1)), PrefixTable(2)
-    home = order(fresh, up(0, 0), table, Thresholds(absolute=4))[0]
-    loads = [0, 0]
-    loads[home] = 2
-    assert order(fresh, up(*loads), table, Thresholds(absolute=4))[0] != home  # no cache to lose
-    table.record(home, fresh)
-    later = route_key(chat(SYSTEM, 2))
-    assert order(later, up(*loads), table, Thresholds(absolute=4))[0] == home  # its cache is worth a wait
+def branches(loads: list[int], siblings: list[int]) -> list[Upstream]:
+    return [Upstream(f"10.0.0.{i}:8080", True, load, sib) for i, (load, sib) in enumerate(zip(loads, siblings))]
+
+
+def test_parallel_requests_of_one_conversation_spread_to_a_lighter_upstream() -> None:
+    """An agent's branches on one history: the second goes where fewer requests are in flight
+    rather than queue behind the first; further ones go to holders of the history first."""
+    key, table = route_key(chat(SYSTEM, 2)), PrefixTable(3)
+    home = order(key, up(0, 0, 0), table, Thresholds())[0]
+    table.record(home, key)
+    loads, siblings = [0, 0, 0], [0, 0, 0]
+    loads[home] = siblings[home] = 1
+    spill = order(key, branches(loads, siblings), table, Thresholds())[0]
+    assert spill != home
+    table.record(spill, key)
+    loads[spill] = siblings[spill] = 1
+    third = next(i for i in range(3) if i not in (home, spill))
+    loads[third] = 2  # busy with others: the branch stays with a holder of equal load
+    assert order(key, branches(loads, siblings), table, Thresholds())[0] in (home, spill)
+    table.record(home, key)  # the home served its latest turn, but is busier now
+    loads[spill] = siblings[spill] = 0
+    assert order(key, branches(loads, siblings), table, Thresholds())[0] == spill  # the lighter holder
+
+
+def test_a_single_request_does_not_spread_and_branches_stay_when_no_upstream_is_lighter() -> None:
+    key, table = route_key(chat(SYSTEM, 2)), PrefixTable(2)
+    home = order(key, up(0, 0), table, Thresholds())[0]
+    table.record(home, key)
+    loads = [1, 1]
+    assert order(key, branches(loads, [0, 0]), table, Thresholds())[0] == home  # another's load
+    siblings = [0, 0]
+    siblings[home] = 1
+    assert order(key, branches(loads, siblings), table, Thresholds())[0] == home  # none lighter

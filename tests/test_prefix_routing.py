@@ -118,6 +118,33 @@ async def test_the_load_bound_spills_and_the_conversation_stays_with_its_cache(
     assert served(fakes)[(0, 2)] == spilled
 
 
+async def test_parallel_branches_of_one_conversation_spread_over_the_upstreams(
+    fakes: list[FakeLlamaServer], start_gateway: GatewayFactory
+) -> None:
+    """An agent's parallel calls on one history: the second does not queue behind the first at
+    the home while another upstream is idle; the conversation is then held by both."""
+    pair = fakes[:2]
+    gw = await start_gateway(gateway_config([f.url for f in pair], server=QUIET))
+    sdk = client(gw)
+    await turn(sdk, 0, 1)
+    home = served(pair)[(0, 0)][0]
+    pair[home].default = Reply(tokens=["ok"], head_delay=30)
+    first_branch = asyncio.ensure_future(turn(sdk, 0, 2))
+    await until(lambda: pair[home].active_generations == 1)
+    await turn(sdk, 0, 2)  # the same request again while the first is in flight
+    assert sorted(served(pair)[(0, 1)]) == [0, 1]  # one at each upstream
+    first_branch.cancel()
+    await asyncio.gather(first_branch, return_exceptions=True)
+    pair[home].default = Reply(tokens=["ok"])
+    await until_metric(
+        gw, f'casedesk_upstream_in_flight{{deployment="dep",model="m",upstream="127.0.0.1:{pair[home].port}"}} 0'
+    )
+    await turn(sdk, 0, 3)  # one at a time again: it stays where its latest turn is cached
+    await turn(sdk, 0, 4)
+    where = served(pair)
+    assert len(where[(0, 2)]) == 1 and where[(0, 3)] == where[(0, 2)]
+
+
 async def metrics(gw: RunningGateway) -> str:
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
     writer.write(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
@@ -204,10 +231,10 @@ async def test_two_instances_agree_when_the_second_sees_load_on_the_home(
     fakes: list[FakeLlamaServer], start_gateway: GatewayFactory
 ) -> None:
     """Instance B has not seen conversation 0 (A served its first turn, at home) and has a
-    request of its own in flight there: enough to move a first turn, so B must not treat the
-    conversation's second turn as one and send it where nothing of it is cached."""
+    request of its own in flight there, within the bound: B must send the conversation's second
+    turn home, where its first is cached, not where B alone sees less load."""
     pair = fakes[:2]
-    model = {"balance_abs_threshold": 2}  # a first turn moves at 1 more in flight, a later one at 2
+    model = {"balance_abs_threshold": 2}  # B's one request in flight at the home is within it
     config = gateway_config([f.url for f in pair], server=QUIET, model=model)
     a, b, probe = await start_gateway(config), await start_gateway(config), await start_gateway(config)
     home_of = {n: await _home_of(probe, pair, n) for n in range(16)}  # a third instance's choice: the same

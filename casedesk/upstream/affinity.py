@@ -16,10 +16,14 @@ mode do (shared/protocol.md §4):
   (absolute and relative in-flight thresholds, after SGLang's `balance_abs_threshold` and
   `balance_rel_threshold`) moves a request off an overloaded choice, to the upstream holding
   most of it, else the least loaded; the conversation then stays where it was moved, so a
-  lopsided hash evens out. A first turn nobody holds moves at half the absolute threshold
-  (it has no cache to lose); a later turn nobody here holds was served by another instance
-  (or before a restart), most likely at its home, so it is judged like a held one: instances
-  that each see only their own load then do not each move it elsewhere.
+  lopsided hash evens out. The bound is the only spill rule, for first turns too: where a
+  first turn goes is what every other instance has to guess for the second, and all it can
+  guess is the home (a first turn moved early by one instance's own load cost its second
+  turn a cold prefill on the other instance).
+- Parallel requests of one conversation (an agent's branches on one history: the same lead)
+  spread: when its upstream already serves one of them and another carries fewer requests,
+  the next goes there. One prefill of the shared history buys a second server's slots,
+  where at the home they would queue.
   What an upstream serves only because the home is down is not remembered
   (Balancer.served): the conversation goes back home when the home recovers.
 """
@@ -47,7 +51,6 @@ class RouteKey:
     lead: bytes  # hash of the leading prefix: tools + template options + system + first user turn
     lead_bytes: int  # how long that prefix is in the canonical serialisation
     blocks: tuple[bytes, ...]  # chained hashes of the serialisation's whole blocks
-    first: bool  # nothing after the first user turn: a conversation's first request
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +86,7 @@ def route_key(chat: dict[str, Any], block_bytes: int = BLOCK_BYTES) -> RouteKey:
     for start in range(0, len(text) - block_bytes + 1, block_bytes):
         previous = _digest(previous + text[start : start + block_bytes])
         blocks.append(previous)
-    first = len(parts) == lead_end + 1  # parts: the tools, then one per message
-    return RouteKey(lead=_digest(text[:lead_bytes]), lead_bytes=lead_bytes, blocks=tuple(blocks), first=first)
+    return RouteKey(lead=_digest(text[:lead_bytes]), lead_bytes=lead_bytes, blocks=tuple(blocks))
 
 
 class PrefixTable:
@@ -145,6 +147,13 @@ class Upstream:
     name: str  # its identity across instances: "host:port" as configured
     healthy: bool
     in_flight: int
+    siblings: int = 0  # of those, requests of the same conversation (the same lead)
+
+
+def _held(candidates: list[int], holders: list[int], key: RouteKey, table: PrefixTable) -> list[int]:
+    """The candidates that hold the request's lead: the one sent most of it (of equals, the
+    one that served its latest turn) first."""
+    return sorted((i for i in candidates if i in holders), key=lambda i: table.match(i, key), reverse=True)
 
 
 def order(key: RouteKey, upstreams: Sequence[Upstream], table: PrefixTable, thresholds: Thresholds) -> list[int]:
@@ -153,21 +162,19 @@ def order(key: RouteKey, upstreams: Sequence[Upstream], table: PrefixTable, thre
     pool = healthy or list(range(len(upstreams)))
     ranked = [pool[j] for j in rendezvous(key.lead, [upstreams[i].name for i in pool])]
     holders = [i for i in ranked if table.holds_lead(i, key)]
-    home = ranked[0]
-    if holders:
-        # Where its longest prefix is (after a spill, not always its home), the latest first.
-        home = max(holders, key=lambda i: table.match(i, key))
+    home = (_held(ranked, holders, key, table) or ranked)[0]  # its longest prefix, else its home
+    load = upstreams[home].in_flight
     least = min(upstreams[i].in_flight for i in pool)
-    if not holders and key.first:
-        # Nothing cached anywhere: nothing to lose by moving, so it moves sooner.
-        thresholds = Thresholds(max(1, thresholds.absolute // 2), thresholds.relative)
-    if thresholds.overloaded(upstreams[home].in_flight, least):
+    if thresholds.overloaded(load, least):
         fit = [i for i in ranked if not thresholds.overloaded(upstreams[i].in_flight, least)]
-        held = [i for i in fit if i in holders]
-        if held:
-            home = max(held, key=lambda i: table.match(i, key))
-        else:
-            home = min(fit, key=lambda i: upstreams[i].in_flight)
+        held = _held(fit, holders, key, table)
+        home = held[0] if held else min(fit, key=lambda i: upstreams[i].in_flight)
+    elif upstreams[home].siblings and least < load:
+        # A branch of a conversation already served here (an agent's parallel calls on one
+        # history): a less loaded upstream serves it sooner, at the price of one prefill there.
+        lighter = [i for i in ranked if upstreams[i].in_flight < load]
+        held = _held(lighter, holders, key, table)
+        home = held[0] if held else min(lighter, key=lambda i: upstreams[i].in_flight)
     rest = [i for i in ranked if i != home]
     unhealthy = sorted((i for i in range(len(upstreams)) if i not in pool), key=lambda i: upstreams[i].in_flight)
     return [home, *rest, *unhealthy]

@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +54,9 @@ class Balancer:
         self.balance = balance
         self.thresholds = thresholds or Thresholds()
         self.prefixes = PrefixTable(len(pools))
+        # Per conversation (lead) with requests in flight, how many at each upstream: its
+        # parallel branches spread (upstream/affinity.py). Bounded by the requests in flight.
+        self._branches: dict[bytes, Counter[int]] = {}
 
     def route_key(self, chat: dict[str, Any]) -> RouteKey | None:
         """The key that routes this chat request; None when the choice does not use one."""
@@ -65,9 +70,29 @@ class Balancer:
             return self.states
         now = time.monotonic()
         if key is not None:
-            seen = [Upstream(s.pool.authority, s.down_until <= now, s.pool.in_flight) for s in self.states]
+            branches = self._branches.get(key.lead, Counter())
+            seen = [
+                Upstream(s.pool.authority, s.down_until <= now, s.pool.in_flight, branches[i])
+                for i, s in enumerate(self.states)
+            ]
             return [self.states[i] for i in order(key, seen, self.prefixes, self.thresholds)]
         return sorted(self.states, key=lambda s: (s.down_until > now, s.pool.in_flight))
+
+    @contextmanager
+    def serving(self, key: RouteKey | None, state: UpstreamState) -> Iterator[None]:
+        """While `state` works on this request: counted among its conversation's branches."""
+        if key is None:
+            yield
+            return
+        index = self.states.index(state)
+        branches = self._branches.setdefault(key.lead, Counter())
+        branches[index] += 1
+        try:
+            yield
+        finally:
+            branches[index] -= 1
+            if not +branches:
+                del self._branches[key.lead]
 
     def served(self, key: RouteKey | None, state: UpstreamState) -> None:
         """`state` answered this request with a 200 head: its cache now holds the prompt.
@@ -126,4 +151,3 @@ class Balancer:
         while True:
             await self.check_health()
             await asyncio.sleep(interval)
-

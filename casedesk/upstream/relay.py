@@ -135,20 +135,21 @@ class AnswerRelay:
         last: Exception | None = None
         for state in self.balancer.candidates(self.route_key):
             self.upstream = state.pool.authority
-            try:
-                exchange = await _attempt(
-                    self.balancer, state, "POST", CHAT_PATH, payload, self.read_timeout, self.route_key
-                )
-            except (UpstreamError, _ServerFault) as exc:
-                last = exc
-                continue
-            translator = new_translator()
-            attempt = self._current = _Attempt(exchange, translator, start, write, on_first_token)
-            try:
-                await attempt.run()
-            finally:
-                self._current = None
-                exchange.close()
+            with self.balancer.serving(self.route_key, state):
+                try:
+                    exchange = await _attempt(
+                        self.balancer, state, "POST", CHAT_PATH, payload, self.read_timeout, self.route_key
+                    )
+                except (UpstreamError, _ServerFault) as exc:
+                    last = exc
+                    continue
+                translator = new_translator()
+                attempt = self._current = _Attempt(exchange, translator, start, write, on_first_token)
+                try:
+                    await attempt.run()
+                finally:
+                    self._current = None
+                    exchange.close()
             if attempt.error is None:
                 return translator, None
             if attempt.transport_failed:
