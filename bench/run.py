@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -561,6 +561,29 @@ def fleet_summary(turns: list[Turn], logs: list[Path], upstreams: list[str], wal
     }
 
 
+def pooled_summary(variant: str, balance: str, turns: list[Turn], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One (variant, balance) over all its runs: shares and percentiles of the pooled turns,
+    the worst run's spread (each run hashes conversations anew)."""
+    runs = [r for r in rows if (r["variant"], r["balance"]) == (variant, balance)]
+    later = [t for t in turns if t.turn > 0]
+    first = [t for t in turns if t.turn == 0]
+    return {
+        "variant": variant,
+        "balance": balance,
+        "runs": len(runs),
+        "later_cached_share": sum(t.cached_tokens for t in later) / max(1, sum(t.prompt_tokens for t in later)),
+        "later_cached_share_min": min(r["later_cached_share"] for r in runs),
+        "later_misses": sum(r["later_misses"] for r in runs),
+        "later_turns": len(later),
+        "ttft_first_p50_ms": pct(sorted(t.ttft for t in first), 50) * 1e3,
+        "ttft_later_p50_ms": pct(sorted(t.ttft for t in later), 50) * 1e3,
+        "ttft_later_p99_ms": pct(sorted(t.ttft for t in later), 99) * 1e3,
+        "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in runs),
+        "max_over_mean_requests_worst": max(r["max_over_mean_requests"] for r in runs),
+        "max_over_mean_work_worst": max(r["max_over_mean_work"] for r in runs),
+    }
+
+
 async def bench_fleet(args: argparse.Namespace, procs: Processes, config_dir: Path) -> dict[str, Any]:
     """Each (variant, balance) run gets fresh llama-servers, so no run inherits another's cache."""
     variants: dict[str, tuple[dict[str, int], dict[str, int], int]] = {
@@ -573,34 +596,43 @@ async def bench_fleet(args: argparse.Namespace, procs: Processes, config_dir: Pa
         ),
     }
     rows = []
-    for variant, (conversations, branches, instances) in variants.items():
-        if args.fleet_variants and variant not in args.fleet_variants:
-            continue
-        for balance in args.fleet_balances:
-            fleet = Processes()
-            try:
-                upstreams = start_llama_servers(fleet, args.fleet_servers, args)
-                gateways = [
-                    start_fleet_gateway(fleet, upstreams, balance, config_dir, args.fleet_abs_threshold)
-                    for _ in range(instances)
-                ]
-                # The same prompts and pauses for every balance (fresh servers: no cache is inherited).
-                tagged = {f"{variant}-{name}": count for name, count in conversations.items()}
-                hot = {f"{variant}-{name}": count for name, count in branches.items()}
-                started = time.perf_counter()
-                bases = [base for base, _ in gateways]
-                words, think = args.fleet_prompt_words, args.fleet_think
-                turns = await converse(bases, tagged, args.fleet_in_flight, args.fleet_tokens, words, hot, think)
-                wall = time.perf_counter() - started
-            finally:
-                fleet.stop()
-            summary = fleet_summary(turns, [log for _, log in gateways], upstreams, wall)
-            row = {"variant": variant, "balance": balance, **summary}
-            rows.append(row)
-            print(fmt_fleet(row), flush=True)
+    pooled: dict[tuple[str, str], list[Turn]] = {}
+    # Runs interleave (each repetition runs every variant and balance) so that a machine's
+    # drift falls on all of them; each repetition has its own prompts, pauses and ports (the
+    # ports name the upstreams, so each repetition hashes conversations anew).
+    for run in range(args.fleet_repeat):
+        for variant, (conversations, branches, instances) in variants.items():
+            if args.fleet_variants and variant not in args.fleet_variants:
+                continue
+            for balance in args.fleet_balances:
+                fleet = Processes()
+                try:
+                    upstreams = start_llama_servers(fleet, args.fleet_servers, args)
+                    gateways = [
+                        start_fleet_gateway(fleet, upstreams, balance, config_dir, args.fleet_abs_threshold)
+                        for _ in range(instances)
+                    ]
+                    # The same prompts and pauses for every balance (fresh servers: no cache is inherited).
+                    tagged = {f"{variant}{run}-{name}": count for name, count in conversations.items()}
+                    hot = {f"{variant}{run}-{name}": count for name, count in branches.items()}
+                    started = time.perf_counter()
+                    bases = [base for base, _ in gateways]
+                    words, think = args.fleet_prompt_words, args.fleet_think
+                    turns = await converse(bases, tagged, args.fleet_in_flight, args.fleet_tokens, words, hot, think)
+                    wall = time.perf_counter() - started
+                finally:
+                    fleet.stop()
+                summary = fleet_summary(turns, [log for _, log in gateways], upstreams, wall)
+                row = {"variant": variant, "balance": balance, "run": run, **summary}
+                row["turns"] = [asdict(t) for t in turns]  # for the JSON: every turn's figures
+                rows.append(row)
+                pooled.setdefault((variant, balance), []).extend(turns)
+                print(fmt_fleet(row), flush=True)
+    summaries = [pooled_summary(variant, balance, turns, rows) for (variant, balance), turns in pooled.items()]
     pinning = await bench_slot_pinning(args, procs) if args.fleet_slot_pinning else []
     return {
         "fleet": rows,
+        "fleet_pooled": summaries,
         "slot_pinning": pinning,
         "fleet_setup": {
             "servers": args.fleet_servers,
@@ -611,6 +643,7 @@ async def bench_fleet(args: argparse.Namespace, procs: Processes, config_dir: Pa
             "max_tokens": args.fleet_tokens,
             "llama_args": args.fleet_llama_args,
             "hot_branches": args.fleet_hot_branches,
+            "repeat": args.fleet_repeat,
         },
     }
 
@@ -760,7 +793,30 @@ def markdown(result: dict[str, Any]) -> str:
             f"`{setup.get('llama_args', '')}`), "
             f"{setup['conversations']} conversations × {setup['turns']} turns, {setup['in_flight']} in flight, "
             f"max_tokens {setup['max_tokens']}; skewed: one hot conversation sending {setup['hot_branches']} "
-            "parallel requests after its 2 turns, among cold ones of 2 turns:",
+            "parallel requests after its 2 turns, among cold ones of 2 turns.",
+        ]
+        if result.get("fleet_pooled"):
+            lines += [
+                "",
+                f"Over {setup.get('repeat', 1)} runs of each, interleaved (TTFT percentiles of the pooled turns; "
+                "the spread of the worst run):",
+                "",
+                "| variant | balance | later-turn prompt tokens cached (worst run) | later turns less than half "
+                "cached | TTFT first p50 ms | TTFT later p50 / p99 ms | tokens/s | busiest upstream / mean: "
+                "requests, work (worst run) |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
+            for r in result["fleet_pooled"]:
+                lines.append(
+                    f"| {r['variant']} | {r['balance']} | {r['later_cached_share'] * 100:.1f} % "
+                    f"({r['later_cached_share_min'] * 100:.1f} %) | {r['later_misses']} of {r['later_turns']} | "
+                    f"{r['ttft_first_p50_ms']:.0f} | {r['ttft_later_p50_ms']:.0f} / {r['ttft_later_p99_ms']:.0f} | "
+                    f"{r['tokens_per_s']:.1f} | {r['max_over_mean_requests_worst']:.2f}, "
+                    f"{r['max_over_mean_work_worst']:.2f} |"
+                )
+        lines += [
+            "",
+            "Each run:",
             "",
             "| variant | balance | later-turn prompt tokens cached | later turns less than half cached "
             "| TTFT first p50 / p99 ms | TTFT later p50 / p99 ms "
@@ -769,7 +825,8 @@ def markdown(result: dict[str, Any]) -> str:
         ]
         for r in result["fleet"]:
             lines.append(
-                f"| {r['variant']} | {r['balance']} | {r['later_cached_share'] * 100:.1f} % | "
+                f"| {r['variant']}{' #' + str(r['run'] + 1) if 'run' in r else ''} | {r['balance']} | "
+                f"{r['later_cached_share'] * 100:.1f} % | "
                 f"{r.get('later_misses', '–')} | {r['ttft_first_p50_ms']:.0f} / {r['ttft_first_p99_ms']:.0f} | "
                 f"{r['ttft_later_p50_ms']:.0f} / {r['ttft_later_p99_ms']:.0f} | {r['tokens_per_s']:.1f} | "
                 f"{r['requests_per_upstream']} ({r['max_over_mean_requests']:.2f}) | "
@@ -852,6 +909,7 @@ def main() -> None:
     parser.add_argument("--fleet-hot-branches", type=int, default=16)
     parser.add_argument("--fleet-think", type=float, default=2.0, help="pause before a turn: up to this many s")
     parser.add_argument("--fleet-slot-pinning", action="store_true", help="also id_slot vs llama-server's choice")
+    parser.add_argument("--fleet-repeat", type=int, default=3, help="runs of each variant and balance, pooled")
     parser.add_argument(
         "--fleet-balances",
         nargs="+",
