@@ -184,10 +184,10 @@ def test_parallel_requests_of_one_conversation_spread_to_a_lighter_upstream() ->
     assert spill != home
     loads[spill] = siblings[spill] = 1
     third = next(i for i in range(3) if i not in (home, spill))
-    loads[home] = 2  # a third branch: not where the second is computing the history for the first time
+    loads[home] = 2  # a third branch: not where the second is still computing the history
     assert order(key, branches(loads, siblings), table, Thresholds())[0] == third
     loads[home] = 1
-    table.record(spill, key)  # answered: that server holds the history for any request now
+    table.record(spill, key)  # its answer began: it holds the history now
     loads[third] = 2  # busy with others: the branch stays with a holder of equal load
     assert order(key, branches(loads, siblings), table, Thresholds())[0] in (home, spill)
     table.record(home, key)  # the home served its latest turn, but is busier now

@@ -22,10 +22,9 @@ mode do (shared/protocol.md §4):
   turn a cold prefill on the other instance).
 - Parallel requests of one conversation (an agent's branches on one history: the same lead)
   spread: when its upstream already serves one of them and another carries fewer requests,
-  the next goes there, unless a branch there is still in flight without the history having
-  been served there before (a busy slot's cache serves no other request; once that branch
-  is answered, it does). One prefill of the shared history buys a second server's slots,
-  where at the home they would queue.
+  the next goes there, unless a branch there is still computing the history (it holds it
+  once that one's answer begins). One prefill of the shared history buys a second server's
+  slots, where at the home they would queue.
   What an upstream serves only because the home is down is not remembered
   (Balancer.served): the conversation goes back home when the home recovers.
 """
@@ -174,7 +173,7 @@ def order(key: RouteKey, upstreams: Sequence[Upstream], table: PrefixTable, thre
     elif upstreams[home].siblings and least < load:
         # A branch of a conversation already served here (an agent's parallel calls on one
         # history): a less loaded upstream serves it sooner, at the price of one prefill there;
-        # not of one per slot: none goes where another branch is computing it for the first time.
+        # not of one per branch: none goes where another branch is still computing it.
         lighter = [
             i for i in ranked if upstreams[i].in_flight < load and (i in holders or not upstreams[i].siblings)
         ]

@@ -95,8 +95,7 @@ class Balancer:
                 del self._branches[key.lead]
 
     def served(self, key: RouteKey | None, state: UpstreamState) -> None:
-        """`state` has answered this request (its 200 head, then the answer or an abort): its
-        cache holds the prompt, also for a parallel request, which a busy slot's cache is not.
+        """`state` answered this request with a 200 head: its cache now holds the prompt.
 
         Not remembered when `state` only stood in for a home that is down: when the home is
         back, the conversation returns to it (and every instance agrees on that again)."""

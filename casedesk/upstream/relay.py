@@ -50,9 +50,11 @@ async def _attempt(
     path: str,
     body: bytes | None,
     read_timeout: float,
+    route_key: RouteKey | None = None,
 ) -> Exchange:
     """Send to one upstream; its 200 exchange. Raises UpstreamError (transport), _ServerFault,
-    or the ApiError of an answer the request caused; health is updated accordingly."""
+    or the ApiError of an answer the request caused; health is updated accordingly, and a 200
+    tells the balancer where this prompt's cache now is."""
     try:
         exchange = await open_exchange(state.pool, method, path, body, read_timeout)
     except UpstreamError:
@@ -60,6 +62,7 @@ async def _attempt(
         raise
     if exchange.head.status == 200:
         balancer.succeeded(state)
+        balancer.served(route_key, state)
         return exchange
     try:
         error = upstream_error(exchange.head.status, await exchange.read_body(), state.pool.authority)
@@ -134,7 +137,9 @@ class AnswerRelay:
             self.upstream = state.pool.authority
             with self.balancer.serving(self.route_key, state):
                 try:
-                    exchange = await _attempt(self.balancer, state, "POST", CHAT_PATH, payload, self.read_timeout)
+                    exchange = await _attempt(
+                        self.balancer, state, "POST", CHAT_PATH, payload, self.read_timeout, self.route_key
+                    )
                 except (UpstreamError, _ServerFault) as exc:
                     last = exc
                     continue
@@ -145,10 +150,6 @@ class AnswerRelay:
                 finally:
                     self._current = None
                     exchange.close()
-                    if not attempt.transport_failed:
-                        # Its 200 head came after the prefill: the prompt is in that server's
-                        # cache, from now on (its slot free, or saved to --cache-ram) for any request.
-                        self.balancer.served(self.route_key, state)
             if attempt.error is None:
                 return translator, None
             if attempt.transport_failed:
