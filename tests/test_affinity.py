@@ -8,6 +8,7 @@ from typing import Any
 from casedesk.upstream.affinity import (
     BLOCK_BYTES,
     PrefixTable,
+    Solitude,
     Thresholds,
     Upstream,
     order,
@@ -166,6 +167,33 @@ def test_a_turn_nobody_here_holds_goes_home_until_the_load_bound() -> None:
         assert order(key, up(*loads), table, Thresholds(absolute=4))[0] == home
         loads[home] = 4
         assert order(key, up(*loads), table, Thresholds(absolute=4))[0] != home  # the bound holds
+
+
+def test_an_instance_alone_moves_a_first_turn_at_half_the_threshold() -> None:
+    fresh, table = route_key(chat(SYSTEM, 1)), PrefixTable(2)
+    home = order(fresh, up(0, 0), table, Thresholds(absolute=4))[0]
+    loads = [0, 0]
+    loads[home] = 2
+    assert order(fresh, up(*loads), table, Thresholds(absolute=4), alone=True)[0] != home  # no cache to lose
+    assert order(fresh, up(*loads), table, Thresholds(absolute=4), alone=False)[0] == home  # others guess home
+    later = route_key(chat(SYSTEM, 2))
+    assert order(later, up(*loads), table, Thresholds(absolute=4), alone=True)[0] == home  # not a first turn
+    table.record(home, fresh)
+    assert order(later, up(*loads), table, Thresholds(absolute=4), alone=True)[0] == home  # its cache is worth a wait
+
+
+def test_alone_means_every_recent_later_turn_was_seen_before() -> None:
+    solitude = Solitude(window=4)
+    assert not solitude.alone  # before it knows: as if others were about
+    solitude.saw(True)
+    assert solitude.alone
+    solitude.saw(False)  # another instance served this conversation's earlier turns
+    assert not solitude.alone
+    for _ in range(3):
+        solitude.saw(True)
+    assert not solitude.alone
+    solitude.saw(True)  # the unseen one has left the window
+    assert solitude.alone
 
 
 def branches(loads: list[int], siblings: list[int]) -> list[Upstream]:

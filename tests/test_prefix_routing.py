@@ -118,6 +118,42 @@ async def test_the_load_bound_spills_and_the_conversation_stays_with_its_cache(
     assert served(fakes)[(0, 2)] == spilled
 
 
+async def test_an_instance_alone_spreads_new_conversations_and_one_of_two_does_not(
+    fakes: list[FakeLlamaServer], start_gateway: GatewayFactory
+) -> None:
+    """Alone (every later turn it got, it had seen begin), an instance moves a new conversation
+    off a home busier by half the bound; one that gets later turns it never saw has a peer, and
+    sends a first turn home, where the peer would look for it."""
+    pair = fakes[:2]
+    config = gateway_config([f.url for f in pair], server=QUIET)  # bound 4: first turns alone move at 2
+    alone, probe = await start_gateway(config), await start_gateway(config)
+    home_of = {n: await _home_of(probe, pair, n) for n in range(24)}
+    home = home_of[0]
+    at_home = [n for n in range(1, 24) if home_of[n] == home]
+    for fake in pair:
+        fake.requests.clear()
+    await turn(client(alone), 0, 1)
+    await turn(client(alone), 0, 2)  # a later turn it saw begin: alone
+    pair[home].default = Reply(tokens=["ok"], head_delay=30)
+    blockers = [asyncio.ensure_future(turn(client(alone), n, 1)) for n in at_home[:2]]
+    await until(lambda: pair[home].active_generations == 2)
+    pair[home].default = Reply(tokens=["ok"])
+    await turn(client(alone), at_home[2], 1)
+    assert served(pair)[(at_home[2], 0)] == [1 - home]  # moved: nothing of it is cached anywhere
+
+    peer = await start_gateway(config)
+    await turn(client(peer), 0, 3)  # a later turn it never saw: another instance is about
+    pair[home].default = Reply(tokens=["ok"], head_delay=30)
+    more = [asyncio.ensure_future(turn(client(peer), n, 1)) for n in at_home[3:5]]
+    await until(lambda: pair[home].active_generations == 4)
+    pair[home].default = Reply(tokens=["ok"])
+    await turn(client(peer), at_home[5], 1)
+    assert served(pair)[(at_home[5], 0)] == [home]  # home, as the other instance will guess
+    for task in [*blockers, *more]:
+        task.cancel()
+    await asyncio.gather(*blockers, *more, return_exceptions=True)
+
+
 async def test_parallel_branches_of_one_conversation_spread_over_the_upstreams(
     fakes: list[FakeLlamaServer], start_gateway: GatewayFactory
 ) -> None:

@@ -16,10 +16,12 @@ mode do (shared/protocol.md §4):
   (absolute and relative in-flight thresholds, after SGLang's `balance_abs_threshold` and
   `balance_rel_threshold`) moves a request off an overloaded choice, to the upstream holding
   most of it, else the least loaded; the conversation then stays where it was moved, so a
-  lopsided hash evens out. The bound is the only spill rule, for first turns too: where a
-  first turn goes is what every other instance has to guess for the second, and all it can
-  guess is the home (a first turn moved early by one instance's own load cost its second
-  turn a cold prefill on the other instance).
+  lopsided hash evens out. A first turn moves by the bound too, unless this instance knows it
+  is alone (Solitude): where a first turn goes is what every other instance has to guess for
+  the second, and all they can guess is the home (a first turn moved early by one instance's
+  own load costs its second turn a cold prefill on the other). An instance alone, which has
+  seen the earlier turns of every later turn it got lately, moves a first turn at half the
+  absolute threshold: it has no cache to lose, and nobody else to tell.
 - Parallel requests of one conversation (an agent's branches on one history: the same lead)
   spread: when its upstream already serves one of them and another carries fewer requests,
   the next goes there, unless a branch there is still computing the history (it holds it
@@ -32,7 +34,7 @@ mode do (shared/protocol.md §4):
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +54,7 @@ class RouteKey:
     lead: bytes  # hash of the leading prefix: tools + template options + system + first user turn
     lead_bytes: int  # how long that prefix is in the canonical serialisation
     blocks: tuple[bytes, ...]  # chained hashes of the serialisation's whole blocks
+    first: bool  # nothing after the first user turn: a conversation's first request
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +90,8 @@ def route_key(chat: dict[str, Any], block_bytes: int = BLOCK_BYTES) -> RouteKey:
     for start in range(0, len(text) - block_bytes + 1, block_bytes):
         previous = _digest(previous + text[start : start + block_bytes])
         blocks.append(previous)
-    return RouteKey(lead=_digest(text[:lead_bytes]), lead_bytes=lead_bytes, blocks=tuple(blocks))
+    first = len(parts) == lead_end + 1  # parts: the tools, then one per message
+    return RouteKey(lead=_digest(text[:lead_bytes]), lead_bytes=lead_bytes, blocks=tuple(blocks), first=first)
 
 
 class PrefixTable:
@@ -134,6 +138,23 @@ class PrefixTable:
         return sum(len(held) for held in self._held)
 
 
+class Solitude:
+    """Whether this instance alone serves its conversations, judged from the later turns it gets:
+    one whose earlier turns it never saw was served by another instance (or before a restart).
+    Alone, it may move a first turn by its own load, early (nobody else must guess where it
+    went); with others about, or before it knows, a first turn goes home until the load bound."""
+
+    def __init__(self, window: int = 16) -> None:
+        self._recent: deque[bool] = deque(maxlen=window)  # later turns: True when seen before
+
+    def saw(self, seen_before: bool) -> None:
+        self._recent.append(seen_before)
+
+    @property
+    def alone(self) -> bool:
+        return bool(self._recent) and all(self._recent)
+
+
 def rendezvous(lead: bytes, names: Sequence[str]) -> list[int]:
     """Indices of `names` from the highest to the lowest random weight for `lead`: the same on
     every instance, and removing a name moves only the keys whose first choice it was."""
@@ -157,8 +178,10 @@ def _held(candidates: list[int], holders: list[int], key: RouteKey, table: Prefi
     return sorted((i for i in candidates if i in holders), key=lambda i: table.match(i, key), reverse=True)
 
 
-def order(key: RouteKey, upstreams: Sequence[Upstream], table: PrefixTable, thresholds: Thresholds) -> list[int]:
-    """The upstreams (indices) in the order to try them for this request."""
+def order(
+    key: RouteKey, upstreams: Sequence[Upstream], table: PrefixTable, thresholds: Thresholds, alone: bool = False
+) -> list[int]:
+    """The upstreams (indices) in the order to try them for this request; `alone`: see Solitude."""
     healthy = [i for i, u in enumerate(upstreams) if u.healthy]
     pool = healthy or list(range(len(upstreams)))
     ranked = [pool[j] for j in rendezvous(key.lead, [upstreams[i].name for i in pool])]
@@ -166,6 +189,9 @@ def order(key: RouteKey, upstreams: Sequence[Upstream], table: PrefixTable, thre
     home = (_held(ranked, holders, key, table) or ranked)[0]  # its longest prefix, else its home
     load = upstreams[home].in_flight
     least = min(upstreams[i].in_flight for i in pool)
+    if alone and key.first and not holders:
+        # Nothing cached anywhere, and no other instance to guess where it goes: it moves sooner.
+        thresholds = Thresholds(max(1, thresholds.absolute // 2), thresholds.relative)
     if thresholds.overloaded(load, least):
         fit = [i for i in ranked if not thresholds.overloaded(upstreams[i].in_flight, least)]
         held = _held(fit, holders, key, table)
@@ -174,9 +200,7 @@ def order(key: RouteKey, upstreams: Sequence[Upstream], table: PrefixTable, thre
         # A branch of a conversation already served here (an agent's parallel calls on one
         # history): a less loaded upstream serves it sooner, at the price of one prefill there;
         # not of one per branch: none goes where another branch is still computing it.
-        lighter = [
-            i for i in ranked if upstreams[i].in_flight < load and (i in holders or not upstreams[i].siblings)
-        ]
+        lighter = [i for i in ranked if upstreams[i].in_flight < load and (i in holders or not upstreams[i].siblings)]
         held = _held(lighter, holders, key, table)
         if lighter:
             home = held[0] if held else min(lighter, key=lambda i: upstreams[i].in_flight)

@@ -19,7 +19,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from casedesk.upstream.affinity import PrefixTable, RouteKey, Thresholds, Upstream, order, rendezvous, route_key
+from casedesk.upstream.affinity import (
+    PrefixTable,
+    RouteKey,
+    Solitude,
+    Thresholds,
+    Upstream,
+    order,
+    rendezvous,
+    route_key,
+)
 from casedesk.upstream.client import call_json
 from casedesk.upstream.pool import UpstreamError, UpstreamPool
 
@@ -54,6 +63,7 @@ class Balancer:
         self.balance = balance
         self.thresholds = thresholds or Thresholds()
         self.prefixes = PrefixTable(len(pools))
+        self.solitude = Solitude()
         # Per conversation (lead) with requests in flight, how many at each upstream: its
         # parallel branches spread (upstream/affinity.py). Bounded by the requests in flight.
         self._branches: dict[bytes, Counter[int]] = {}
@@ -75,7 +85,10 @@ class Balancer:
                 Upstream(s.pool.authority, s.down_until <= now, s.pool.in_flight, branches[i])
                 for i, s in enumerate(self.states)
             ]
-            return [self.states[i] for i in order(key, seen, self.prefixes, self.thresholds)]
+            if not key.first:
+                self.solitude.saw(any(self.prefixes.holds_lead(i, key) for i in range(len(self.states))))
+            ranked = order(key, seen, self.prefixes, self.thresholds, self.solitude.alone)
+            return [self.states[i] for i in ranked]
         return sorted(self.states, key=lambda s: (s.down_until > now, s.pool.in_flight))
 
     @contextmanager
