@@ -69,8 +69,10 @@ async def raw_events(gateway: RunningGateway, body: dict[str, Any]) -> list[tupl
     assert headers["content-type"] == "text/event-stream"
     events = []
     for block in data.decode().strip().split("\n\n"):
-        lines = dict(line.split(": ", 1) for line in block.split("\n"))
-        events.append((lines["event"], orjson.loads(lines["data"])))
+        # SSE comments (": keep-alive" while the answer is slow to begin) carry no event.
+        lines = dict(line.split(": ", 1) for line in block.split("\n") if not line.startswith(":"))
+        if lines:
+            events.append((lines["event"], orjson.loads(lines["data"])))
     return events
 
 
