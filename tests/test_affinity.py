@@ -182,22 +182,34 @@ def test_an_instance_alone_moves_a_first_turn_at_half_the_threshold() -> None:
     assert order(later, up(*loads), table, Thresholds(absolute=4), alone=True)[0] == home  # its cache is worth a wait
 
 
-def test_alone_means_every_recent_later_turn_was_seen_before() -> None:
+def test_alone_means_it_saw_the_previous_turn_of_every_recent_later_turn() -> None:
     solitude = Solitude(window=4)
     assert not solitude.alone  # before it knows: as if others were about
-    solitude.saw(True)
+    for turns in (1, 2, 3):  # one conversation, every turn here
+        solitude.saw(route_key(chat(SYSTEM, turns)))
     assert solitude.alone
-    solitude.saw(False)  # another instance served this conversation's earlier turns
-    assert not solitude.alone
-    for _ in range(3):
-        solitude.saw(True)
-    assert not solitude.alone
-    solitude.saw(True)  # the unseen one has left the window
+    solitude.saw(route_key(chat(SYSTEM, 3)))  # the same again (a retry, a parallel branch)
     assert solitude.alone
+    solitude.saw(route_key(chat(SYSTEM, 5)))  # its turn 4 went to another instance
+    assert not solitude.alone
+    for turns in (6, 7, 8):
+        solitude.saw(route_key(chat(SYSTEM, turns)))
+    assert not solitude.alone
+    solitude.saw(route_key(chat(SYSTEM, 9)))  # the gap has left the window
+    assert solitude.alone
+    solitude.saw(route_key(chat("Another system prompt. " * 40, 2)))  # never saw its first turn
+    assert not solitude.alone
+
+
+def test_solitude_remembers_a_bounded_number_of_conversations() -> None:
+    solitude = Solitude(conversations=8)
+    for n in range(100):
+        solitude.saw(route_key(chat(f"System {n}. " + SYSTEM, 1)))
+    assert len(solitude._latest) == 8
 
 
 def branches(loads: list[int], siblings: list[int]) -> list[Upstream]:
-    return [Upstream(f"10.0.0.{i}:8080", True, load, sib) for i, (load, sib) in enumerate(zip(loads, siblings))]
+    return [Upstream(f"10.0.0.{i}:8080", True, load, sib) for i, (load, sib) in enumerate(zip(loads, siblings, strict=True))]
 
 
 def test_parallel_requests_of_one_conversation_spread_to_a_lighter_upstream() -> None:

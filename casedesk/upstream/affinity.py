@@ -55,6 +55,7 @@ class RouteKey:
     lead_bytes: int  # how long that prefix is in the canonical serialisation
     blocks: tuple[bytes, ...]  # chained hashes of the serialisation's whole blocks
     first: bool  # nothing after the first user turn: a conversation's first request
+    messages: int  # how many messages the request has (a turn adds two: answer and question)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +92,8 @@ def route_key(chat: dict[str, Any], block_bytes: int = BLOCK_BYTES) -> RouteKey:
         previous = _digest(previous + text[start : start + block_bytes])
         blocks.append(previous)
     first = len(parts) == lead_end + 1  # parts: the tools, then one per message
-    return RouteKey(lead=_digest(text[:lead_bytes]), lead_bytes=lead_bytes, blocks=tuple(blocks), first=first)
+    lead = _digest(text[:lead_bytes])
+    return RouteKey(lead=lead, lead_bytes=lead_bytes, blocks=tuple(blocks), first=first, messages=len(parts) - 1)
 
 
 class PrefixTable:
@@ -140,15 +142,24 @@ class PrefixTable:
 
 class Solitude:
     """Whether this instance alone serves its conversations, judged from the later turns it gets:
-    one whose earlier turns it never saw was served by another instance (or before a restart).
-    Alone, it may move a first turn by its own load, early (nobody else must guess where it
-    went); with others about, or before it knows, a first turn goes home until the load bound."""
+    one whose previous turn it did not see was served by another instance (or before a
+    restart). Alone, it may move a first turn by its own load, early (nobody else must guess
+    where it went); with others about, or before it knows, a first turn goes home until the
+    load bound. Memory: the latest turn of a bounded number of conversations."""
 
-    def __init__(self, window: int = 16) -> None:
-        self._recent: deque[bool] = deque(maxlen=window)  # later turns: True when seen before
+    def __init__(self, window: int = 16, conversations: int = 16384) -> None:
+        self._recent: deque[bool] = deque(maxlen=window)  # later turns: True when it saw the previous one
+        self._latest: OrderedDict[bytes, int] = OrderedDict()  # lead → messages in its latest request here
+        self._conversations = conversations
 
-    def saw(self, seen_before: bool) -> None:
-        self._recent.append(seen_before)
+    def saw(self, key: RouteKey) -> None:
+        latest = self._latest.get(key.lead)
+        if not key.first:
+            self._recent.append(latest is not None and key.messages <= latest + 2)
+        self._latest[key.lead] = max(key.messages, latest or 0)
+        self._latest.move_to_end(key.lead)
+        if len(self._latest) > self._conversations:
+            self._latest.popitem(last=False)
 
     @property
     def alone(self) -> bool:

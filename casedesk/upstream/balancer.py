@@ -85,8 +85,7 @@ class Balancer:
                 Upstream(s.pool.authority, s.down_until <= now, s.pool.in_flight, branches[i])
                 for i, s in enumerate(self.states)
             ]
-            if not key.first:
-                self.solitude.saw(any(self.prefixes.holds_lead(i, key) for i in range(len(self.states))))
+            self.solitude.saw(key)
             ranked = order(key, seen, self.prefixes, self.thresholds, self.solitude.alone)
             return [self.states[i] for i in ranked]
         return sorted(self.states, key=lambda s: (s.down_until > now, s.pool.in_flight))
