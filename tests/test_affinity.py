@@ -209,7 +209,8 @@ def test_solitude_remembers_a_bounded_number_of_conversations() -> None:
 
 
 def branches(loads: list[int], siblings: list[int]) -> list[Upstream]:
-    return [Upstream(f"10.0.0.{i}:8080", True, load, sib) for i, (load, sib) in enumerate(zip(loads, siblings, strict=True))]
+    pairs = zip(loads, siblings, strict=True)
+    return [Upstream(f"10.0.0.{i}:8080", True, load, sib) for i, (load, sib) in enumerate(pairs)]
 
 
 def test_parallel_requests_of_one_conversation_spread_to_a_lighter_upstream() -> None:
