@@ -19,8 +19,8 @@ mode do (shared/protocol.md §4):
   lopsided hash evens out. A first turn moves by the bound too, unless this instance knows it
   is alone (Solitude): where a first turn goes is what every other instance has to guess for
   the second, and all they can guess is the home (a first turn moved early by one instance's
-  own load costs its second turn a cold prefill on the other). An instance alone, which has
-  seen the earlier turns of every later turn it got lately, moves a first turn at half the
+  own load costs its second turn a cold prefill on the other). An instance alone, which saw
+  the previous turn of every later turn it got lately, moves a first turn at half the
   absolute threshold: it has no cache to lose, and nobody else to tell.
 - Parallel requests of one conversation (an agent's branches on one history: the same lead)
   spread: when its upstream already serves one of them and another carries fewer requests,
