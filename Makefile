@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= examples/local.toml
 
-.PHONY: install serve test test-fast bench bench-real bench-fleet clean
+.PHONY: install lint serve test test-fast bench bench-real bench-fleet clean
 
 install: $(STAMP)
 
@@ -18,6 +18,20 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --progress-bar off -e '.[test,llama,fast,bench]'
 	touch $(STAMP)
+
+# The style gate CI runs before the tests: ruff (lint and format) on everything, mypy --strict
+# on the package. The tools live in their own small venv so that lint needs no llama-server build.
+LINT_VENV := .venv-lint
+LINT_STAMP := $(LINT_VENV)/.installed
+$(LINT_STAMP): Makefile
+	$(PYTHON) -m venv $(LINT_VENV)
+	$(LINT_VENV)/bin/pip install --quiet 'ruff==0.17.6' 'mypy==2.4.1' h11 orjson
+	touch $@
+
+lint: $(LINT_STAMP)
+	$(LINT_VENV)/bin/ruff check casedesk tests bench
+	$(LINT_VENV)/bin/ruff format --check casedesk tests bench
+	$(LINT_VENV)/bin/mypy --strict casedesk
 
 serve: $(STAMP)
 	$(PY) -m casedesk serve --config $(CONFIG)

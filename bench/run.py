@@ -117,7 +117,7 @@ async def one_stream(target: Target) -> StreamResult:
         tail = window[-len(marker) :]
     writer.close()
     ttft = (stamps[0] - started) if stamps else float("nan")
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     return StreamResult(ttft, gaps, tokens)
 
 
@@ -740,7 +740,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"# CaseDesk benchmark ({result['when']}, {result['machine']})", ""]
     if "rows" in result:
         lines += [
-            "| target | streams at once | tokens/s | gateway CPU µs/token | TTFT p50 ms | TTFT p99 ms | gap p50 ms | gap p99 ms | RSS MB |",
+            "| target | streams at once | tokens/s | gateway CPU µs/token | TTFT p50 ms | TTFT p99 ms"
+            " | gap p50 ms | gap p99 ms | RSS MB |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in result["rows"]:
@@ -877,7 +878,7 @@ def chart(result: dict[str, Any], path: Path) -> None:
         axes[1].plot(cs, [r["ttft_p50_ms"] for r in mine], marker="o", label=f"{target} p50")
         axes[1].plot(cs, [r["ttft_p99_ms"] for r in mine], marker="x", linestyle="--", label=f"{target} p99")
         axes[2].plot(cs, [r["gap_p99_ms"] or 0 for r in mine], marker="o", label=f"{target} p99")
-    for ax, title in zip(axes, ["tokens/s", "time to first token (ms)", "inter-token gap p99 (ms)"]):
+    for ax, title in zip(axes, ["tokens/s", "time to first token (ms)", "inter-token gap p99 (ms)"], strict=True):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent streams")
         ax.set_title(title)

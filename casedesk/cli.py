@@ -7,6 +7,8 @@ import asyncio
 import dataclasses
 import logging
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 from casedesk import __version__
 from casedesk.config import ConfigError, load, split_host_port
@@ -81,11 +83,11 @@ def serve_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_loop(coro: object) -> None:
+def _run_loop(coro: Coroutine[Any, Any, None]) -> None:
     """Run on uvloop when it is installed (the `fast` extra), else on asyncio's own loop."""
     try:
-        import uvloop  # type: ignore[import-not-found]
+        import uvloop
     except ImportError:
-        asyncio.run(coro)  # type: ignore[arg-type]
+        asyncio.run(coro)
     else:
-        uvloop.run(coro)  # type: ignore[arg-type]
+        uvloop.run(coro)

@@ -61,8 +61,14 @@ async def start_gateway() -> AsyncIterator[GatewayFactory]:
         ready, stop, force, reload = asyncio.Event(), asyncio.Event(), asyncio.Event(), asyncio.Event()
         task = asyncio.create_task(
             run(
-                config, sock=sock, ready=ready, stop=stop, force=force, reload=reload,
-                shutdown_grace=shutdown_grace, handle_signals=False,
+                config,
+                sock=sock,
+                ready=ready,
+                stop=stop,
+                force=force,
+                reload=reload,
+                shutdown_grace=shutdown_grace,
+                handle_signals=False,
             )
         )
         waiter = asyncio.create_task(ready.wait())

@@ -399,34 +399,47 @@ class _Connection(asyncio.Protocol):
 
     def _props(self, _body: Any) -> None:
         server = self.server
-        self._answer_json({
-            "default_generation_settings": {"params": {"temperature": 0.8, "top_k": 40, "top_p": 0.95,
-                                                       "max_tokens": -1, "n_predict": -1}, "n_ctx": server.n_ctx},
-            "total_slots": server.slots,
-            "model_alias": server.model_path,
-            "model_ftype": "Q4_K - Medium",
-            "model_path": server.model_path,
-            "modalities": {"vision": False, "video": False, "audio": False},
-            "endpoint_slots": True,
-            "endpoint_props": False,
-            "endpoint_metrics": False,
-            "chat_template": "(fake_template in tests/fake_llama.py)",
-            "bos_token": "<bos>",
-            "eos_token": "<eos>",
-            "build_info": BUILD_INFO,
-            "is_sleeping": False,
-        })
+        self._answer_json(
+            {
+                "default_generation_settings": {
+                    "params": {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "max_tokens": -1, "n_predict": -1},
+                    "n_ctx": server.n_ctx,
+                },
+                "total_slots": server.slots,
+                "model_alias": server.model_path,
+                "model_ftype": "Q4_K - Medium",
+                "model_path": server.model_path,
+                "modalities": {"vision": False, "video": False, "audio": False},
+                "endpoint_slots": True,
+                "endpoint_props": False,
+                "endpoint_metrics": False,
+                "chat_template": "(fake_template in tests/fake_llama.py)",
+                "bos_token": "<bos>",
+                "eos_token": "<eos>",
+                "build_info": BUILD_INFO,
+                "is_sleeping": False,
+            }
+        )
 
     def _models(self, _body: Any) -> None:
         path = self.server.model_path
-        self._answer_json({
-            "models": [{"name": path, "model": path, "type": "model", "capabilities": ["completion"]}],
-            "object": "list",
-            "data": [{
-                "id": path, "aliases": [path], "tags": [], "object": "model", "created": int(time.time()),
-                "owned_by": "llamacpp", "meta": {"n_ctx": self.server.n_ctx, "n_ctx_train": 32768},
-            }],
-        })
+        self._answer_json(
+            {
+                "models": [{"name": path, "model": path, "type": "model", "capabilities": ["completion"]}],
+                "object": "list",
+                "data": [
+                    {
+                        "id": path,
+                        "aliases": [path],
+                        "tags": [],
+                        "object": "model",
+                        "created": int(time.time()),
+                        "owned_by": "llamacpp",
+                        "meta": {"n_ctx": self.server.n_ctx, "n_ctx_train": 32768},
+                    }
+                ],
+            }
+        )
 
     def _tokenize(self, body: Any) -> None:
         body = body if isinstance(body, dict) else {}
@@ -500,8 +513,10 @@ class _Connection(asyncio.Protocol):
             return
         prompt = reply.prompt_tokens if reply.prompt_tokens is not None else fake_prompt_tokens(messages)
         if prompt > self.server.n_ctx:
-            message = (f"request ({prompt} tokens) exceeds the available context size ({self.server.n_ctx} tokens),"
-                       " try increasing it")
+            message = (
+                f"request ({prompt} tokens) exceeds the available context size ({self.server.n_ctx} tokens),"
+                " try increasing it"
+            )
             extra = {"n_prompt_tokens": prompt, "n_ctx": self.server.n_ctx}
             self._answer_error(400, _server_error(400, message, "exceed_context_size_error", extra))
             return
@@ -549,7 +564,10 @@ class _Connection(asyncio.Protocol):
         self, record: Recorded, body: dict[str, Any], reply: Reply, plan: _Plan, usage: dict[str, Any]
     ) -> None:
         envelope = b',"created":%d,"id":"%b","model":%b,"system_fingerprint":"%b","object":"chat.completion.chunk"' % (
-            int(time.time()), _completion_id().encode(), orjson.dumps(self.server.model_path), BUILD_INFO.encode()
+            int(time.time()),
+            _completion_id().encode(),
+            orjson.dumps(self.server.model_path),
+            BUILD_INFO.encode(),
         )
         close = envelope + b"}\n\n"
         timings = orjson.dumps(_timings(usage, reply))
@@ -654,7 +672,6 @@ class _Connection(asyncio.Protocol):
         if self.idle_timer is not None:
             self.idle_timer.cancel()
             self.idle_timer = None
-
 
 
 @dataclass
@@ -934,20 +951,29 @@ def _error_response(status: int, payload: dict[str, Any]) -> bytes:
     except ValueError:
         reason = b"Unknown"
     return (
-        b"HTTP/1.1 %d %b\r\n" % (status, reason) + _COMMON + _JSON_TYPE
-        + b"Content-Length: %d\r\n" % len(body) + _CLOSE + b"\r\n\r\n" + body
+        b"HTTP/1.1 %d %b\r\n" % (status, reason)
+        + _COMMON
+        + _JSON_TYPE
+        + b"Content-Length: %d\r\n" % len(body)
+        + _CLOSE
+        + b"\r\n\r\n"
+        + body
     )
 
 
 def _nlohmann_parse_error(err: orjson.JSONDecodeError) -> str:
     """Close to nlohmann::json's wording (the exact position and reason differ)."""
-    return (f"[json.exception.parse_error.101] parse error at line {err.lineno}, column {err.colno + 1}: "
-            f"syntax error while parsing value - {err.msg}")
+    return (
+        f"[json.exception.parse_error.101] parse error at line {err.lineno}, column {err.colno + 1}: "
+        f"syntax error while parsing value - {err.msg}"
+    )
 
 
 def _nlohmann_empty_input() -> str:
-    return ("[json.exception.parse_error.101] parse error at line 1, column 1: attempting to parse an empty "
-            "input; check that your input string or stream contains the expected JSON")
+    return (
+        "[json.exception.parse_error.101] parse error at line 1, column 1: attempting to parse an empty "
+        "input; check that your input string or stream contains the expected JSON"
+    )
 
 
 # -- the stand-in template and tokenizer ---------------------------------------------------------

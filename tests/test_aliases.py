@@ -166,7 +166,11 @@ def test_resolution_rules_on_the_config_alone() -> None:
     dep = parse(config({"gemma": "http://127.0.0.1:1", "qwen": "http://127.0.0.1:2"}, ALIASES)).deployments["dep"]
     assert dep.aliases == (("claude-*haiku*", "qwen"), ("claude-*", "gemma"))
     assert [dep.resolve(n) for n in ("qwen", "claude-haiku", "claude-x", "claude", "[x]")] == [
-        "qwen", "qwen", "gemma", None, None
+        "qwen",
+        "qwen",
+        "gemma",
+        None,
+        None,
     ]
 
 
@@ -174,7 +178,7 @@ def test_an_alias_to_a_tag_the_deployment_lacks_is_named_by_its_key() -> None:
     with pytest.raises(ConfigError) as caught:
         parse(config({"gemma": "http://127.0.0.1:1"}, {"claude-*": "gemma3:270m", "ok-*": "gemma", "n": 5}))
     assert caught.value.problems == [
-        "deployments.dep.aliases.\"claude-*\": must name a model tag of this deployment (its tags: gemma), "
+        'deployments.dep.aliases."claude-*": must name a model tag of this deployment (its tags: gemma), '
         "got 'gemma3:270m'",
         "deployments.dep.aliases.n: must name a model tag of this deployment (its tags: gemma), got 5",
     ]

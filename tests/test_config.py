@@ -41,25 +41,35 @@ def test_the_examples_load() -> None:
 
 def test_every_problem_is_reported_with_its_key() -> None:
     with pytest.raises(ConfigError) as caught:
-        parse({
-            "server": {"listen": "nowhere", "max_body_bytes": -5, "colour": "blue"},
-            "deployments": {
-                "d": {
-                    "max_concurrency": "many",
-                    "api_keys_sha256": ["not-a-hash"],
-                    "models": {
-                        "m": {"upstreams": ["https://x:1", 5]},
-                        "n": {},
-                        "o": {"llama_server": {"args": "-c 10"}},
+        parse(
+            {
+                "server": {"listen": "nowhere", "max_body_bytes": -5, "colour": "blue"},
+                "deployments": {
+                    "d": {
+                        "max_concurrency": "many",
+                        "api_keys_sha256": ["not-a-hash"],
+                        "models": {
+                            "m": {"upstreams": ["https://x:1", 5]},
+                            "n": {},
+                            "o": {"llama_server": {"args": "-c 10"}},
+                        },
                     },
                 },
-            },
-        })
+            }
+        )
     problems = "\n".join(caught.value.problems)
-    for key in ("server.listen", "server.max_body_bytes", "server.colour", "deployments.d.max_concurrency",
-                "deployments.d.api_keys_sha256[0]", "deployments.d.models.m.upstreams[0]",
-                "deployments.d.models.m.upstreams[1]", "deployments.d.models.n", "deployments.d.models.o.llama_server.model",
-                "deployments.d.models.o.llama_server.args"):
+    for key in (
+        "server.listen",
+        "server.max_body_bytes",
+        "server.colour",
+        "deployments.d.max_concurrency",
+        "deployments.d.api_keys_sha256[0]",
+        "deployments.d.models.m.upstreams[0]",
+        "deployments.d.models.m.upstreams[1]",
+        "deployments.d.models.n",
+        "deployments.d.models.o.llama_server.model",
+        "deployments.d.models.o.llama_server.args",
+    ):
         assert key in problems, key
     assert len(caught.value.problems) >= 10
 
@@ -91,7 +101,10 @@ def test_serve_has_no_workers_option() -> None:
     # (README, "Performance"); past that, run one per box behind a load balancer.
     result = subprocess.run(
         [sys.executable, "-m", "casedesk", "serve", "--config", "examples/local.toml", "--workers", "2"],
-        capture_output=True, text=True, timeout=30, cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=Path(__file__).resolve().parents[1],
     )
     assert result.returncode == 2
     assert "unrecognized arguments: --workers 2" in result.stderr

@@ -37,11 +37,14 @@ async def ask(gateway: RunningGateway, stream: bool) -> tuple[str, str]:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("failure", [
-    pytest.param(Reply(die_after=0), id="head-then-death-before-the-first-token"),
-    pytest.param(Reply(status=500, error_message="slot crashed"), id="a-5xx-the-request-did-not-cause"),
-    pytest.param(Reply(stall_after=0), id="head-then-silence-before-the-first-token"),
-])
+@pytest.mark.parametrize(
+    "failure",
+    [
+        pytest.param(Reply(die_after=0), id="head-then-death-before-the-first-token"),
+        pytest.param(Reply(status=500, error_message="slot crashed"), id="a-5xx-the-request-did-not-cause"),
+        pytest.param(Reply(stall_after=0), id="head-then-silence-before-the-first-token"),
+    ],
+)
 async def test_a_failure_before_the_first_event_is_retried_unseen(
     start_gateway: GatewayFactory, failure: Reply, stream: bool
 ) -> None:
@@ -106,9 +109,9 @@ def retry_after(headers: dict[str, str]) -> int:
 async def test_queue_full_and_queue_timeout_529s_say_when_to_retry(start_gateway: GatewayFactory) -> None:
     async with FakeLlamaServer(Reply(tokens=["slow"] * 40, token_delay=0.025)) as fake:
         full = await start_gateway(gateway_config([fake.url], deployment={"max_concurrency": 1, "max_queue": 0}))
-        timed = await start_gateway(gateway_config(
-            [fake.url], deployment={"max_concurrency": 1, "max_queue": 4, "queue_timeout": 0.2}
-        ))
+        timed = await start_gateway(
+            gateway_config([fake.url], deployment={"max_concurrency": 1, "max_queue": 4, "queue_timeout": 0.2})
+        )
         for gw in (full, timed):
             busy = asyncio.ensure_future(ask(gw, stream=False))
             while len(fake.chat_requests()) < (1 if gw is full else 2):
@@ -165,13 +168,15 @@ async def test_an_error_reported_in_the_stream_is_an_answer_not_a_fault(start_ga
     async def reporting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
         if head.startswith(b"GET /health "):
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 15\r\nConnection: close\r\n\r\n{\"status\":\"ok\"}")
+            writer.write(b'HTTP/1.1 200 OK\r\nContent-Length: 15\r\nConnection: close\r\n\r\n{"status":"ok"}')
             writer.close()
             return
         asked.append(1)
         event = b'data: {"error":{"code":500,"message":"failed to decode the batch","type":"server_error"}}\n\n'
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     b"%x\r\n%b\r\n0\r\n\r\n" % (len(event), event))
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"%x\r\n%b\r\n0\r\n\r\n" % (len(event), event)
+        )
         await writer.drain()
         writer.close()
 

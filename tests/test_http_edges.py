@@ -200,10 +200,21 @@ async def test_curl_sends_a_2_mb_body_without_waiting_for_its_expect_timer(
     started = time.monotonic()
     # curl sends `Expect: 100-continue` for a body over 1 MB; a 5 s timer makes a miss plain.
     process = await asyncio.create_subprocess_exec(
-        "curl", "-sS", "--expect100-timeout", "5", "-H", "content-type: application/json",
-        "-H", "anthropic-version: 2023-06-01", "--data-binary", f"@{payload}", "-w", "\n%{http_code}",
+        "curl",
+        "-sS",
+        "--expect100-timeout",
+        "5",
+        "-H",
+        "content-type: application/json",
+        "-H",
+        "anthropic-version: 2023-06-01",
+        "--data-binary",
+        f"@{payload}",
+        "-w",
+        "\n%{http_code}",
         gw.base_url() + "/v1/messages",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(process.communicate(), 20)
     elapsed = time.monotonic() - started
@@ -317,6 +328,7 @@ async def test_an_upstream_event_that_never_ends_fails_the_stream_with_a_clear_e
     start_gateway: GatewayFactory,
 ) -> None:
     """A broken upstream sends an event with no blank line after it: the buffer stops at 1 MiB."""
+
     async def broken_upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")

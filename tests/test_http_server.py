@@ -48,7 +48,9 @@ def parse(response: bytes) -> tuple[int, dict[str, str], bytes]:
 def post(path: str, body: bytes, extra: bytes = VERSION) -> bytes:
     return (
         f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n".encode()
-        + extra + b"\r\n" + body
+        + extra
+        + b"\r\n"
+        + body
     )
 
 
@@ -99,7 +101,9 @@ async def test_head_probe_of_the_base_url_is_200_without_body(start_gateway: Gat
 
 async def test_query_string_is_ignored(start_gateway: GatewayFactory) -> None:
     gw = await start_gateway(gateway_config([DEAD_UPSTREAM]))
-    status, _, body = parse(await exchange(gw.port, b"GET /proxy/dep/anthropic/v1/models?beta=true HTTP/1.1\r\nhost: x\r\n\r\n"))
+    status, _, body = parse(
+        await exchange(gw.port, b"GET /proxy/dep/anthropic/v1/models?beta=true HTTP/1.1\r\nhost: x\r\n\r\n")
+    )
     assert status == 200 and orjson.loads(body)["data"][0]["id"] == "m"
 
 
@@ -128,10 +132,17 @@ async def test_missing_version_header_is_a_400(start_gateway: GatewayFactory) ->
         (b"", "empty"),
         (orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}]}), "max_tokens"),
         (orjson.dumps({"model": "m", "max_tokens": 5, "messages": []}), "messages"),
-        (orjson.dumps({"model": "m", "max_tokens": 5, "temperature": 2, "messages": [{"role": "user", "content": "x"}]}), "temperature"),
+        (
+            orjson.dumps(
+                {"model": "m", "max_tokens": 5, "temperature": 2, "messages": [{"role": "user", "content": "x"}]}
+            ),
+            "temperature",
+        ),
     ],
 )
-async def test_malformed_bodies_are_400_naming_the_problem(start_gateway: GatewayFactory, body: bytes, needle: str) -> None:
+async def test_malformed_bodies_are_400_naming_the_problem(
+    start_gateway: GatewayFactory, body: bytes, needle: str
+) -> None:
     gw = await start_gateway(gateway_config([DEAD_UPSTREAM]))
     status, _, answer = parse(await exchange(gw.port, post(MESSAGES, body)))
     assert status == 400

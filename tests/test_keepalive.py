@@ -43,10 +43,18 @@ class RawStream:
         payload = orjson.dumps({"model": "m", "max_tokens": 50, "messages": ASK, "stream": True, **body})
         conn = h11.Connection(h11.CLIENT)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        headers = [("host", "x"), ("anthropic-version", "2023-06-01"), ("x-api-key", "k"),
-                   ("content-type", "application/json"), ("content-length", str(len(payload)))]
-        writer.write(conn.send(h11.Request(method="POST", target=MESSAGES, headers=headers))
-                     + conn.send(h11.Data(data=payload)) + conn.send(h11.EndOfMessage()))
+        headers = [
+            ("host", "x"),
+            ("anthropic-version", "2023-06-01"),
+            ("x-api-key", "k"),
+            ("content-type", "application/json"),
+            ("content-length", str(len(payload))),
+        ]
+        writer.write(
+            conn.send(h11.Request(method="POST", target=MESSAGES, headers=headers))
+            + conn.send(h11.Data(data=payload))
+            + conn.send(h11.EndOfMessage())
+        )
         self.sent_at = time.monotonic()
         deadline = self.sent_at + limit
         try:
@@ -100,8 +108,12 @@ async def typescript_sdk(gateway: RunningGateway) -> dict[str, Any]:
     node = shutil.which("node")
     assert node, "Node.js is needed for the TypeScript SDK"
     process = await asyncio.create_subprocess_exec(
-        node, "stream.mjs", cwd=TS_DIR, env={"CASEDESK_BASE_URL": gateway.base_url(), "PATH": "/usr/bin:/bin"},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        node,
+        "stream.mjs",
+        cwd=TS_DIR,
+        env={"CASEDESK_BASE_URL": gateway.base_url(), "PATH": "/usr/bin:/bin"},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(process.communicate(), 120)
     assert process.returncode == 0, err.decode()
@@ -151,9 +163,11 @@ async def test_a_head_withheld_for_30_s_keeps_every_client_fed(start_gateway: Ga
 
 async def test_a_queued_stream_gets_bytes_while_it_waits(start_gateway: GatewayFactory) -> None:
     async with FakeLlamaServer(Reply(tokens=["q"])) as fake:
-        gateway = await start_gateway(gateway_config(
-            [fake.url], server={"stream_keepalive": 0.2}, deployment={"max_concurrency": 1, "max_queue": 4}
-        ))
+        gateway = await start_gateway(
+            gateway_config(
+                [fake.url], server={"stream_keepalive": 0.2}, deployment={"max_concurrency": 1, "max_queue": 4}
+            )
+        )
         fake.replies.append(Reply(tokens=[f"t{i}" for i in range(60)], token_delay=0.025))  # ~1.5 s
         first = asyncio.ensure_future(RawStream().run(gateway.port, {"max_tokens": 100}))
         while not fake.chat_requests():  # the first stream holds the only slot
@@ -171,14 +185,29 @@ async def test_a_queued_stream_gets_bytes_while_it_waits(start_gateway: GatewayF
 async def test_an_error_after_the_head_is_an_event_with_the_same_type_and_message(
     start_gateway: GatewayFactory,
 ) -> None:
-    too_long = Reply(status=400, error_type="exceed_context_size_error", error_message="too big",
-                     error_extra={"n_prompt_tokens": 9024, "n_ctx": 2048}, head_delay=1.0)
+    too_long = Reply(
+        status=400,
+        error_type="exceed_context_size_error",
+        error_message="too big",
+        error_extra={"n_prompt_tokens": 9024, "n_ctx": 2048},
+        head_delay=1.0,
+    )
     async with FakeLlamaServer(too_long) as fake:
         gateway = await start_gateway(gateway_config([fake.url], server={"stream_keepalive": 0.2}))
         raw = await RawStream().run(gateway.port, {})
         assert raw.status == 200 and raw.comments >= 2 and raw.headers["x-accel-buffering"] == "no"
-        assert raw.events() == [("error", {"type": "error", "error": {
-            "type": "invalid_request_error", "message": "prompt is too long: 9024 tokens > 2048 maximum"}})]
+        assert raw.events() == [
+            (
+                "error",
+                {
+                    "type": "error",
+                    "error": {
+                        "type": "invalid_request_error",
+                        "message": "prompt is too long: 9024 tokens > 2048 maximum",
+                    },
+                },
+            )
+        ]
         client = anthropic.AsyncAnthropic(base_url=gateway.base_url(), api_key="k", max_retries=0)
         with pytest.raises(anthropic.APIStatusError) as caught:
             async with client.messages.stream(model="m", max_tokens=5, messages=ASK) as stream:

@@ -425,8 +425,14 @@ async def test_llama_servers_die_with_casedesk_even_when_it_is_killed(box: Box, 
     raw["server"]["listen"] = "127.0.0.1:0"
     config.write_text(_toml(raw))
     serve = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "casedesk", "serve", "--config", str(config),
-        env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=asyncio.subprocess.DEVNULL,
+        sys.executable,
+        "-m",
+        "casedesk",
+        "serve",
+        "--config",
+        str(config),
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
     )
     try:

@@ -66,13 +66,19 @@ async def test_metrics_after_known_traffic(fake: FakeLlamaServer, start_gateway:
     assert f'casedesk_upstream_up{{deployment="dep",model="m",upstream="127.0.0.1:{fake.port}"}} 1' in text
 
 
-async def test_access_log_lines_after_known_traffic(fake: FakeLlamaServer, start_gateway: GatewayFactory, tmp_path: Path) -> None:
+async def test_access_log_lines_after_known_traffic(
+    fake: FakeLlamaServer, start_gateway: GatewayFactory, tmp_path: Path
+) -> None:
     log = tmp_path / "access.log"
     gw = await start_gateway(gateway_config([fake.url], server={"access_log": str(log)}))
     await known_traffic(gw, fake)
     raw = log.read_bytes()
     lines = [orjson.loads(line) for line in raw.splitlines()]
-    assert [(r["status"], r["stream"], r["model"]) for r in lines] == [(200, False, "m"), (200, True, "m"), (404, False, "nope")]
+    assert [(r["status"], r["stream"], r["model"]) for r in lines] == [
+        (200, False, "m"),
+        (200, True, "m"),
+        (404, False, "nope"),
+    ]
     plain, streamed = lines[0], lines[1]
     assert (plain["input_tokens"], plain["output_tokens"]) == (10, 3)
     assert (streamed["input_tokens"], streamed["output_tokens"]) == (7, 2)
@@ -82,7 +88,9 @@ async def test_access_log_lines_after_known_traffic(fake: FakeLlamaServer, start
     assert b"sk-very-secret" not in raw and b"secret question" not in raw  # no keys, no contents
 
 
-async def test_request_id_header_matches_the_access_log(fake: FakeLlamaServer, start_gateway: GatewayFactory, tmp_path: Path) -> None:
+async def test_request_id_header_matches_the_access_log(
+    fake: FakeLlamaServer, start_gateway: GatewayFactory, tmp_path: Path
+) -> None:
     log = tmp_path / "access.log"
     gw = await start_gateway(gateway_config([fake.url], server={"access_log": str(log)}))
     _, headers, _ = parse(await exchange(gw.port, b"GET /proxy/dep/anthropic/v1/models HTTP/1.1\r\nhost: x\r\n\r\n"))
@@ -207,11 +215,15 @@ def test_socket_activation_serves_on_the_passed_socket(tmp_path: Path) -> None:
     listener.listen(16)
     port = listener.getsockname()[1]
     config = tmp_path / "casedesk.toml"
-    config.write_text('[server]\nlisten = "127.0.0.1:1"\naccess_log = ""\n[deployments.d.models.m]\nupstreams = ["http://127.0.0.1:9"]\n')
+    config.write_text(
+        '[server]\nlisten = "127.0.0.1:1"\naccess_log = ""\n[deployments.d.models.m]\nupstreams = ["http://127.0.0.1:9"]\n'
+    )
     fd = listener.fileno()
     child = subprocess.Popen(
         ["sh", "-c", f'LISTEN_PID=$$ LISTEN_FDS=1 exec "{sys.executable}" -m casedesk serve --config "{config}"'],
-        pass_fds=[3], preexec_fn=lambda: os.dup2(fd, 3), cwd=ROOT,  # noqa: PLW1509
+        pass_fds=[3],
+        preexec_fn=lambda: os.dup2(fd, 3),
+        cwd=ROOT,  # noqa: PLW1509
     )
     try:
         deadline = time.monotonic() + 20
@@ -238,7 +250,9 @@ def test_unit_file_is_valid_and_sandboxed(tmp_path: Path) -> None:
     service = parser["Service"]
     assert service["Type"] == "notify" and service["WatchdogSec"] and "HUP" in service["ExecReload"]
     assert service["Restart"] == "on-failure"
-    assert service["DynamicUser"] == "yes" and service["ProtectSystem"] == "strict" and service["NoNewPrivileges"] == "yes"
+    assert (
+        service["DynamicUser"] == "yes" and service["ProtectSystem"] == "strict" and service["NoNewPrivileges"] == "yes"
+    )
     assert "AF_INET" in service["RestrictAddressFamilies"]  # it must reach its upstreams
     # A managed llama-server must see the GPUs (issue 10): no PrivateDevices, a closed device
     # policy opened for CUDA, ROCm and Vulkan's device classes only.
@@ -249,7 +263,9 @@ def test_unit_file_is_valid_and_sandboxed(tmp_path: Path) -> None:
     if analyze:  # where systemd is installed, it must accept the unit as written
         binary = ROOT / ".venv" / "bin" / "casedesk"
         copy = tmp_path / "casedesk.service"
-        copy.write_text(unit.replace("/opt/casedesk/.venv/bin/casedesk", str(binary if binary.exists() else sys.executable)))
+        copy.write_text(
+            unit.replace("/opt/casedesk/.venv/bin/casedesk", str(binary if binary.exists() else sys.executable))
+        )
         run = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60)
         problems = [line for line in (run.stdout + run.stderr).splitlines() if "casedesk.service" in line]
         assert run.returncode == 0 and not problems, run.stdout + run.stderr

@@ -39,10 +39,18 @@ async def http_post(port: int, path: str, body: dict[str, Any]) -> tuple[int, di
     payload = orjson.dumps(body)
     conn = h11.Connection(h11.CLIENT)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    headers = [("host", "x"), ("anthropic-version", "2023-06-01"), ("x-api-key", "k"),
-               ("content-type", "application/json"), ("content-length", str(len(payload)))]
-    writer.write(conn.send(h11.Request(method="POST", target=path, headers=headers)) + conn.send(h11.Data(data=payload))
-                 + conn.send(h11.EndOfMessage()))
+    headers = [
+        ("host", "x"),
+        ("anthropic-version", "2023-06-01"),
+        ("x-api-key", "k"),
+        ("content-type", "application/json"),
+        ("content-length", str(len(payload))),
+    ]
+    writer.write(
+        conn.send(h11.Request(method="POST", target=path, headers=headers))
+        + conn.send(h11.Data(data=payload))
+        + conn.send(h11.EndOfMessage())
+    )
     status, response_headers, data = 0, {}, b""
     while True:
         event = conn.next_event()
@@ -62,7 +70,8 @@ async def http_post(port: int, path: str, body: dict[str, Any]) -> tuple[int, di
 async def raw_events(gateway: RunningGateway, body: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """POST a streamed request; the (event, data) pairs exactly as they came."""
     status, headers, data = await http_post(
-        gateway.port, "/proxy/dep/anthropic/v1/messages",
+        gateway.port,
+        "/proxy/dep/anthropic/v1/messages",
         {"model": "m", "max_tokens": 100, "messages": ASK, "stream": True, **body},
     )
     assert status == 200, data
@@ -86,14 +95,21 @@ async def test_non_streamed_message_with_usage_and_model_tag(fake: FakeLlamaServ
     assert message.usage.output_tokens == 2
 
 
-async def test_stream_event_sequence_and_usage_from_the_first_event(fake: FakeLlamaServer, gateway: RunningGateway) -> None:
+async def test_stream_event_sequence_and_usage_from_the_first_event(
+    fake: FakeLlamaServer, gateway: RunningGateway
+) -> None:
     fake.replies.append(Reply(tokens=["a", "b", "c"], prompt_tokens=30, cached_tokens=10, progress_steps=3))
     events = await raw_events(gateway, {})
     names = [name for name, _ in events]
     assert names == [
-        "message_start", "content_block_start",
-        "content_block_delta", "content_block_delta", "content_block_delta",
-        "content_block_stop", "message_delta", "message_stop",
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
     ]
     start = events[0][1]["message"]
     assert start["usage"]["input_tokens"] == 20 and start["usage"]["cache_read_input_tokens"] == 10
@@ -104,9 +120,14 @@ async def test_stream_event_sequence_and_usage_from_the_first_event(fake: FakeLl
     assert delta["usage"]["output_tokens"] == 3
 
 
-async def test_upstream_request_asks_for_stream_usage_and_progress(fake: FakeLlamaServer, gateway: RunningGateway) -> None:
+async def test_upstream_request_asks_for_stream_usage_and_progress(
+    fake: FakeLlamaServer, gateway: RunningGateway
+) -> None:
     await sdk(gateway).messages.create(
-        model="m", max_tokens=7, messages=ASK, system="be kind",
+        model="m",
+        max_tokens=7,
+        messages=ASK,
+        system="be kind",
         extra_body={"temperature": 0.5, "top_p": 0.9, "top_k": 5},
     )
     body = fake.chat_requests()[-1].body
@@ -117,7 +138,9 @@ async def test_upstream_request_asks_for_stream_usage_and_progress(fake: FakeLla
     assert (body["max_tokens"], body["temperature"], body["top_p"], body["top_k"]) == (7, 0.5, 0.9, 5)
 
 
-async def test_thinking_blocks_come_first_with_a_signature_when_asked(fake: FakeLlamaServer, gateway: RunningGateway) -> None:
+async def test_thinking_blocks_come_first_with_a_signature_when_asked(
+    fake: FakeLlamaServer, gateway: RunningGateway
+) -> None:
     fake.replies.append(Reply(reasoning=["Let me ", "think."], tokens=["42"]))
     async with sdk(gateway).messages.stream(
         model="m", max_tokens=2000, messages=ASK, thinking={"type": "enabled", "budget_tokens": 1024}
@@ -141,19 +164,33 @@ async def test_reasoning_nobody_asked_for_is_left_out(fake: FakeLlamaServer, gat
     assert [b.type for b in message.content] == ["text"]
 
 
-async def test_thinking_disabled_asks_llama_server_not_to_reason(fake: FakeLlamaServer, gateway: RunningGateway) -> None:
+async def test_thinking_disabled_asks_llama_server_not_to_reason(
+    fake: FakeLlamaServer, gateway: RunningGateway
+) -> None:
     await sdk(gateway).messages.create(model="m", max_tokens=5, messages=ASK, thinking={"type": "disabled"})
     assert (fake.chat_requests()[-1].body or {})["chat_template_kwargs"] == {"enable_thinking": False}
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_several_tool_calls_become_tool_use_blocks(fake: FakeLlamaServer, gateway: RunningGateway, stream: bool) -> None:
-    fake.replies.append(Reply(tokens=["Checking."], tool_calls=[
-        ("get_weather", ['{"city":', ' "Paris"}']),
-        ("get_time", ['{"zone": "CET"}']),
-    ]))
+async def test_several_tool_calls_become_tool_use_blocks(
+    fake: FakeLlamaServer, gateway: RunningGateway, stream: bool
+) -> None:
+    fake.replies.append(
+        Reply(
+            tokens=["Checking."],
+            tool_calls=[
+                ("get_weather", ['{"city":', ' "Paris"}']),
+                ("get_time", ['{"zone": "CET"}']),
+            ],
+        )
+    )
     tool = {"name": "get_weather", "input_schema": {"type": "object"}}
-    kwargs: dict[str, Any] = {"model": "m", "max_tokens": 50, "messages": ASK, "tools": [tool, {**tool, "name": "get_time"}]}
+    kwargs: dict[str, Any] = {
+        "model": "m",
+        "max_tokens": 50,
+        "messages": ASK,
+        "tools": [tool, {**tool, "name": "get_time"}],
+    }
     if stream:
         async with sdk(gateway).messages.stream(**kwargs) as s:
             message = await s.get_final_message()
@@ -166,15 +203,29 @@ async def test_several_tool_calls_become_tool_use_blocks(fake: FakeLlamaServer, 
     assert message.stop_reason == "tool_use"
 
 
-async def test_streamed_tool_blocks_are_indexed_and_closed_in_order(fake: FakeLlamaServer, gateway: RunningGateway) -> None:
+async def test_streamed_tool_blocks_are_indexed_and_closed_in_order(
+    fake: FakeLlamaServer, gateway: RunningGateway
+) -> None:
     fake.replies.append(Reply(tokens=["x"], tool_calls=[("a", ['{"n": 1}']), ("b", ['{"n":', " 2}"])]))
-    events = await raw_events(gateway, {"tools": [{"name": "a", "input_schema": {}}, {"name": "b", "input_schema": {}}]})
-    blocks = [(n, d.get("index"), (d.get("content_block") or d.get("delta") or {}).get("type")) for n, d in events if "content_block" in n]
+    events = await raw_events(
+        gateway, {"tools": [{"name": "a", "input_schema": {}}, {"name": "b", "input_schema": {}}]}
+    )
+    blocks = [
+        (n, d.get("index"), (d.get("content_block") or d.get("delta") or {}).get("type"))
+        for n, d in events
+        if "content_block" in n
+    ]
     assert blocks == [
-        ("content_block_start", 0, "text"), ("content_block_delta", 0, "text_delta"), ("content_block_stop", 0, None),
-        ("content_block_start", 1, "tool_use"), ("content_block_delta", 1, "input_json_delta"), ("content_block_stop", 1, None),
-        ("content_block_start", 2, "tool_use"), ("content_block_delta", 2, "input_json_delta"),
-        ("content_block_delta", 2, "input_json_delta"), ("content_block_stop", 2, None),
+        ("content_block_start", 0, "text"),
+        ("content_block_delta", 0, "text_delta"),
+        ("content_block_stop", 0, None),
+        ("content_block_start", 1, "tool_use"),
+        ("content_block_delta", 1, "input_json_delta"),
+        ("content_block_stop", 1, None),
+        ("content_block_start", 2, "tool_use"),
+        ("content_block_delta", 2, "input_json_delta"),
+        ("content_block_delta", 2, "input_json_delta"),
+        ("content_block_stop", 2, None),
     ]
     start = next(d for n, d in events if n == "content_block_start" and d["index"] == 1)
     assert start["content_block"] == {"type": "tool_use", "id": "call_0_fake", "name": "a", "input": {}}
@@ -186,7 +237,10 @@ async def test_disable_parallel_tool_use_keeps_one_call_and_stops_the_upstream(
 ) -> None:
     fake.replies.append(Reply(tokens=[], tool_calls=[("a", ['{"n": 1}']), ("a", ['{"n": 2}'])], token_delay=0.02))
     kwargs: dict[str, Any] = {
-        "model": "m", "max_tokens": 50, "messages": ASK, "tools": [{"name": "a", "input_schema": {}}],
+        "model": "m",
+        "max_tokens": 50,
+        "messages": ASK,
+        "tools": [{"name": "a", "input_schema": {}}],
         "tool_choice": {"type": "any", "disable_parallel_tool_use": True},
     }
     if stream:
@@ -201,7 +255,9 @@ async def test_disable_parallel_tool_use_keeps_one_call_and_stops_the_upstream(
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_stop_sequence_is_reported_with_the_matched_string(fake: FakeLlamaServer, gateway: RunningGateway, stream: bool) -> None:
+async def test_stop_sequence_is_reported_with_the_matched_string(
+    fake: FakeLlamaServer, gateway: RunningGateway, stream: bool
+) -> None:
     fake.replies.append(Reply(tokens=["one", " two", " three", " four"]))
     kwargs: dict[str, Any] = {"model": "m", "max_tokens": 50, "messages": ASK, "stop_sequences": ["zzz", " three"]}
     if stream:
@@ -214,7 +270,9 @@ async def test_stop_sequence_is_reported_with_the_matched_string(fake: FakeLlama
     assert (fake.chat_requests()[-1].body or {})["verbose"] is True
 
 
-async def test_end_of_generation_with_stop_sequences_is_still_end_turn(fake: FakeLlamaServer, gateway: RunningGateway) -> None:
+async def test_end_of_generation_with_stop_sequences_is_still_end_turn(
+    fake: FakeLlamaServer, gateway: RunningGateway
+) -> None:
     message = await sdk(gateway).messages.create(model="m", max_tokens=50, messages=ASK, stop_sequences=["never"])
     assert message.stop_reason == "end_turn" and message.stop_sequence is None
 
@@ -225,8 +283,12 @@ async def test_max_tokens_stop_reason(fake: FakeLlamaServer, gateway: RunningGat
     assert message.stop_reason == "max_tokens" and message.content[0].text == "ab"
 
 
-async def test_count_tokens_uses_the_upstream_template_and_tokenizer(fake: FakeLlamaServer, gateway: RunningGateway) -> None:
-    counted = await sdk(gateway).messages.count_tokens(model="m", system="one two", messages=[{"role": "user", "content": "three four five"}])
+async def test_count_tokens_uses_the_upstream_template_and_tokenizer(
+    fake: FakeLlamaServer, gateway: RunningGateway
+) -> None:
+    counted = await sdk(gateway).messages.count_tokens(
+        model="m", system="one two", messages=[{"role": "user", "content": "three four five"}]
+    )
     # The fake's template: "<system> one two <user> three four five <assistant>", one token a word, plus BOS.
     assert counted.input_tokens == 9
 
@@ -240,8 +302,14 @@ async def test_models_list_and_retrieve(gateway: RunningGateway) -> None:
 
 
 async def test_context_overflow_is_a_400_prompt_too_long(fake: FakeLlamaServer, gateway: RunningGateway) -> None:
-    fake.replies.append(Reply(status=400, error_type="exceed_context_size_error", error_message="too big",
-                              error_extra={"n_prompt_tokens": 9024, "n_ctx": 2048}))
+    fake.replies.append(
+        Reply(
+            status=400,
+            error_type="exceed_context_size_error",
+            error_message="too big",
+            error_extra={"n_prompt_tokens": 9024, "n_ctx": 2048},
+        )
+    )
     with pytest.raises(anthropic.BadRequestError) as caught:
         await sdk(gateway).messages.create(model="m", max_tokens=5, messages=ASK)
     assert "prompt is too long: 9024 tokens > 2048 maximum" in str(caught.value)
@@ -267,7 +335,9 @@ async def test_failover_to_the_next_upstream_before_the_first_byte(start_gateway
         assert len(broken.chat_requests()) == 1  # taken out after its failure
 
 
-async def test_upstream_death_mid_stream_is_an_error_event_and_a_clean_end(fake: FakeLlamaServer, gateway: RunningGateway) -> None:
+async def test_upstream_death_mid_stream_is_an_error_event_and_a_clean_end(
+    fake: FakeLlamaServer, gateway: RunningGateway
+) -> None:
     fake.replies.append(Reply(tokens=["a", "b", "c", "d"], die_after=2))
     events = await raw_events(gateway, {})
     assert [d["delta"]["text"] for n, d in events if n == "content_block_delta"] == ["a", "b"]
@@ -275,7 +345,9 @@ async def test_upstream_death_mid_stream_is_an_error_event_and_a_clean_end(fake:
     assert events[-1][1]["error"]["type"] == "api_error"  # not overloaded: retrying would not help
 
 
-async def test_upstream_stall_mid_stream_times_out_with_an_error_event(fake: FakeLlamaServer, start_gateway: GatewayFactory) -> None:
+async def test_upstream_stall_mid_stream_times_out_with_an_error_event(
+    fake: FakeLlamaServer, start_gateway: GatewayFactory
+) -> None:
     gw = await start_gateway(gateway_config([fake.url], server={"upstream_read_timeout": 0.4}))
     fake.replies.append(Reply(tokens=["a", "b", "c"], stall_after=1))
     started = time.monotonic()
@@ -379,7 +451,9 @@ async def test_admission_queue_full_is_529_at_once(fake: FakeLlamaServer, start_
     assert (await second).content[0].text == "slow" * 20  # the queued one was served after
 
 
-async def test_a_slow_reader_pauses_the_upstream_and_loses_nothing(fake: FakeLlamaServer, gateway: RunningGateway) -> None:
+async def test_a_slow_reader_pauses_the_upstream_and_loses_nothing(
+    fake: FakeLlamaServer, gateway: RunningGateway
+) -> None:
     tokens = [f"{i:05d}" + "x" * 1000 for i in range(20000)]  # ~25 MB of events: more than any socket buffers
     fake.replies.append(Reply(tokens=tokens))
     reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port, limit=1 << 16)
@@ -431,7 +505,9 @@ async def test_graceful_shutdown_lets_a_stream_finish(fake: FakeLlamaServer, sta
         await asyncio.open_connection("127.0.0.1", gw.port)
 
 
-async def test_shutdown_grace_end_cuts_streams_with_an_error_event(fake: FakeLlamaServer, start_gateway: GatewayFactory) -> None:
+async def test_shutdown_grace_end_cuts_streams_with_an_error_event(
+    fake: FakeLlamaServer, start_gateway: GatewayFactory
+) -> None:
     _, events = await stop_during_a_stream(fake, start_gateway, grace=0.3, tokens=500)
     assert events[-1][0] == "error" and "shutting down" in events[-1][1]["error"]["message"]
 

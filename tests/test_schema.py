@@ -47,7 +47,19 @@ def refused(payload: Any) -> str:
         (body(messages=[{"role": "user", "content": [{"type": "text"}]}]), "messages.0.content.0.text"),
         (body(messages=[{"role": "user", "content": [{"text": "x"}]}]), "messages.0.content.0.type"),
         (body(messages=[{"role": "user", "content": [{"type": "video"}]}]), "messages.0.content.0.type"),
-        (body(messages=[{"role": "user", "content": [{"type": "image", "source": {"type": "base64", "media_type": "image/bmp", "data": "x"}}]}]), "media_type"),
+        (
+            body(
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image", "source": {"type": "base64", "media_type": "image/bmp", "data": "x"}}
+                        ],
+                    }
+                ]
+            ),
+            "media_type",
+        ),
         (body(temperature=-0.1), "temperature"),
         (body(temperature=1.1), "temperature"),
         (body(temperature="0.5"), "temperature"),
@@ -58,7 +70,10 @@ def refused(payload: Any) -> str:
         (body(system=5), "system"),
         (body(system=[{"type": "image"}]), "system.0"),
         (body(tools=[{"name": "t"}]), "tools.0.input_schema"),
-        (body(tools=[{"name": "t", "input_schema": {}}], tool_choice={"type": "tool", "name": "u"}), "tool_choice.name"),
+        (
+            body(tools=[{"name": "t", "input_schema": {}}], tool_choice={"type": "tool", "name": "u"}),
+            "tool_choice.name",
+        ),
         (body(tool_choice={"type": "sometimes"}), "tool_choice.type"),
         (body(thinking={"type": "enabled"}), "thinking.budget_tokens"),
         (body(thinking={"type": "maybe"}), "thinking.type"),
@@ -73,19 +88,45 @@ def test_malformed_requests_are_refused_naming_the_field(payload: Any, field: st
 
 
 def test_accepted_shapes_and_newer_fields() -> None:
-    request = parse_messages_request(body(
-        system=[{"type": "text", "text": "a", "cache_control": {"type": "ephemeral"}}],
-        messages=[
-            {"role": "system", "content": "inline system turn"},
-            {"role": "user", "content": [{"type": "text", "text": "x", "cache_control": {"type": "ephemeral"}}]},
-            {"role": "assistant", "content": [{"type": "thinking", "thinking": "t", "signature": "s"},
-                                              {"type": "tool_use", "id": "i", "name": "n", "input": {}}]},
-            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "i", "content": [{"type": "text", "text": "r"}], "is_error": True}]},
-        ],
-        metadata={"user_id": "u"}, thinking={"type": "adaptive"}, service_tier="auto",
-        context_management={"edits": []}, output_config={"effort": "low"}, container=None, mcp_servers=[],
-        temperature=0, top_p=1, top_k=0, stop_sequences=["END"], stream=True,
-    ))
+    request = parse_messages_request(
+        body(
+            system=[{"type": "text", "text": "a", "cache_control": {"type": "ephemeral"}}],
+            messages=[
+                {"role": "system", "content": "inline system turn"},
+                {"role": "user", "content": [{"type": "text", "text": "x", "cache_control": {"type": "ephemeral"}}]},
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "thinking", "thinking": "t", "signature": "s"},
+                        {"type": "tool_use", "id": "i", "name": "n", "input": {}},
+                    ],
+                },
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "tool_result",
+                            "tool_use_id": "i",
+                            "content": [{"type": "text", "text": "r"}],
+                            "is_error": True,
+                        }
+                    ],
+                },
+            ],
+            metadata={"user_id": "u"},
+            thinking={"type": "adaptive"},
+            service_tier="auto",
+            context_management={"edits": []},
+            output_config={"effort": "low"},
+            container=None,
+            mcp_servers=[],
+            temperature=0,
+            top_p=1,
+            top_k=0,
+            stop_sequences=["END"],
+            stream=True,
+        )
+    )
     assert request.system == [{"type": "text", "text": "a", "cache_control": {"type": "ephemeral"}}]
     assert request.wants_thinking and request.thinking_budget is None
     assert request.stream and request.stop_sequences == ("END",)
@@ -101,8 +142,21 @@ json_values = st.recursive(
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
     max_leaves=12,
 )
-FIELDS = ["model", "max_tokens", "messages", "system", "temperature", "top_p", "top_k", "stop_sequences",
-          "stream", "tools", "tool_choice", "thinking", "metadata"]
+FIELDS = [
+    "model",
+    "max_tokens",
+    "messages",
+    "system",
+    "temperature",
+    "top_p",
+    "top_k",
+    "stop_sequences",
+    "stream",
+    "tools",
+    "tool_choice",
+    "thinking",
+    "metadata",
+]
 
 
 @settings(max_examples=400, deadline=None)
@@ -115,7 +169,13 @@ def test_fuzzed_bodies_either_parse_or_are_a_400(payload: dict[str, Any]) -> Non
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.dictionaries(st.sampled_from(["role", "content", "type", "text"]), json_values, max_size=4), min_size=1, max_size=3))
+@given(
+    st.lists(
+        st.dictionaries(st.sampled_from(["role", "content", "type", "text"]), json_values, max_size=4),
+        min_size=1,
+        max_size=3,
+    )
+)
 def test_fuzzed_messages_either_parse_or_are_a_400(messages: list[dict[str, Any]]) -> None:
     try:
         parse_messages_request(body(messages=messages))

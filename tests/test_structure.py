@@ -35,7 +35,7 @@ def test_the_import_graph_has_no_cycle() -> None:
 
     def visit(module: str, path: list[str]) -> None:
         for dep in sorted(graph.get(module, ())):
-            assert dep not in path, "import cycle: " + " → ".join([*path[path.index(dep):], dep])
+            assert dep not in path, "import cycle: " + " → ".join([*path[path.index(dep) :], dep])
             if dep not in done:
                 visit(dep, [*path, dep])
         done.add(module)

@@ -39,7 +39,9 @@ def write_config(path: Path, binary: Path, args: list[str], extra_model: bool = 
 
 async def ask(base_url: str) -> str:
     client = anthropic.AsyncAnthropic(base_url=base_url, api_key="k", max_retries=0)
-    message = await client.messages.create(model="gemma3:270m", max_tokens=10, messages=[{"role": "user", "content": "hi"}])
+    message = await client.messages.create(
+        model="gemma3:270m", max_tokens=10, messages=[{"role": "user", "content": "hi"}]
+    )
     return message.content[0].text  # type: ignore[union-attr]
 
 
@@ -94,7 +96,9 @@ async def test_managed_server_is_started_restarted_and_kept_across_reload(
         await asyncio.sleep(0.1)
 
 
-async def test_a_managed_server_that_cannot_start_is_a_clear_error(start_gateway: GatewayFactory, tmp_path: Path) -> None:
+async def test_a_managed_server_that_cannot_start_is_a_clear_error(
+    start_gateway: GatewayFactory, tmp_path: Path
+) -> None:
     config = tmp_path / "casedesk.toml"
     broken = tmp_path / "broken-llama-server"
     broken.write_text("#!/bin/sh\necho 'no such model' >&2\nexit 3\n")

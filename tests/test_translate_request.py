@@ -38,11 +38,16 @@ def test_a_system_turn_inside_messages_stays_at_its_place() -> None:
 
 
 def test_images_become_image_url_parts() -> None:
-    messages = [{"role": "user", "content": [
-        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}},
-        {"type": "image", "source": {"type": "url", "url": "http://example.invalid/cat.png"}},
-        {"type": "text", "text": "what?"},
-    ]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}},
+                {"type": "image", "source": {"type": "url", "url": "http://example.invalid/cat.png"}},
+                {"type": "text", "text": "what?"},
+            ],
+        }
+    ]
     assert chat(messages=messages)["messages"][0]["content"] == [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
         {"type": "image_url", "image_url": {"url": "http://example.invalid/cat.png"}},
@@ -51,32 +56,56 @@ def test_images_become_image_url_parts() -> None:
 
 
 def test_plain_text_documents_become_text() -> None:
-    messages = [{"role": "user", "content": [
-        {"type": "document", "title": "Notes", "source": {"type": "text", "media_type": "text/plain", "data": "body"}},
-        {"type": "text", "text": "summarise"},
-    ]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "document",
+                    "title": "Notes",
+                    "source": {"type": "text", "media_type": "text/plain", "data": "body"},
+                },
+                {"type": "text", "text": "summarise"},
+            ],
+        }
+    ]
     assert chat(messages=messages)["messages"][0]["content"] == "Notes\n\nbody\nsummarise"
 
 
 def test_tool_use_and_tool_result_round_trip_in_order() -> None:
     messages = [
         {"role": "user", "content": "weather?"},
-        {"role": "assistant", "content": [
-            {"type": "text", "text": "Let me check."},
-            {"type": "tool_use", "id": "toolu_1", "name": "weather", "input": {"city": "Oslo"}},
-            {"type": "tool_use", "id": "toolu_2", "name": "time", "input": {}},
-        ]},
-        {"role": "user", "content": [
-            {"type": "tool_result", "tool_use_id": "toolu_1", "content": "rain"},
-            {"type": "tool_result", "tool_use_id": "toolu_2", "content": [{"type": "text", "text": "noon"}], "is_error": True},
-            {"type": "text", "text": "and tomorrow?"},
-        ]},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "text", "text": "Let me check."},
+                {"type": "tool_use", "id": "toolu_1", "name": "weather", "input": {"city": "Oslo"}},
+                {"type": "tool_use", "id": "toolu_2", "name": "time", "input": {}},
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "content": "rain"},
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "toolu_2",
+                    "content": [{"type": "text", "text": "noon"}],
+                    "is_error": True,
+                },
+                {"type": "text", "text": "and tomorrow?"},
+            ],
+        },
     ]
     out = chat(messages=messages)["messages"]
-    assert out[1] == {"role": "assistant", "content": "Let me check.", "tool_calls": [
-        {"id": "toolu_1", "type": "function", "function": {"name": "weather", "arguments": '{"city":"Oslo"}'}},
-        {"id": "toolu_2", "type": "function", "function": {"name": "time", "arguments": "{}"}},
-    ]}
+    assert out[1] == {
+        "role": "assistant",
+        "content": "Let me check.",
+        "tool_calls": [
+            {"id": "toolu_1", "type": "function", "function": {"name": "weather", "arguments": '{"city":"Oslo"}'}},
+            {"id": "toolu_2", "type": "function", "function": {"name": "time", "arguments": "{}"}},
+        ],
+    }
     assert out[2:] == [
         {"role": "tool", "tool_call_id": "toolu_1", "content": "rain"},
         {"role": "tool", "tool_call_id": "toolu_2", "content": "Error: noon"},
@@ -87,21 +116,31 @@ def test_tool_use_and_tool_result_round_trip_in_order() -> None:
 def test_thinking_blocks_in_history_become_reasoning_content() -> None:
     messages = [
         {"role": "user", "content": "q"},
-        {"role": "assistant", "content": [{"type": "thinking", "thinking": "hmm", "signature": "s"},
-                                          {"type": "redacted_thinking", "data": "xx"},
-                                          {"type": "text", "text": "a"}]},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "thinking", "thinking": "hmm", "signature": "s"},
+                {"type": "redacted_thinking", "data": "xx"},
+                {"type": "text", "text": "a"},
+            ],
+        },
         {"role": "user", "content": "again"},
     ]
     assert chat(messages=messages)["messages"][1] == {"role": "assistant", "content": "a", "reasoning_content": "hmm"}
 
 
 def test_tools_and_tool_choice_mapping() -> None:
-    tools = [{"name": "a", "description": "A", "input_schema": {"type": "object"}},
-             {"name": "b", "input_schema": {"type": "object", "properties": {}}}]
+    tools = [
+        {"name": "a", "description": "A", "input_schema": {"type": "object"}},
+        {"name": "b", "input_schema": {"type": "object", "properties": {}}},
+    ]
     out = chat(tools=tools)
     assert out["tools"] == [
         {"type": "function", "function": {"name": "a", "description": "A", "parameters": {"type": "object"}}},
-        {"type": "function", "function": {"name": "b", "description": "", "parameters": {"type": "object", "properties": {}}}},
+        {
+            "type": "function",
+            "function": {"name": "b", "description": "", "parameters": {"type": "object", "properties": {}}},
+        },
     ]
     assert out["tool_choice"] == "auto" and out["parallel_tool_calls"] is True
     assert chat(tools=tools, tool_choice={"type": "any"})["tool_choice"] == "required"

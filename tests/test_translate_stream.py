@@ -28,9 +28,14 @@ def finish(reason: str) -> dict[str, Any]:
     return {"choices": [{"index": 0, "finish_reason": reason, "delta": {}}]}
 
 
-USAGE = {"choices": [], "usage": {"prompt_tokens": 30, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 10}}}
-PROGRESS = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": None}}],
-            "prompt_progress": {"total": 30, "cache": 10, "processed": 20, "time_ms": 3}}
+USAGE = {
+    "choices": [],
+    "usage": {"prompt_tokens": 30, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 10}},
+}
+PROGRESS = {
+    "choices": [{"index": 0, "delta": {"role": "assistant", "content": None}}],
+    "prompt_progress": {"total": 30, "cache": 10, "processed": 20, "time_ms": 3},
+}
 
 
 def run(chunks: list[dict[str, Any]], **options: Any) -> list[tuple[str, dict[str, Any]]]:
@@ -55,13 +60,32 @@ def sdk_message(events: list[tuple[str, dict[str, Any]]]) -> Any:
 
 
 def test_text_stream_is_the_full_anthropic_sequence() -> None:
-    events = run([PROGRESS, delta(role="assistant", content=None), delta(content="Hel"), delta(content="lo"), finish("stop"), USAGE])
+    events = run(
+        [
+            PROGRESS,
+            delta(role="assistant", content=None),
+            delta(content="Hel"),
+            delta(content="lo"),
+            finish("stop"),
+            USAGE,
+        ]
+    )
     assert [n for n, _ in events] == [
-        "message_start", "content_block_start", "content_block_delta", "content_block_delta",
-        "content_block_stop", "message_delta", "message_stop",
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
     ]
     start = events[0][1]["message"]
-    assert start["usage"] == {"input_tokens": 20, "output_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 10}
+    assert start["usage"] == {
+        "input_tokens": 20,
+        "output_tokens": 0,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 10,
+    }
     assert start["model"] == "tag" and start["id"].startswith("msg_")
     message = sdk_message(events)
     assert message.content[0].text == "Hello" and message.stop_reason == "end_turn"
@@ -76,26 +100,40 @@ def test_progress_chunks_say_nothing_until_the_answer_begins() -> None:
     assert b'"input_tokens":20' in out and b'"cache_read_input_tokens":10' in out
 
 
-@pytest.mark.parametrize("text", ['say "hi"', "back\\slash", "new\nline", "tab\tand\u0001ctl", "é 中文 🐉", "</script>"])
+@pytest.mark.parametrize(
+    "text", ['say "hi"', "back\\slash", "new\nline", "tab\tand\u0001ctl", "é 中文 🐉", "</script>"]
+)
 def test_pre_encoded_text_delta_equals_the_obvious_encoding(text: str) -> None:
     translator = StreamTranslator("tag", wants_thinking=False)
     translator.feed(PROGRESS)
     out = translator.feed(delta(content="a"))  # opens the block
     fast = translator.feed(delta(content=text))
-    slow = b"event: content_block_delta\ndata: " + orjson.dumps(
-        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}
-    ) + b"\n\n"
+    slow = (
+        b"event: content_block_delta\ndata: "
+        + orjson.dumps({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}})
+        + b"\n\n"
+    )
     assert out.endswith(b"\n\n") and fast == slow
 
 
 def test_thinking_then_text_with_a_signature_when_asked() -> None:
-    chunks = [PROGRESS, delta(reasoning_content="step 1. "), delta(reasoning_content="step 2."), delta(content="42"), finish("stop")]
+    chunks = [
+        PROGRESS,
+        delta(reasoning_content="step 1. "),
+        delta(reasoning_content="step 2."),
+        delta(content="42"),
+        finish("stop"),
+    ]
     events = run(chunks, wants_thinking=True)
     kinds = [(n, d.get("index"), (d.get("delta") or d.get("content_block") or {}).get("type")) for n, d in events]
     assert kinds[1:8] == [
-        ("content_block_start", 0, "thinking"), ("content_block_delta", 0, "thinking_delta"),
-        ("content_block_delta", 0, "thinking_delta"), ("content_block_delta", 0, "signature_delta"),
-        ("content_block_stop", 0, None), ("content_block_start", 1, "text"), ("content_block_delta", 1, "text_delta"),
+        ("content_block_start", 0, "thinking"),
+        ("content_block_delta", 0, "thinking_delta"),
+        ("content_block_delta", 0, "thinking_delta"),
+        ("content_block_delta", 0, "signature_delta"),
+        ("content_block_stop", 0, None),
+        ("content_block_start", 1, "text"),
+        ("content_block_delta", 1, "text_delta"),
     ]
     message = sdk_message(events)
     assert message.content[0].thinking == "step 1. step 2." and message.content[0].signature
@@ -103,7 +141,9 @@ def test_thinking_then_text_with_a_signature_when_asked() -> None:
 
 
 def test_reasoning_not_asked_for_is_dropped() -> None:
-    events = run([PROGRESS, delta(reasoning_content="secret"), delta(content="answer"), finish("stop")], wants_thinking=False)
+    events = run(
+        [PROGRESS, delta(reasoning_content="secret"), delta(content="answer"), finish("stop")], wants_thinking=False
+    )
     assert "secret" not in orjson.dumps(events).decode()
     assert [n for n, _ in events][:2] == ["message_start", "content_block_start"]
     assert sdk_message(events).content[0].text == "answer"
@@ -113,10 +153,18 @@ def tool_chunks() -> list[dict[str, Any]]:
     return [
         PROGRESS,
         delta(content="Let me look."),
-        delta(tool_calls=[{"index": 0, "id": "call_a", "type": "function", "function": {"name": "weather", "arguments": ""}}]),
+        delta(
+            tool_calls=[
+                {"index": 0, "id": "call_a", "type": "function", "function": {"name": "weather", "arguments": ""}}
+            ]
+        ),
         delta(tool_calls=[{"index": 0, "function": {"arguments": '{"city": '}}]),
         delta(tool_calls=[{"index": 0, "function": {"arguments": '"Oslo"}'}}]),
-        delta(tool_calls=[{"index": 1, "id": "call_b", "type": "function", "function": {"name": "time", "arguments": "{}"}}]),
+        delta(
+            tool_calls=[
+                {"index": 1, "id": "call_b", "type": "function", "function": {"name": "time", "arguments": "{}"}}
+            ]
+        ),
         finish("tool_calls"),
         USAGE,
     ]
@@ -131,7 +179,10 @@ def test_several_tool_calls_are_blocks_in_order_that_the_sdk_parses() -> None:
     assert stops == [0, 1, 2]
     message = sdk_message(events)
     assert [(b.type, getattr(b, "input", None)) for b in message.content] == [
-        ("text", None), ("tool_use", {"city": "Oslo"}), ("tool_use", {})]
+        ("text", None),
+        ("tool_use", {"city": "Oslo"}),
+        ("tool_use", {}),
+    ]
     assert message.stop_reason == "tool_use"
 
 
@@ -147,9 +198,15 @@ def test_single_tool_use_cuts_at_the_second_call() -> None:
 def test_max_tokens_and_stop_sequence_stop_reasons() -> None:
     assert run([PROGRESS, delta(content="a"), finish("length")])[-2][1]["delta"]["stop_reason"] == "max_tokens"
     stopped = {**finish("stop"), "__verbose": {"stop_type": "word", "stopping_word": "END"}}
-    assert run([PROGRESS, delta(content="a"), stopped])[-2][1]["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": "END"}
+    assert run([PROGRESS, delta(content="a"), stopped])[-2][1]["delta"] == {
+        "stop_reason": "stop_sequence",
+        "stop_sequence": "END",
+    }
     eos = {**finish("stop"), "__verbose": {"stop_type": "eos", "stopping_word": ""}}
-    assert run([PROGRESS, delta(content="a"), eos])[-2][1]["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
+    assert run([PROGRESS, delta(content="a"), eos])[-2][1]["delta"] == {
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+    }
 
 
 def whole(chunks: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
@@ -165,13 +222,30 @@ def whole(chunks: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("wants_thinking", [False, True])
-@pytest.mark.parametrize("chunks", [
-    tool_chunks(),
-    [PROGRESS, delta(reasoning_content="r1 "), delta(reasoning_content="r2"), delta(content="hi"), finish("length"), USAGE],
-    [PROGRESS, delta(content="a"), {**finish("stop"), "__verbose": {"stop_type": "word", "stopping_word": "END"}}, USAGE],
-    [PROGRESS, delta(content="cut short, no usage")],
-])
-def test_the_whole_message_is_what_the_sdk_builds_from_the_stream(chunks: list[dict[str, Any]], wants_thinking: bool) -> None:
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        tool_chunks(),
+        [
+            PROGRESS,
+            delta(reasoning_content="r1 "),
+            delta(reasoning_content="r2"),
+            delta(content="hi"),
+            finish("length"),
+            USAGE,
+        ],
+        [
+            PROGRESS,
+            delta(content="a"),
+            {**finish("stop"), "__verbose": {"stop_type": "word", "stopping_word": "END"}},
+            USAGE,
+        ],
+        [PROGRESS, delta(content="cut short, no usage")],
+    ],
+)
+def test_the_whole_message_is_what_the_sdk_builds_from_the_stream(
+    chunks: list[dict[str, Any]], wants_thinking: bool
+) -> None:
     message = whole(chunks, wants_thinking=wants_thinking, message_id="msg_x")
     streamed = sdk_message(run(chunks, wants_thinking=wants_thinking, message_id="msg_x"))
     assert message == streamed.model_dump(exclude_none=True) | {"stop_sequence": streamed.stop_sequence}
@@ -182,12 +256,19 @@ def test_whole_message_fields() -> None:
     assert [b["type"] for b in message["content"]] == ["text", "tool_use", "tool_use"]
     assert message["content"][1] == {"type": "tool_use", "id": "call_a", "name": "weather", "input": {"city": "Oslo"}}
     assert message["stop_reason"] == "tool_use" and message["stop_sequence"] is None and message["model"] == "tag"
-    assert message["usage"] == {"input_tokens": 20, "output_tokens": 5, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 10}
+    assert message["usage"] == {
+        "input_tokens": 20,
+        "output_tokens": 5,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 10,
+    }
     thinking = [PROGRESS, delta(reasoning_content="r"), delta(content="hi"), finish("stop")]
     shown = whole(thinking, wants_thinking=True)["content"]
     assert [b["type"] for b in shown] == ["thinking", "text"] and shown[0]["thinking"] == "r" and shown[0]["signature"]
     assert whole(thinking)["content"] == [{"type": "text", "text": "hi"}]
-    stopped = whole([PROGRESS, delta(content="a"), {**finish("stop"), "__verbose": {"stop_type": "word", "stopping_word": "END"}}])
+    stopped = whole(
+        [PROGRESS, delta(content="a"), {**finish("stop"), "__verbose": {"stop_type": "word", "stopping_word": "END"}}]
+    )
     assert (stopped["stop_reason"], stopped["stop_sequence"]) == ("stop_sequence", "END")
 
 
@@ -195,6 +276,9 @@ def test_whole_message_single_tool_cut_and_bad_arguments() -> None:
     cut = whole(tool_chunks(), single_tool_use=True)
     assert [b["type"] for b in cut["content"]] == ["text", "tool_use"] and cut["stop_reason"] == "tool_use"
     assert cut["usage"]["output_tokens"] == 5  # cut before the usage chunk: the delta chunks seen
-    bad = [PROGRESS, delta(tool_calls=[{"index": 0, "id": "c", "function": {"name": "f", "arguments": "{not json"}}]),
-           finish("tool_calls")]
+    bad = [
+        PROGRESS,
+        delta(tool_calls=[{"index": 0, "id": "c", "function": {"name": "f", "arguments": "{not json"}}]),
+        finish("tool_calls"),
+    ]
     assert whole(bad)["content"][0]["input"] == {"_raw_arguments": "{not json"}

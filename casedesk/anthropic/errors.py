@@ -76,4 +76,3 @@ def authentication_failed(message: str) -> ApiError:
 def overloaded(message: str, retry_after: int | None = None) -> ApiError:
     headers = (("retry-after", str(retry_after)),) if retry_after is not None else ()
     return ApiError(529, message, headers=headers)
-

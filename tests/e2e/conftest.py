@@ -73,7 +73,9 @@ args = ["-c", "{2 * SLOT_CONTEXT}", "-np", "2", "-t", "2"]
     log = open(config.parent / "casedesk.log", "wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "casedesk", "serve", "--config", str(config)],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     gateway = f"http://127.0.0.1:{gateway_port}"
     deadline = time.monotonic() + 300

@@ -94,9 +94,17 @@ async def run_claude(claude: Path, prompt: str, cwd: Path, env: dict[str, str], 
     """`claude -p PROMPT --output-format json` without blocking the loop (the gateway runs in it)."""
     started = time.monotonic()
     process = await asyncio.create_subprocess_exec(
-        str(claude), *flags, "-p", prompt, "--output-format", "json",
-        cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        str(claude),
+        *flags,
+        "-p",
+        prompt,
+        "--output-format",
+        "json",
+        cwd=cwd,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         out, err = await asyncio.wait_for(process.communicate(), timeout)
@@ -168,13 +176,17 @@ async def box(start_gateway: GatewayFactory, tmp_path: Path) -> Any:
     """CaseDesk in front of the fake, with the alias Claude Code's default model needs."""
     log = tmp_path / "access.log"
     async with FakeLlamaServer() as fake:
-        gateway = await start_gateway({
-            "server": {"listen": "127.0.0.1:0", "health_interval": 3600, "access_log": str(log)},
-            "deployments": {"dep": {
-                "models": {MODEL: {"upstreams": [fake.url]}},
-                "aliases": {"claude-*": MODEL},
-            }},
-        })
+        gateway = await start_gateway(
+            {
+                "server": {"listen": "127.0.0.1:0", "health_interval": 3600, "access_log": str(log)},
+                "deployments": {
+                    "dep": {
+                        "models": {MODEL: {"upstreams": [fake.url]}},
+                        "aliases": {"claude-*": MODEL},
+                    }
+                },
+            }
+        )
         yield FakeBox(fake, gateway, log)
 
 
@@ -258,8 +270,12 @@ async def test_claude_code_compacts_on_casedesks_prompt_too_long_error(
     first = await run_claude(claude, "Say hi.", project, env, FAKE_TIMEOUT)
     assert first.returncode == 0 and first.result.get("result") == "First answer.", first.explain()
 
-    overflow = Reply(status=400, error_type="exceed_context_size_error", error_message="the request exceeds the "
-                     "available context size", error_extra={"n_prompt_tokens": 40000, "n_ctx": 32768})
+    overflow = Reply(
+        status=400,
+        error_type="exceed_context_size_error",
+        error_message="the request exceeds the available context size",
+        error_extra={"n_prompt_tokens": 40000, "n_ctx": 32768},
+    )
     compactions: list[str] = []
 
     def after_overflow(body: dict[str, Any]) -> Reply:

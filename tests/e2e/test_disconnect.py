@@ -26,10 +26,14 @@ def access_line(rig: Rig, request_id: str) -> dict[str, object] | None:
 
 def test_client_disconnect_ends_the_request_at_once_and_frees_the_llama_server_slot(rig: Rig) -> None:
     host, port = rig.gateway.removeprefix("http://").split(":")
-    body = json.dumps({
-        "model": MODEL, "max_tokens": 2000, "stream": True,
-        "messages": [{"role": "user", "content": "Write a very long story about the sea."}],
-    }).encode()
+    body = json.dumps(
+        {
+            "model": MODEL,
+            "max_tokens": 2000,
+            "stream": True,
+            "messages": [{"role": "user", "content": "Write a very long story about the sea."}],
+        }
+    ).encode()
     head = (
         f"POST /proxy/{DEPLOYMENT}/anthropic/v1/messages HTTP/1.1\r\nhost: {host}\r\n"
         f"anthropic-version: 2023-06-01\r\nx-api-key: k\r\ncontent-type: application/json\r\n"

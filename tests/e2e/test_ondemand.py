@@ -69,7 +69,9 @@ queue_timeout = 120
     log = open(config.parent / "casedesk.log", "wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "casedesk", "serve", "--config", str(config)],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     gateway = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60  # nothing loads at boot: it listens at once

@@ -36,7 +36,9 @@ def test_create_returns_a_real_completion(client: anthropic.Anthropic) -> None:
 
 def test_max_tokens_is_reported_as_the_stop_reason(client: anthropic.Anthropic) -> None:
     message = client.messages.create(
-        model=MODEL, max_tokens=3, extra_body=T0,
+        model=MODEL,
+        max_tokens=3,
+        extra_body=T0,
         messages=[{"role": "user", "content": "Write a long essay about the sea."}],
     )
     assert message.stop_reason == "max_tokens"
@@ -45,7 +47,9 @@ def test_max_tokens_is_reported_as_the_stop_reason(client: anthropic.Anthropic) 
 
 def test_streamed_text_equals_non_streamed_text_at_temperature_zero(client: anthropic.Anthropic) -> None:
     plain = client.messages.create(model=MODEL, max_tokens=40, extra_body=T0, system=ECHO_SYSTEM, messages=ECHO_PROMPT)
-    with client.messages.stream(model=MODEL, max_tokens=40, extra_body=T0, system=ECHO_SYSTEM, messages=ECHO_PROMPT) as stream:
+    with client.messages.stream(
+        model=MODEL, max_tokens=40, extra_body=T0, system=ECHO_SYSTEM, messages=ECHO_PROMPT
+    ) as stream:
         pieces = [text for text in stream.text_stream]
         final = stream.get_final_message()
     assert len(pieces) > 3  # token by token, not one lump
@@ -76,14 +80,24 @@ def test_message_start_already_carries_the_input_tokens(client: anthropic.Anthro
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_stop_sequence_reports_the_matched_string_and_the_text_before_it(client: anthropic.Anthropic, stream: bool) -> None:
-    free = text_of(client.messages.create(model=MODEL, max_tokens=40, extra_body=T0, system=ECHO_SYSTEM, messages=ECHO_PROMPT))
+def test_stop_sequence_reports_the_matched_string_and_the_text_before_it(
+    client: anthropic.Anthropic, stream: bool
+) -> None:
+    free = text_of(
+        client.messages.create(model=MODEL, max_tokens=40, extra_body=T0, system=ECHO_SYSTEM, messages=ECHO_PROMPT)
+    )
     words = free.split()
     assert len(words) >= 4, free
     stop = " " + words[3]  # a stop sequence the model is known to produce at temperature 0
     expected = free[: free.index(stop)]
-    kwargs = dict(model=MODEL, max_tokens=40, extra_body=T0, system=ECHO_SYSTEM, messages=ECHO_PROMPT,
-                  stop_sequences=["never-produced-xyz", stop])
+    kwargs = dict(
+        model=MODEL,
+        max_tokens=40,
+        extra_body=T0,
+        system=ECHO_SYSTEM,
+        messages=ECHO_PROMPT,
+        stop_sequences=["never-produced-xyz", stop],
+    )
     if stream:
         with client.messages.stream(**kwargs) as s:  # type: ignore[arg-type]
             message = s.get_final_message()
@@ -156,18 +170,26 @@ PIXEL = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgAAIAAAUAAWJ
 def test_an_image_for_a_model_without_vision_is_a_clear_400(client: anthropic.Anthropic) -> None:
     with pytest.raises(anthropic.BadRequestError) as caught:
         client.messages.create(
-            model=MODEL, max_tokens=5,
-            messages=[{"role": "user", "content": [
-                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PIXEL}},
-                {"type": "text", "text": "What is this?"},
-            ]}],
+            model=MODEL,
+            max_tokens=5,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PIXEL}},
+                        {"type": "text", "text": "What is this?"},
+                    ],
+                }
+            ],
         )
     assert "cannot take images" in str(caught.value)
 
 
 def test_newer_fields_and_headers_are_accepted(client: anthropic.Anthropic) -> None:
     message = client.messages.create(
-        model=MODEL, max_tokens=5, messages=PROMPT,
+        model=MODEL,
+        max_tokens=5,
+        messages=PROMPT,
         metadata={"user_id": "u-1"},
         system=[{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
         thinking={"type": "adaptive"},

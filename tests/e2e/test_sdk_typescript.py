@@ -24,7 +24,11 @@ def observed(rig: Rig) -> dict[str, Any]:
     if not (TS_DIR / "node_modules" / "@anthropic-ai" / "sdk").is_dir():
         subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=TS_DIR, check=True, capture_output=True)
     run = subprocess.run(
-        [node, "e2e.mjs"], cwd=TS_DIR, capture_output=True, text=True, timeout=300,
+        [node, "e2e.mjs"],
+        cwd=TS_DIR,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "CASEDESK_BASE_URL": rig.base_url, "CASEDESK_MODEL": MODEL},
     )
     assert run.returncode == 0, run.stderr

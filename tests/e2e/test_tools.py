@@ -22,12 +22,18 @@ WEATHER_TOOL = {
 EARLIER_CALL_ID = "toolu_earlier_paris"
 HISTORY = [
     {"role": "user", "content": "What is the weather in Paris?"},
-    {"role": "assistant", "content": [
-        {"type": "tool_use", "id": EARLIER_CALL_ID, "name": "get_weather", "input": {"city": "Paris"}},
-    ]},
-    {"role": "user", "content": [
-        {"type": "tool_result", "tool_use_id": EARLIER_CALL_ID, "content": "Sunny, 21 C"},
-    ]},
+    {
+        "role": "assistant",
+        "content": [
+            {"type": "tool_use", "id": EARLIER_CALL_ID, "name": "get_weather", "input": {"city": "Paris"}},
+        ],
+    },
+    {
+        "role": "user",
+        "content": [
+            {"type": "tool_result", "tool_use_id": EARLIER_CALL_ID, "content": "Sunny, 21 C"},
+        ],
+    },
     {"role": "assistant", "content": "It is sunny in Paris."},
     {"role": "user", "content": "What is the weather in Rome?"},
 ]
@@ -44,7 +50,9 @@ def ask(client: anthropic.Anthropic, stream: bool, messages: list, **extra: obje
 @pytest.mark.parametrize("stream", [False, True])
 def test_tool_use_block_with_parsed_input_and_stop_reason(client: anthropic.Anthropic, stream: bool) -> None:
     message = ask(
-        client, stream, HISTORY,
+        client,
+        stream,
+        HISTORY,
         tool_choice={"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True},
     )
     calls = [block for block in message.content if block.type == "tool_use"]
@@ -59,14 +67,18 @@ def test_tool_use_id_round_trips_into_the_next_turn(client: anthropic.Anthropic)
     first = ask(client, False, HISTORY, tool_choice={"type": "any", "disable_parallel_tool_use": True})
     call = next(block for block in first.content if block.type == "tool_use")
     follow = ask(
-        client, False,
+        client,
+        False,
         [
             *HISTORY,
             {"role": "assistant", "content": [block.model_dump(exclude_none=True) for block in first.content]},
-            {"role": "user", "content": [
-                {"type": "tool_result", "tool_use_id": call.id, "content": "Rainy, 14 C"},
-                {"type": "text", "text": "Answer in one sentence."},
-            ]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "tool_result", "tool_use_id": call.id, "content": "Rainy, 14 C"},
+                    {"type": "text", "text": "Answer in one sentence."},
+                ],
+            },
         ],
         tool_choice={"type": "none"},
     )
