@@ -47,7 +47,7 @@ class ModelState:
     @asynccontextmanager
     async def lease(self) -> AsyncIterator[None]:
         """Around a request's upstream part: a managed model is loaded if needed and kept
-        running until the request ends (Supervisor.lease); nothing to do for other models."""
+        running until the request ends (Supervisor.acquire/release); nothing to do for other models."""
         managed = self.managed
         if managed is None:
             yield

@@ -254,7 +254,7 @@ def test_unit_file_is_valid_and_sandboxed(tmp_path: Path) -> None:
         service["DynamicUser"] == "yes" and service["ProtectSystem"] == "strict" and service["NoNewPrivileges"] == "yes"
     )
     assert "AF_INET" in service["RestrictAddressFamilies"]  # it must reach its upstreams
-    # A managed llama-server must see the GPUs (issue 10): no PrivateDevices, a closed device
+    # A managed llama-server must see the GPUs (README, "Running under systemd"): no PrivateDevices, a closed device
     # policy opened for CUDA, ROCm and Vulkan's device classes only.
     assert service["PrivateDevices"] == "no" and service["DevicePolicy"] == "closed"
     allowed = [line.split("=", 1)[1] for line in unit.splitlines() if line.startswith("DeviceAllow=")]

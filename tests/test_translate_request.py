@@ -1,4 +1,4 @@
-"""Anthropic request → llama-server chat request: each mapping of shared/protocol.md §3."""
+"""Anthropic request → llama-server chat request: each mapping of docs/anthropic-api.md §2."""
 
 from __future__ import annotations
 

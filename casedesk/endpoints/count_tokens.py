@@ -30,7 +30,7 @@ async def handle_count_tokens(
     record.model, record.tag = parsed.model, model.tag
     chat = {**to_chat_request(parsed, stream=False), "model": model.tag}
     timeout = deployment.settings.upstream_read_timeout
-    async with model.lease():  # a managed model is loaded if needed (ondemand; issue 10)
+    async with model.lease():  # a managed model is loaded if needed (README, "Models on demand")
         templated = await _call(model.balancer, "/apply-template", chat, timeout)
         prompt = templated.get("prompt")
         if not isinstance(prompt, str):

@@ -53,7 +53,7 @@ async def _answer(
     model = deployment.model(parsed.model)
     record.tag = model.tag
     # model.lease(): a managed model is loaded if needed and kept running until the end
-    # (ondemand; issue 10). The wait for a load happens here, inside the handler.
+    # (README, "Models on demand"). The wait for a load happens here, inside the handler.
     async with deployment.admission.slot(), model.lease():
         # llama-server is asked for the tag (the answer still names what the client asked for).
         chat = {**to_chat_request(parsed, stream=True), "model": model.tag}

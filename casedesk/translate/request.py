@@ -1,6 +1,6 @@
 """Anthropic Messages request → llama-server `POST /v1/chat/completions` body.
 
-Pure: dicts in, dict out, no I/O. The mapping is shared/protocol.md §3; each rule is pinned
+Pure: dicts in, dict out, no I/O. The mapping is docs/anthropic-api.md §2; each rule is pinned
 by a test in tests/test_translate_request.py.
 """
 
