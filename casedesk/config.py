@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -253,7 +253,15 @@ def _server(checker: _Checker, raw: Any) -> ServerSettings:
     if not isinstance(access_log, str):
         checker.problem("server.access_log", 'must be "-" (stdout), a file path, or "" (off)')
         access_log = defaults.access_log
-    checker.unknown(raw, {"listen", "access_log", "max_loaded_models", *LIMIT_KEYS, *numeric}, "server")
+    # issue 22: the Host names a loopback listener answers besides loopback ones (DNS rebinding)
+    allowed_hosts = raw.get("allowed_hosts", [])
+    if not isinstance(allowed_hosts, list) or not all(isinstance(h, str) and h for h in allowed_hosts):
+        checker.problem("server.allowed_hosts", 'must be a list of host names, e.g. ["gpu-box.lan"] ("*": any)')
+        allowed_hosts = []
+    per_ip = checker.number(raw, "max_connections_per_ip", "server", 0, exclusive=False)  # 0: half the cap
+    limits = replace(limits, allowed_hosts=tuple(allowed_hosts), max_connections_per_ip=per_ip)
+    issue22_keys = {"allowed_hosts", "max_connections_per_ip"}
+    checker.unknown(raw, {"listen", "access_log", "max_loaded_models", *LIMIT_KEYS, *numeric, *issue22_keys}, "server")
     return ServerSettings(
         listen_host=host,
         listen_port=port,

@@ -109,7 +109,10 @@ async def test_early_431_reaches_a_client_that_sends_a_body_after_its_head(start
 
 async def test_connection_cap_529_reaches_a_client_that_already_sent_a_request(start_gateway: GatewayFactory) -> None:
     gw = await start_gateway(gateway_config([DEAD_UPSTREAM], server={"max_connections": 1}))
-    held = await connect(gw.port)
+    held_reader, held = await asyncio.open_connection("127.0.0.1", gw.port)
+    # Answered, then busy (its next head under way): an idle connection would be closed for room.
+    held.write(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\nGET /healthz HTTP/1.1\r\n")
+    assert parse(await read_response(held_reader))[0] == 200
     body = message_body(2 * MiB)
     sock = await connect(gw.port)
     try:

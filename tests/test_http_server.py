@@ -235,10 +235,12 @@ async def test_idle_keep_alive_connections_are_closed(start_gateway: GatewayFact
 
 
 async def test_connection_cap_refuses_extra_connections(start_gateway: GatewayFactory) -> None:
-    gw = await start_gateway(gateway_config([DEAD_UPSTREAM], server={"max_connections": 2}))
+    limits = {"max_connections": 2, "max_connections_per_ip": 2}
+    gw = await start_gateway(gateway_config([DEAD_UPSTREAM], server=limits))
     held = [await asyncio.open_connection("127.0.0.1", gw.port) for _ in range(2)]
     for reader, writer in held:  # an answer on each: both are accepted and counted (no sleep)
-        writer.write(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        # ...and busy once answered (the next head under way): not idle, so not closed for room
+        writer.write(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\nGET /healthz HTTP/1.1\r\n")
         assert parse(await read_response(reader))[0] == 200
     answer = await exchange(gw.port, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n", read_until_close=True)
     assert answer.startswith(b"HTTP/1.1 529")
