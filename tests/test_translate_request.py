@@ -43,14 +43,12 @@ def test_images_become_image_url_parts() -> None:
             "role": "user",
             "content": [
                 {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}},
-                {"type": "image", "source": {"type": "url", "url": "http://example.invalid/cat.png"}},
                 {"type": "text", "text": "what?"},
             ],
         }
     ]
     assert chat(messages=messages)["messages"][0]["content"] == [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
-        {"type": "image_url", "image_url": {"url": "http://example.invalid/cat.png"}},
         {"type": "text", "text": "what?"},
     ]
 

@@ -17,7 +17,9 @@ from collections.abc import Callable
 import orjson
 
 from casedesk.anthropic.errors import ApiError
-from casedesk.anthropic.schema import MessagesRequest, parse_messages_request, request_json
+from casedesk.anthropic.schema import MessagesRequest
+from casedesk.endpoints.model_facts import has_later_system_turn, takes_mid_system_turns
+from casedesk.endpoints.request_body import chat_payload, parsed_request
 from casedesk.http.keepalive import STREAM_HEADERS, StreamKeepAlive
 from casedesk.http.server import Request, ResponseWriter
 from casedesk.ops.accesslog import RequestRecord
@@ -34,7 +36,7 @@ async def handle_messages(
     deployment: DeploymentState, request: Request, writer: ResponseWriter, record: RequestRecord
 ) -> None:
     deployment.authorize(request.headers)
-    parsed = parse_messages_request(request_json(request.headers, request.body))
+    parsed = await parsed_request(deployment, request)
     record.model, record.stream = parsed.model, parsed.stream
     # From here on a streamed request is never silent, whatever it waits for (queue, busy
     # slots, prefill, a model loading); an error after the head went out becomes an event
@@ -56,9 +58,10 @@ async def _answer(
     # (ondemand; issue 10). The wait for a load happens here, inside the handler.
     async with deployment.admission.slot(), model.lease():
         # llama-server is asked for the tag (the answer still names what the client asked for).
-        chat = {**to_chat_request(parsed, stream=True), "model": model.tag}
-        payload = orjson.dumps(chat)
         timeout = deployment.settings.upstream_read_timeout
+        fold = has_later_system_turn(parsed.messages) and not await takes_mid_system_turns(model, timeout)
+        chat = {**to_chat_request(parsed, stream=True, fold_system=fold), "model": model.tag}
+        payload = chat_payload(chat)
         relay = AnswerRelay(model.balancer, timeout, model.balancer.route_key(chat))
         message_id = new_message_id()
 
@@ -68,6 +71,8 @@ async def _answer(
                 wants_thinking=parsed.wants_thinking,
                 single_tool_use=parsed.single_tool_use,
                 message_id=message_id,
+                max_tokens=parsed.max_tokens,
+                repair_tools=frozenset(t["name"] for t in parsed.tools or ()) if _may_repair(parsed) else frozenset(),
             )
 
         try:
@@ -77,6 +82,11 @@ async def _answer(
                 await _whole(relay, payload, new_translator, writer, record)
         finally:
             record.upstream = relay.upstream
+
+
+def _may_repair(parsed: MessagesRequest) -> bool:
+    """Tools were offered and may be called (translate/repair.py)."""
+    return bool(parsed.tools) and (parsed.tool_choice or {}).get("type") != "none" and parsed.output_schema is None
 
 
 async def _stream(
@@ -102,7 +112,7 @@ async def _stream(
     else:
         writer.write(translator.finish())
     writer.end()
-    _count(record, translator.final_usage)
+    _count(record, translator)
 
 
 async def _whole(
@@ -118,10 +128,12 @@ async def _whole(
         raise ApiError(502, f"upstream failed: {error}")
     accumulator.feed(translator.finish())
     writer.send(200, orjson.dumps(accumulator.message))
-    _count(record, translator.final_usage)
+    _count(record, translator)
 
 
-def _count(record: RequestRecord, usage: dict[str, int]) -> None:
+def _count(record: RequestRecord, translator: StreamTranslator) -> None:
+    usage = translator.final_usage
+    record.repaired_tool_calls = int(translator.repaired)
     record.input_tokens = usage.get("input_tokens", 0) + usage.get("cache_read_input_tokens", 0)
     record.cached_tokens = usage.get("cache_read_input_tokens", 0)
     record.output_tokens = usage.get("output_tokens", 0)
