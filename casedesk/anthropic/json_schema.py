@@ -179,7 +179,10 @@ def _check_refs(root: dict[str, Any], path: str) -> None:
             refs.setdefault(ref, where)
         stack.extend(_subschemas(node, where))
     for ref, where in refs.items():
-        edges[ref] = _refs_within(_resolve(root, ref, where))
+        target = _resolve(root, ref, where)
+        if not isinstance(target, (dict, bool)):
+            raise invalid_request(f"{where}.$ref: {ref!r} does not name a schema")
+        edges[ref] = _refs_within(target)
     # A cycle through the ref graph (depth-first, with colours).
     state: dict[str, int] = {}
     for start in edges:
@@ -243,7 +246,7 @@ class _Grammar:
             for t in kind:
                 self._typed({**node, "type": t}, where, t)
             return
-        if kind is not None and kind not in TYPES:
+        if kind is not None and (not isinstance(kind, str) or kind not in TYPES):
             raise invalid_request(f"{where}.type: unknown type {kind!r} (one of {', '.join(sorted(TYPES))})")
         self._typed(node, where, kind)
 
@@ -272,7 +275,7 @@ class _Grammar:
             return
         if kind in (None, "string") and "format" in node:
             fmt = node["format"]
-            if fmt not in FORMATS:
+            if not isinstance(fmt, str) or fmt not in FORMATS:
                 supported = ", ".join(sorted(FORMATS))
                 raise invalid_request(f"{where}.format: {fmt!r} cannot be enforced by the grammar ({supported} can)")
             self._only(node, where, {"format", "type"}, "beside format")
