@@ -12,6 +12,9 @@ from casedesk.anthropic.schema import parse_messages_request, request_json
 from casedesk.translate.request import to_chat_request
 
 
+USER = [{"role": "user", "content": "hi"}]
+
+
 def chat(stream: bool = False, **fields: Any) -> dict[str, Any]:
     payload = {"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}], **fields}
     return to_chat_request(parse_messages_request(payload), stream=stream)
@@ -301,3 +304,42 @@ def test_message_and_block_counts_beyond_any_window_are_refused_before_parsing()
     exact = [{"role": "user", "content": [{"type": "text", "text": ""}] * 1000}] * 201
     with pytest.raises(ApiError, match="messages: more than 200000 content blocks"):
         parse_messages_request({"model": "m", "max_tokens": 5, "messages": exact})
+
+
+STRICT_TOOL = {
+    "name": "get_weather",
+    "description": "Weather for a city.",
+    "strict": True,
+    "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+
+
+def test_a_forced_call_of_strict_tools_is_asked_as_a_grammar_held_json_answer() -> None:
+    from casedesk.anthropic.json_schema import check_grammar_schema
+    from casedesk.translate.request import repairable_tools
+
+    payload = chat(system="s", tools=[STRICT_TOOL], tool_choice={"type": "tool", "name": "get_weather"})
+    assert "tools" not in payload and "tool_choice" not in payload
+    schema = payload["response_format"]["json_schema"]["schema"]
+    assert schema == {
+        "type": "object",
+        "properties": {"name": {"const": "get_weather"}, "arguments": STRICT_TOOL["input_schema"]},
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    }
+    check_grammar_schema(schema, "s")
+    system = payload["messages"][0]
+    assert system["role"] == "system" and system["content"].startswith("s\n\nCall one of these tools")
+    assert '"name":"get_weather"' in system["content"]
+    request = parse_messages_request(
+        {"model": "m", "max_tokens": 5, "messages": USER, "tools": [STRICT_TOOL], "tool_choice": {"type": "any"}}
+    )
+    assert repairable_tools(request) == frozenset({"get_weather"})
+    # auto, or a tool that is not strict: llama-server's own tool grammar, as before.
+    loose = {**STRICT_TOOL, "strict": False}
+    assert chat(tools=[STRICT_TOOL])["tool_choice"] == "auto"
+    assert chat(tools=[loose], tool_choice={"type": "any"})["tool_choice"] == "required"
+    auto = parse_messages_request(
+        {"model": "m", "max_tokens": 5, "messages": USER, "tools": [STRICT_TOOL, {**loose, "name": "x"}]}
+    )
+    assert repairable_tools(auto) == frozenset({"x"})

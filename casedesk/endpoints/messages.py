@@ -24,7 +24,7 @@ from casedesk.http.keepalive import STREAM_HEADERS, StreamKeepAlive
 from casedesk.http.server import Request, ResponseWriter
 from casedesk.ops.accesslog import RequestRecord
 from casedesk.serving import DeploymentState
-from casedesk.translate.request import to_chat_request
+from casedesk.translate.request import repairable_tools, to_chat_request
 from casedesk.translate.response import MessageAccumulator, new_message_id
 from casedesk.translate.stream import StreamTranslator
 from casedesk.upstream.relay import AnswerRelay
@@ -72,7 +72,7 @@ async def _answer(
                 single_tool_use=parsed.single_tool_use,
                 message_id=message_id,
                 max_tokens=parsed.max_tokens,
-                repair_tools=frozenset(t["name"] for t in parsed.tools or ()) if _may_repair(parsed) else frozenset(),
+                repair_tools=repairable_tools(parsed),
             )
 
         try:
@@ -82,11 +82,6 @@ async def _answer(
                 await _whole(relay, payload, new_translator, writer, record)
         finally:
             record.upstream = relay.upstream
-
-
-def _may_repair(parsed: MessagesRequest) -> bool:
-    """Tools were offered and may be called (translate/repair.py)."""
-    return bool(parsed.tools) and (parsed.tool_choice or {}).get("type") != "none" and parsed.output_schema is None
 
 
 async def _stream(

@@ -41,7 +41,16 @@ def to_chat_request(request: MessagesRequest, *, stream: bool, fold_system: bool
         # `__verbose.stopping_word` (checked on llama-server 11434). Asked only when needed:
         # that object also repeats the prompt.
         body["verbose"] = True
-    if request.tools:
+    forced = forced_strict_tools(request)
+    if forced:
+        # llama-server's "required" grammar lets the model write text before its call, and a
+        # template without tool syntax gets no call at all: a forced call of strict tools is
+        # asked as a JSON answer instead, which the grammar holds to the tools' schemas from
+        # the first token, whatever the template; the answer's text becomes the tool_use
+        # block (translate/repair.py). docs/llama-server-facts.md §11.
+        body["messages"] = _with_tool_instructions(body["messages"], forced)
+        body["response_format"] = {"type": "json_schema", "json_schema": {"schema": forced_call_schema(forced)}}
+    elif request.tools:
         body.update(_tools(request))
     if request.output_schema is not None:
         # llama-server turns the schema into a grammar (common/json-schema-to-grammar.cpp);
@@ -85,6 +94,57 @@ def to_chat_messages(request: MessagesRequest) -> list[dict[str, Any]]:
         else:
             out.extend(_user(content))
     return out
+
+
+def repairable_tools(request: MessagesRequest) -> frozenset[str]:
+    """The tools whose calls may be read from the answer's text (translate/repair.py): those
+    of a forced strict call (the grammar held the text to their schemas), or, when tools may
+    be called, the ones that are not strict (a strict tool's input must be grammar-held)."""
+    forced = forced_strict_tools(request)
+    if forced:
+        return frozenset(t["name"] for t in forced)
+    if not request.tools or (request.tool_choice or {}).get("type") == "none" or request.output_schema is not None:
+        return frozenset()
+    return frozenset(t["name"] for t in request.tools if not t.get("strict"))
+
+
+def forced_strict_tools(request: MessagesRequest) -> list[dict[str, Any]]:
+    """The tools a forced call (tool_choice any or tool) may use, when all are strict."""
+    choice = request.tool_choice or {"type": "auto"}
+    if not request.tools or choice["type"] not in ("any", "tool") or request.output_schema is not None:
+        return []
+    tools = request.tools if choice["type"] == "any" else [t for t in request.tools if t["name"] == choice["name"]]
+    return tools if tools and all(t.get("strict") is True for t in tools) else []
+
+
+def forced_call_schema(tools: list[dict[str, Any]]) -> dict[str, Any]:
+    """One call of one of `tools`: `{"name": ..., "arguments": {...}}`."""
+    calls = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": t["name"]}, "arguments": t["input_schema"]},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for t in tools
+    ]
+    return calls[0] if len(calls) == 1 else {"anyOf": calls}
+
+
+def _with_tool_instructions(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    listing = "\n".join(
+        orjson.dumps(
+            {"name": t["name"], "description": t.get("description", ""), "parameters": t["input_schema"]}
+        ).decode()
+        for t in tools
+    )
+    text = (
+        "Call one of these tools. Answer with only a JSON object "
+        '{"name": <tool name>, "arguments": <its arguments>}:\n' + listing
+    )
+    if messages and messages[0]["role"] == "system" and isinstance(messages[0]["content"], str):
+        return [{"role": "system", "content": messages[0]["content"] + "\n\n" + text}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
 
 
 def fold_system_turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
