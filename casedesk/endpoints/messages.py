@@ -19,14 +19,15 @@ import orjson
 from casedesk.anthropic.errors import ApiError
 from casedesk.anthropic.schema import MessagesRequest
 from casedesk.endpoints.model_facts import has_later_system_turn, takes_mid_system_turns
-from casedesk.endpoints.request_body import chat_payload, parsed_request
+from casedesk.endpoints.request_body import chat_payload, parsed_request, sized_work
 from casedesk.http.keepalive import STREAM_HEADERS, StreamKeepAlive
 from casedesk.http.server import Request, ResponseWriter
 from casedesk.ops.accesslog import RequestRecord
-from casedesk.serving import DeploymentState
+from casedesk.serving import DeploymentState, ModelState
 from casedesk.translate.request import repairable_tools, to_chat_request
 from casedesk.translate.response import MessageAccumulator, new_message_id
 from casedesk.translate.stream import StreamTranslator
+from casedesk.upstream.affinity import RouteKey
 from casedesk.upstream.relay import AnswerRelay
 
 log = logging.getLogger("casedesk.messages")
@@ -43,14 +44,14 @@ async def handle_messages(
     # (app.py renders it).
     keepalive = StreamKeepAlive(writer, deployment.settings.stream_keepalive) if parsed.stream else None
     try:
-        await _answer(deployment, parsed, writer, record)
+        await _answer(deployment, parsed, writer, record, len(request.body))
     finally:
         if keepalive is not None:
             keepalive.cancel()
 
 
 async def _answer(
-    deployment: DeploymentState, parsed: MessagesRequest, writer: ResponseWriter, record: RequestRecord
+    deployment: DeploymentState, parsed: MessagesRequest, writer: ResponseWriter, record: RequestRecord, size: int
 ) -> None:
     model = deployment.model(parsed.model)
     record.tag = model.tag
@@ -60,9 +61,8 @@ async def _answer(
         # llama-server is asked for the tag (the answer still names what the client asked for).
         timeout = deployment.settings.upstream_read_timeout
         fold = has_later_system_turn(parsed.messages) and not await takes_mid_system_turns(model, timeout)
-        chat = {**to_chat_request(parsed, stream=True, fold_system=fold), "model": model.tag}
-        payload = chat_payload(chat)
-        relay = AnswerRelay(model.balancer, timeout, model.balancer.route_key(chat))
+        payload, route_key = await sized_work(deployment, size, _chat_request, parsed, model, fold)
+        relay = AnswerRelay(model.balancer, timeout, route_key)
         message_id = new_message_id()
 
         def new_translator() -> StreamTranslator:  # one per attempt; all give the same id
@@ -82,6 +82,13 @@ async def _answer(
                 await _whole(relay, payload, new_translator, writer, record)
         finally:
             record.upstream = relay.upstream
+
+
+def _chat_request(parsed: MessagesRequest, model: ModelState, fold: bool) -> tuple[bytes, RouteKey | None]:
+    """The llama-server request's bytes (llama-server is asked for the tag), and its route
+    key (pure work that grows with the conversation: off the loop for a large body)."""
+    chat = {**to_chat_request(parsed, stream=True, fold_system=fold), "model": model.tag}
+    return chat_payload(chat), model.balancer.route_key(chat)
 
 
 async def _stream(

@@ -12,6 +12,8 @@ objects at the same time. Counts no context window could hold are refused before
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import TypeVar
 
 import orjson
 
@@ -22,6 +24,7 @@ from casedesk.serving import DeploymentState
 
 LARGE_BODY = 1 << 20  # bytes
 LARGE_BODIES_AT_ONCE = 2
+T = TypeVar("T")
 
 
 def new_large_body_gate() -> asyncio.Semaphore:
@@ -30,10 +33,16 @@ def new_large_body_gate() -> asyncio.Semaphore:
 
 async def parsed_request(deployment: DeploymentState, request: Request, *, count_only: bool = False) -> MessagesRequest:
     """The checked request (a 400 naming the field otherwise)."""
-    if len(request.body) < LARGE_BODY:
-        return _parse(request, count_only)
+    return await sized_work(deployment, len(request.body), _parse, request, count_only)
+
+
+async def sized_work(deployment: DeploymentState, size: int, work: Callable[..., T], *args: object) -> T:
+    """`work(*args)` (pure: parsing, translation) for a body of `size` bytes: at once when it
+    is small, else in a worker thread, at most LARGE_BODIES_AT_ONCE at a time."""
+    if size < LARGE_BODY:
+        return work(*args)
     async with deployment.large_bodies:
-        return await asyncio.to_thread(_parse, request, count_only)
+        return await asyncio.to_thread(work, *args)
 
 
 def _parse(request: Request, count_only: bool) -> MessagesRequest:
