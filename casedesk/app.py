@@ -20,6 +20,7 @@ from casedesk.anthropic.errors import ApiError, not_found
 from casedesk.config import Config, Upstream
 from casedesk.endpoints.count_tokens import handle_count_tokens
 from casedesk.endpoints.messages import handle_messages
+from casedesk.endpoints.request_body import new_large_body_gate
 from casedesk.endpoints.models import handle_get_model, handle_head_probe, handle_healthz, handle_list_models
 from casedesk.endpoints.ops import handle_metrics, handle_readyz
 from casedesk.http.server import ErrorResponse, Request, ResponseWriter
@@ -60,9 +61,12 @@ class Gateway:
         self.deployments: dict[str, DeploymentState] = {}
         self._health_tasks: list[asyncio.Task[None]] = []
         self.active = 0  # requests being handled: a retired Gateway closes when this is 0
+        large_bodies = new_large_body_gate()  # one bound for all deployments
         for dep in config.deployments.values():
             admission = Admission(dep.max_concurrency, dep.max_queue, dep.queue_timeout)
-            state = self.deployments[dep.id] = DeploymentState(dep, admission, settings, started_at)
+            state = self.deployments[dep.id] = DeploymentState(
+                dep, admission, settings, started_at, large_bodies=large_bodies
+            )
             for model in dep.models.values():
                 pools = [
                     UpstreamPool(u.host, u.port, model.max_connections, settings.upstream_connect_timeout)
@@ -161,6 +165,7 @@ class Gateway:
                 ttft=record.ttft,
                 upstream=record.upstream if known else "",
                 cached_tokens=record.cached_tokens,
+                repaired_tool_calls=record.repaired_tool_calls,
             )
         self.access_log.write(record)
 

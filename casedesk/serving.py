@@ -8,6 +8,7 @@ for one version of the config; endpoints/ receives them as arguments.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import math
@@ -39,10 +40,20 @@ class ManagedModel:
 
 
 @dataclass(slots=True)
+class ModelFacts:
+    """What CaseDesk learned from a model's llama-server (endpoints/model_facts.py): asked
+    once, kept while this config serves, so a managed model that was stopped still tells."""
+
+    context_window: int | None = None  # one slot's n_ctx (/props)
+    mid_system_ok: bool | None = None  # its template takes a system turn after the first
+
+
+@dataclass(slots=True)
 class ModelState:
     tag: str
     balancer: Balancer
     managed: ManagedModel | None = None
+    facts: ModelFacts = field(default_factory=ModelFacts)
 
     @asynccontextmanager
     async def lease(self) -> AsyncIterator[None]:
@@ -83,6 +94,9 @@ class DeploymentState:
     settings: ServerSettings  # the [server] table: upstream timeouts, stream keep-alive
     started_at: str  # RFC 3339: the `created_at` of its models in /v1/models
     models: dict[str, ModelState] = field(default_factory=dict)
+    # Large request bodies parsed at once, shared by the gateway's deployments
+    # (endpoints/request_body.py; issue 22, item 3).
+    large_bodies: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
 
     def authorize(self, headers: dict[str, str]) -> None:
         """With `api_keys_sha256` set, a key is required and must hash to one of them."""

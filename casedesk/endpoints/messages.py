@@ -17,14 +17,17 @@ from collections.abc import Callable
 import orjson
 
 from casedesk.anthropic.errors import ApiError
-from casedesk.anthropic.schema import MessagesRequest, parse_messages_request, request_json
+from casedesk.anthropic.schema import MessagesRequest
+from casedesk.endpoints.model_facts import has_later_system_turn, takes_mid_system_turns
+from casedesk.endpoints.request_body import chat_payload, parsed_request, sized_work
 from casedesk.http.keepalive import STREAM_HEADERS, StreamKeepAlive
 from casedesk.http.server import Request, ResponseWriter
 from casedesk.ops.accesslog import RequestRecord
-from casedesk.serving import DeploymentState
-from casedesk.translate.request import to_chat_request
+from casedesk.serving import DeploymentState, ModelState
+from casedesk.translate.request import repairable_tools, to_chat_request
 from casedesk.translate.response import MessageAccumulator, new_message_id
 from casedesk.translate.stream import StreamTranslator
+from casedesk.upstream.affinity import RouteKey
 from casedesk.upstream.relay import AnswerRelay
 
 log = logging.getLogger("casedesk.messages")
@@ -34,21 +37,21 @@ async def handle_messages(
     deployment: DeploymentState, request: Request, writer: ResponseWriter, record: RequestRecord
 ) -> None:
     deployment.authorize(request.headers)
-    parsed = parse_messages_request(request_json(request.headers, request.body))
+    parsed = await parsed_request(deployment, request)
     record.model, record.stream = parsed.model, parsed.stream
     # From here on a streamed request is never silent, whatever it waits for (queue, busy
     # slots, prefill, a model loading); an error after the head went out becomes an event
     # (app.py renders it).
     keepalive = StreamKeepAlive(writer, deployment.settings.stream_keepalive) if parsed.stream else None
     try:
-        await _answer(deployment, parsed, writer, record)
+        await _answer(deployment, parsed, writer, record, len(request.body))
     finally:
         if keepalive is not None:
             keepalive.cancel()
 
 
 async def _answer(
-    deployment: DeploymentState, parsed: MessagesRequest, writer: ResponseWriter, record: RequestRecord
+    deployment: DeploymentState, parsed: MessagesRequest, writer: ResponseWriter, record: RequestRecord, size: int
 ) -> None:
     model = deployment.model(parsed.model)
     record.tag = model.tag
@@ -56,10 +59,10 @@ async def _answer(
     # (README, "Models on demand"). The wait for a load happens here, inside the handler.
     async with deployment.admission.slot(), model.lease():
         # llama-server is asked for the tag (the answer still names what the client asked for).
-        chat = {**to_chat_request(parsed, stream=True), "model": model.tag}
-        payload = orjson.dumps(chat)
         timeout = deployment.settings.upstream_read_timeout
-        relay = AnswerRelay(model.balancer, timeout, model.balancer.route_key(chat))
+        fold = has_later_system_turn(parsed.messages) and not await takes_mid_system_turns(model, timeout)
+        payload, route_key = await sized_work(deployment, size, _chat_request, parsed, model, fold)
+        relay = AnswerRelay(model.balancer, timeout, route_key)
         message_id = new_message_id()
 
         def new_translator() -> StreamTranslator:  # one per attempt; all give the same id
@@ -68,6 +71,8 @@ async def _answer(
                 wants_thinking=parsed.wants_thinking,
                 single_tool_use=parsed.single_tool_use,
                 message_id=message_id,
+                max_tokens=parsed.max_tokens,
+                repair_tools=repairable_tools(parsed),
             )
 
         try:
@@ -77,6 +82,13 @@ async def _answer(
                 await _whole(relay, payload, new_translator, writer, record)
         finally:
             record.upstream = relay.upstream
+
+
+def _chat_request(parsed: MessagesRequest, model: ModelState, fold: bool) -> tuple[bytes, RouteKey | None]:
+    """The llama-server request's bytes (llama-server is asked for the tag), and its route
+    key (pure work that grows with the conversation: off the loop for a large body)."""
+    chat = {**to_chat_request(parsed, stream=True, fold_system=fold), "model": model.tag}
+    return chat_payload(chat), model.balancer.route_key(chat)
 
 
 async def _stream(
@@ -102,7 +114,7 @@ async def _stream(
     else:
         writer.write(translator.finish())
     writer.end()
-    _count(record, translator.final_usage)
+    _count(record, translator)
 
 
 async def _whole(
@@ -118,10 +130,12 @@ async def _whole(
         raise ApiError(502, f"upstream failed: {error}")
     accumulator.feed(translator.finish())
     writer.send(200, orjson.dumps(accumulator.message))
-    _count(record, translator.final_usage)
+    _count(record, translator)
 
 
-def _count(record: RequestRecord, usage: dict[str, int]) -> None:
+def _count(record: RequestRecord, translator: StreamTranslator) -> None:
+    usage = translator.final_usage
+    record.repaired_tool_calls = int(translator.repaired)
     record.input_tokens = usage.get("input_tokens", 0) + usage.get("cache_read_input_tokens", 0)
     record.cached_tokens = usage.get("cache_read_input_tokens", 0)
     record.output_tokens = usage.get("output_tokens", 0)

@@ -33,6 +33,7 @@ class RequestRecord:
     output_tokens: int = 0
     ttft: float | None = None  # seconds from the request to its first token
     upstream: str = ""
+    repaired_tool_calls: int = 0  # tool calls read from JSON text (translate/repair.py; issue 19)
 
     def line(self, now: float) -> bytes:
         return (

@@ -47,6 +47,7 @@ class Metrics:
         self.ttft: dict[Labels, Histogram] = {}
         self.inter_token: dict[Labels, Histogram] = {}
         self.duration: dict[Labels, Histogram] = {}
+        self.repaired_tool_calls: defaultdict[Labels, int] = defaultdict(int)
         self.gauges: list[tuple[str, str, Callable[[], Iterable[tuple[Labels, float]]]]] = []
         self.counters: list[tuple[str, str, Callable[[], float]]] = []
         self.read_counters: list[tuple[str, str, Callable[[], Iterable[tuple[Labels, float]]]]] = []
@@ -81,6 +82,7 @@ class Metrics:
         ttft: float | None = None,
         upstream: str = "",
         cached_tokens: int = 0,
+        repaired_tool_calls: int = 0,
     ) -> None:
         """One finished request (model "" when the request named none that exists)."""
         labels: Labels = (("deployment", deployment), ("model", model))
@@ -94,6 +96,8 @@ class Metrics:
             self.input_tokens[labels] += input_tokens
         if output_tokens:
             self.output_tokens[labels] += output_tokens
+        if repaired_tool_calls:
+            self.repaired_tool_calls[labels] += repaired_tool_calls
         if ttft is not None:
             self.ttft.setdefault(labels, Histogram(LATENCY_BUCKETS)).observe(ttft)
             if output_tokens > 1:
@@ -116,6 +120,12 @@ class Metrics:
             "casedesk_cached_prompt_tokens_total",
             "Prompt tokens each upstream served from its prompt cache.",
             self.cached_prompt_tokens,
+        )
+        _counter(
+            out,
+            "casedesk_repaired_tool_calls_total",
+            "Tool calls the model wrote as JSON text, answered as tool_use blocks.",
+            self.repaired_tool_calls,
         )
         _histograms(out, "casedesk_time_to_first_token_seconds", "Request received to first token sent.", self.ttft)
         _histograms(
