@@ -33,6 +33,8 @@ class RequestRecord:
     output_tokens: int = 0
     ttft: float | None = None  # seconds from the request to its first token
     upstream: str = ""
+    tenant: str = ""  # issue 17: the tenant it was accounted to ("" anonymous)
+    limit: str = ""  # issue 17: the bucket that refused it with a 429 ("requests", …)
 
     def line(self, now: float) -> bytes:
         return (
@@ -54,6 +56,7 @@ class RequestRecord:
                     "duration_ms": round((now - self.started) * 1000, 2),
                     "upstream": self.upstream,
                     "client": self.client,
+                    "tenant": self.tenant,
                 }
             )
             + b"\n"
