@@ -15,7 +15,6 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from functools import partial
 
-from casedesk.admission import Admission
 from casedesk.anthropic.errors import ApiError, not_found
 from casedesk.config import Config, Upstream
 from casedesk.endpoints.count_tokens import handle_count_tokens
@@ -29,6 +28,8 @@ from casedesk.ops.metrics import Metrics
 from casedesk.ops.supervisor import Supervisor
 from casedesk.router import Router, RouteHandler
 from casedesk.serving import DeploymentState, ManagedModel, ModelState
+from casedesk.tenancy.directory import Directory
+from casedesk.tenancy.state import Tenancy
 from casedesk.upstream.affinity import Thresholds
 from casedesk.upstream.balancer import Balancer
 from casedesk.upstream.pool import UpstreamPool
@@ -51,6 +52,7 @@ class Gateway:
         metrics: Metrics | None = None,
         access_log: AccessLog | None = None,
         supervisor: Supervisor | None = None,
+        tenancy: Tenancy | None = None,
     ) -> None:
         self.config = config
         # Both outlive a reload (they belong to the process), hence passed in.
@@ -62,10 +64,20 @@ class Gateway:
         self._health_tasks: list[asyncio.Task[None]] = []
         self.active = 0  # requests being handled: a retired Gateway closes when this is 0
         large_bodies = new_large_body_gate()  # one bound for all deployments
+        # Admission and the tenants' buckets outlive a reload (issue 22 item 10): the process's.
+        self.tenancy = tenancy or Tenancy()
+        self.tenancy.configure(config)
+        directory = Directory(config.tenants, settings)
         for dep in config.deployments.values():
-            admission = Admission(dep.max_concurrency, dep.max_queue, dep.queue_timeout)
+            admission = self.tenancy.admission(dep)
             state = self.deployments[dep.id] = DeploymentState(
-                dep, admission, settings, started_at, large_bodies=large_bodies
+                dep,
+                admission,
+                settings,
+                started_at,
+                large_bodies=large_bodies,
+                directory=directory,
+                limiter=self.tenancy.limiter,
             )
             for model in dep.models.values():
                 pools = [
@@ -139,7 +151,7 @@ class Gateway:
             match = self.router.resolve(request.method, request.path)
             deployment = match.params.get("deployment")
             if deployment is not None:
-                self._find(deployment).authorize(request.headers)
+                self._find(deployment).authorize(request.headers, request.client)
         except ApiError as error:
             record = RequestRecord(request.request_id, request.method, request.path, request.client, time.monotonic())
             if deployment is not None and deployment in self.deployments:
@@ -167,6 +179,8 @@ class Gateway:
                 cached_tokens=record.cached_tokens,
                 repaired_tool_calls=record.repaired_tool_calls,
             )
+            if record.tenant:
+                self.metrics.record_tenant(record)
         self.access_log.write(record)
 
     def not_ready(self) -> str | None:

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import signal
 import socket
+import time
 
 from casedesk.anthropic.errors import ApiError
 from casedesk.app import Gateway, render_error, respond_with_error
@@ -22,6 +23,7 @@ from casedesk.ops.metrics import Histogram, Labels, Metrics
 from casedesk.ops.process import ManagedProcess, State, SupervisorError
 from casedesk.ops.supervisor import Supervisor
 from casedesk.ops.systemd import Notifier
+from casedesk.tenancy.state import Tenancy
 
 log = logging.getLogger("casedesk")
 
@@ -37,6 +39,12 @@ class Service:
         self.notifier = Notifier()
         self.access_log = AccessLog(config.server.access_log)
         self.metrics = Metrics()
+        self.tenancy = Tenancy()  # admission and the tenants' buckets outlive reloads
+        self.metrics.gauge(
+            "casedesk_tenant_bucket_tokens",
+            "Tokens left in each tenant's rate-limit buckets (negative: overdrawn).",
+            self._buckets,
+        )
         self.metrics.gauge("casedesk_in_flight_requests", "Requests in flight, by deployment.", self._in_flight)
         self.metrics.gauge("casedesk_queued_requests", "Requests waiting for a slot, by deployment.", self._queued)
         self.metrics.gauge("casedesk_upstream_up", "1 while an upstream is healthy.", self._upstream_up)
@@ -73,13 +81,17 @@ class Service:
         )
 
     def _build(self, config: Config, upstreams: dict[tuple[str, str], list[Upstream]]) -> Gateway:
-        gateway = Gateway(config, upstreams, self.metrics, self.access_log, self.supervisor)
+        gateway = Gateway(config, upstreams, self.metrics, self.access_log, self.supervisor, self.tenancy)
         gateway.start_health_checks()
         return gateway
 
     def _in_flight(self) -> list[tuple[Labels, float]]:
         deployments = self.gateway.deployments if self.gateway else {}
         return [((("deployment", d),), r.admission.in_flight) for d, r in deployments.items()]
+
+    def _buckets(self) -> list[tuple[Labels, float]]:
+        now = time.monotonic()
+        return [((("tenant", t), ("limit", name)), level) for t, name, level in self.tenancy.limiter.levels(now)]
 
     def _queued(self) -> list[tuple[Labels, float]]:
         deployments = self.gateway.deployments if self.gateway else {}

@@ -44,7 +44,13 @@ class Box:
         return {"llama_server": {"model": str(self.model), "binary": str(self.binary), "args": args, **keys}}
 
     def config(self, models: dict[str, dict[str, Any]], max_loaded: int = 0, **deployment: Any) -> dict[str, Any]:
-        server = {"listen": "127.0.0.1:0", "health_interval": 0.2, "access_log": "", "max_loaded_models": max_loaded}
+        server = {
+            "listen": "127.0.0.1:0",
+            "health_interval": 0.2,
+            "access_log": "",
+            "max_loaded_models": max_loaded,
+            "allowed_hosts": ["x"],
+        }
         dep = {"max_concurrency": 64, "max_queue": 64, "queue_timeout": 30, **deployment}
         return {"server": server, "deployments": {"dep": {**dep, "models": models}}}
 

@@ -25,7 +25,7 @@ from casedesk.upstream.relay import open_with_failover
 async def handle_count_tokens(
     deployment: DeploymentState, request: Request, writer: ResponseWriter, record: RequestRecord
 ) -> None:
-    deployment.authorize(request.headers)
+    record.tenant = deployment.authorize(request.headers, request.client)
     parsed = await parsed_request(deployment, request, count_only=True)
     model = deployment.model(parsed.model)
     record.model, record.tag = parsed.model, model.tag

@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
+from typing import Any, cast
 
 import orjson
 
@@ -24,6 +26,7 @@ from casedesk.http.keepalive import STREAM_HEADERS, StreamKeepAlive
 from casedesk.http.server import Request, ResponseWriter
 from casedesk.ops.accesslog import RequestRecord
 from casedesk.serving import DeploymentState, ModelState
+from casedesk.tenancy.charge import Charge
 from casedesk.translate.request import repairable_tools, to_chat_request
 from casedesk.translate.response import MessageAccumulator, new_message_id
 from casedesk.translate.stream import StreamTranslator
@@ -36,28 +39,63 @@ log = logging.getLogger("casedesk.messages")
 async def handle_messages(
     deployment: DeploymentState, request: Request, writer: ResponseWriter, record: RequestRecord
 ) -> None:
-    deployment.authorize(request.headers)
+    record.tenant = tenant = deployment.authorize(request.headers, request.client)
     parsed = await parsed_request(deployment, request)
     record.model, record.stream = parsed.model, parsed.stream
+    # The tenant's rate limits (issue 17): a 429 now, or its headers for the answer's head.
+    charge = Charge(deployment.limiter, tenant)
+    charge.admit(partial(_note_limit, record))
     # From here on a streamed request is never silent, whatever it waits for (queue, busy
     # slots, prefill, a model loading); an error after the head went out becomes an event
     # (app.py renders it).
-    keepalive = StreamKeepAlive(writer, deployment.settings.stream_keepalive) if parsed.stream else None
+    keepalive = None
+    if parsed.stream:
+        keepalive = StreamKeepAlive(_headed(writer, charge.headers), deployment.settings.stream_keepalive)
     try:
-        await _answer(deployment, parsed, writer, record, len(request.body))
+        await _answer(deployment, parsed, writer, record, charge, len(request.body))
     finally:
         if keepalive is not None:
             keepalive.cancel()
 
 
+def _note_limit(record: RequestRecord, _tenant: str, bucket: str) -> None:
+    record.limit = bucket
+
+
+class _HeadedWriter:
+    """The writer as StreamKeepAlive sees it: a head it commits carries the rate-limit headers
+    too (StreamKeepAlive always sends STREAM_HEADERS alone)."""
+
+    __slots__ = ("_writer", "_headers")
+
+    def __init__(self, writer: ResponseWriter, headers: tuple[tuple[str, str], ...]) -> None:
+        self._writer = writer
+        self._headers = headers
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._writer, name)
+
+    def start_stream(self, headers: tuple[tuple[str, str], ...] = ()) -> None:
+        self._writer.start_stream(headers=(*headers, *self._headers))
+
+
+def _headed(writer: ResponseWriter, headers: tuple[tuple[str, str], ...]) -> ResponseWriter:
+    return writer if not headers else cast(ResponseWriter, _HeadedWriter(writer, headers))
+
+
 async def _answer(
-    deployment: DeploymentState, parsed: MessagesRequest, writer: ResponseWriter, record: RequestRecord, size: int
+    deployment: DeploymentState,
+    parsed: MessagesRequest,
+    writer: ResponseWriter,
+    record: RequestRecord,
+    charge: Charge,
+    size: int,
 ) -> None:
     model = deployment.model(parsed.model)
     record.tag = model.tag
     # model.lease(): a managed model is loaded if needed and kept running until the end
     # (README, "Models on demand"). The wait for a load happens here, inside the handler.
-    async with deployment.admission.slot(), model.lease():
+    async with deployment.admission.slot(charge.tenant), model.lease():
         # llama-server is asked for the tag (the answer still names what the client asked for).
         timeout = deployment.settings.upstream_read_timeout
         fold = has_later_system_turn(parsed.messages) and not await takes_mid_system_turns(model, timeout)
@@ -65,23 +103,43 @@ async def _answer(
         relay = AnswerRelay(model.balancer, timeout, route_key)
         message_id = new_message_id()
 
+        made: list[StreamTranslator] = []
+
         def new_translator() -> StreamTranslator:  # one per attempt; all give the same id
-            return StreamTranslator(
-                parsed.model,
-                wants_thinking=parsed.wants_thinking,
-                single_tool_use=parsed.single_tool_use,
-                message_id=message_id,
-                max_tokens=parsed.max_tokens,
-                repair_tools=repairable_tools(parsed),
+            made.append(
+                StreamTranslator(
+                    parsed.model,
+                    wants_thinking=parsed.wants_thinking,
+                    single_tool_use=parsed.single_tool_use,
+                    message_id=message_id,
+                    max_tokens=parsed.max_tokens,
+                    repair_tools=repairable_tools(parsed),
+                )
             )
+            return made[-1]
+
+        def begun() -> None:  # message_start: the uncached prompt tokens are known
+            charge.input_known(made[-1].prompt_usage[0])
 
         try:
             if parsed.stream:
-                await _stream(relay, payload, new_translator, writer, record)
+                await _stream(relay, payload, new_translator, writer, record, begun, charge.headers)
             else:
-                await _whole(relay, payload, new_translator, writer, record)
+                await _whole(relay, payload, new_translator, writer, record, begun, charge.headers)
         finally:
             record.upstream = relay.upstream
+            _charge_end(charge, made[-1] if made else None)
+
+
+def _charge_end(charge: Charge, translator: StreamTranslator | None) -> None:
+    """What the request used, once it ended (well, failed, or with its client gone)."""
+    if translator is None:
+        return
+    if translator.finished:
+        usage = translator.final_usage
+        charge.end(usage.get("input_tokens", 0), usage.get("output_tokens", 0))
+    else:
+        charge.end(translator.prompt_usage[0], translator.generated)
 
 
 def _chat_request(parsed: MessagesRequest, model: ModelState, fold: bool) -> tuple[bytes, RouteKey | None]:
@@ -97,10 +155,13 @@ async def _stream(
     new_translator: Callable[[], StreamTranslator],
     writer: ResponseWriter,
     record: RequestRecord,
+    begun: Callable[[], None],
+    headers: tuple[tuple[str, str], ...],
 ) -> None:
     def start() -> None:
+        begun()
         if not writer.started:  # the keep-alive may have started it already
-            writer.start_stream(headers=STREAM_HEADERS)
+            writer.start_stream(headers=(*STREAM_HEADERS, *headers))
 
     def first_token() -> None:
         record.ttft = time.monotonic() - record.started
@@ -123,13 +184,15 @@ async def _whole(
     new_translator: Callable[[], StreamTranslator],
     writer: ResponseWriter,
     record: RequestRecord,
+    begun: Callable[[], None],
+    headers: tuple[tuple[str, str], ...],
 ) -> None:
     accumulator = MessageAccumulator()  # fed only once an attempt's answer began: never twice
-    translator, error = await relay.run(payload, new_translator, lambda: None, accumulator.feed)
+    translator, error = await relay.run(payload, new_translator, begun, accumulator.feed)
     if error is not None:
         raise ApiError(502, f"upstream failed: {error}")
     accumulator.feed(translator.finish())
-    writer.send(200, orjson.dumps(accumulator.message))
+    writer.send(200, orjson.dumps(accumulator.message), headers=headers)
     _count(record, translator)
 
 

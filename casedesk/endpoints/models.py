@@ -32,7 +32,7 @@ async def _model_object(deployment: DeploymentState, tag: str) -> dict[str, Any]
 async def handle_list_models(
     deployment: DeploymentState, request: Request, writer: ResponseWriter, record: RequestRecord
 ) -> None:
-    deployment.authorize(request.headers)
+    record.tenant = deployment.authorize(request.headers, request.client)
     data = [await _model_object(deployment, tag) for tag in deployment.models]
     writer.send(
         200,
@@ -50,7 +50,7 @@ async def handle_list_models(
 async def handle_get_model(
     deployment: DeploymentState, request: Request, writer: ResponseWriter, record: RequestRecord, model: str
 ) -> None:
-    deployment.authorize(request.headers)
+    record.tenant = deployment.authorize(request.headers, request.client)
     # An alias answers with the tag it means, as Anthropic's API answers an alias with its model.
     writer.send(200, orjson.dumps(await _model_object(deployment, deployment.model(model).tag)))
 

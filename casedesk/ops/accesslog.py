@@ -34,6 +34,8 @@ class RequestRecord:
     ttft: float | None = None  # seconds from the request to its first token
     upstream: str = ""
     repaired_tool_calls: int = 0  # tool calls read from JSON text (translate/repair.py; issue 19)
+    tenant: str = ""  # issue 17: the tenant it was accounted to ("" anonymous)
+    limit: str = ""  # issue 17: the bucket that refused it with a 429 ("requests", …)
 
     def line(self, now: float) -> bytes:
         return (
@@ -55,6 +57,7 @@ class RequestRecord:
                     "duration_ms": round((now - self.started) * 1000, 2),
                     "upstream": self.upstream,
                     "client": self.client,
+                    "tenant": self.tenant,
                 }
             )
             + b"\n"

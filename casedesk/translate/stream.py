@@ -266,6 +266,16 @@ class StreamTranslator:
         return encode_event(b"message_start", {"type": "message_start", "message": message})
 
     @property
+    def prompt_usage(self) -> tuple[int, int]:
+        """(uncached, cached) prompt tokens, known from message_start on (tenants' ITPM)."""
+        return self._input_tokens, self._cached_tokens
+
+    @property
+    def generated(self) -> int:
+        """Output tokens streamed so far (chunks with a delta): what a cut stream used."""
+        return self._deltas
+
+    @property
     def has_content(self) -> bool:
         """True once a content block (with the first token) has been emitted."""
         return self._index >= 0
