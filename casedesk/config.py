@@ -73,6 +73,13 @@ class Deployment:
     max_queue: int = 64
     queue_timeout: float = 60.0
     aliases: tuple[tuple[str, str], ...] = ()  # (glob pattern, tag) in file order
+    # Message Batches (issue 18): batch items running at once; 0: max_concurrency - 1, at least 1.
+    batch_max_concurrency: int = 0
+
+    @property
+    def batch_limit(self) -> int:
+        """How many batch items may run at once: what interactive traffic is always left."""
+        return self.batch_max_concurrency or max(1, self.max_concurrency - 1)
 
     def resolve(self, name: str) -> str | None:
         """The tag a requested model name means: the tag itself, else the first alias
@@ -109,6 +116,11 @@ class ServerSettings:
     stream_keepalive: float = 2.0  # a stream silent this long gets an SSE comment (see http/keepalive.py)
     access_log: str = "-"  # "-": stdout; a path: appended to; "": off
     max_loaded_models: int = 0  # managed llama-servers running at once; 0: no limit
+    # Message Batches (issue 18): casedesk/batches/.
+    state_dir: str = ""  # durable state; "": $STATE_DIRECTORY (systemd's StateDirectory=) or ./state
+    public_url: str = ""  # the base of absolute URLs handed out (results_url); "": from the Host header
+    max_batch_bytes: int = 256 * 1024 * 1024  # the body limit of POST …/v1/messages/batches only
+    batch_retention_days: float = 29.0  # an ended batch and its results are deleted this long after it ended
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +265,10 @@ def _server(checker: _Checker, raw: Any) -> ServerSettings:
     if not isinstance(access_log, str):
         checker.problem("server.access_log", 'must be "-" (stdout), a file path, or "" (off)')
         access_log = defaults.access_log
-    checker.unknown(raw, {"listen", "access_log", "max_loaded_models", *LIMIT_KEYS, *numeric}, "server")
+    batches = _server_batches(checker, raw, defaults)
+    checker.unknown(
+        raw, {"listen", "access_log", "max_loaded_models", *LIMIT_KEYS, *numeric, *BATCH_SERVER_KEYS}, "server"
+    )
     return ServerSettings(
         listen_host=host,
         listen_port=port,
@@ -261,7 +276,31 @@ def _server(checker: _Checker, raw: Any) -> ServerSettings:
         access_log=access_log,
         max_loaded_models=max_loaded,
         **values,
+        **batches,
     )
+
+
+# Message Batches (issue 18): the [server] keys.
+BATCH_SERVER_KEYS = ("state_dir", "public_url", "max_batch_bytes", "batch_retention_days")
+
+
+def _server_batches(checker: _Checker, raw: dict[str, Any], defaults: ServerSettings) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for key in ("state_dir", "public_url"):
+        value = raw.get(key, getattr(defaults, key))
+        if not isinstance(value, str):
+            checker.problem(f"server.{key}", f"must be a string, got {value!r}")
+            value = getattr(defaults, key)
+        values[key] = value
+    public = values["public_url"]
+    if public and urlsplit(public).scheme not in ("http", "https"):
+        checker.problem("server.public_url", f"must be an http:// or https:// URL, got {public!r}")
+    values["public_url"] = public.rstrip("/")
+    values["max_batch_bytes"] = checker.number(raw, "max_batch_bytes", "server", defaults.max_batch_bytes)
+    values["batch_retention_days"] = checker.number(
+        raw, "batch_retention_days", "server", defaults.batch_retention_days
+    )
+    return values
 
 
 def _deployment(checker: _Checker, dep_id: str, raw: Any, base_dir: Path | None) -> Deployment | None:
@@ -292,8 +331,22 @@ def _deployment(checker: _Checker, dep_id: str, raw: Any, base_dir: Path | None)
         if model is not None:
             models[tag] = model
     aliases = _aliases(checker, f"{prefix}.aliases", raw.get("aliases", {}), raw_models)
+    # Message Batches (issue 18).
+    batch_max_concurrency = checker.number(
+        raw, "batch_max_concurrency", prefix, _default(Deployment, "batch_max_concurrency"), exclusive=False
+    )
     checker.unknown(
-        raw, {"api_keys_sha256", "max_concurrency", "max_queue", "queue_timeout", "models", "aliases"}, prefix
+        raw,
+        {
+            "api_keys_sha256",
+            "max_concurrency",
+            "max_queue",
+            "queue_timeout",
+            "models",
+            "aliases",
+            "batch_max_concurrency",
+        },
+        prefix,
     )
     return Deployment(
         id=dep_id,
@@ -303,6 +356,7 @@ def _deployment(checker: _Checker, dep_id: str, raw: Any, base_dir: Path | None)
         max_queue=max_queue,
         queue_timeout=queue_timeout,
         aliases=aliases,
+        batch_max_concurrency=batch_max_concurrency,
     )
 
 

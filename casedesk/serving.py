@@ -88,13 +88,10 @@ class DeploymentState:
         """With `api_keys_sha256` set, a key is required and must hash to one of them."""
         if not self.config.api_keys_sha256:
             return
-        key = headers.get("x-api-key", "")
-        if not key:
-            scheme, _, token = headers.get("authorization", "").partition(" ")
-            key = token.strip() if scheme.lower() == "bearer" else ""
+        key = api_key(headers)
         if not key:
             raise authentication_failed("an API key is required: send it as x-api-key or Authorization: Bearer")
-        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+        digest = key_hash(key)
         # Compare against every hash, always, in constant time per comparison.
         matched = False
         for known in self.config.api_keys_sha256:
@@ -112,3 +109,17 @@ class DeploymentState:
                 + (f"; aliases (first match wins): {aliases}" if aliases else "")
             )
         return self.models[tag]
+
+
+def api_key(headers: dict[str, str]) -> str:
+    """The key a request sends, as x-api-key or Authorization: Bearer ("" if none)."""
+    key = headers.get("x-api-key", "")
+    if not key:
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        key = token.strip() if scheme.lower() == "bearer" else ""
+    return key
+
+
+def key_hash(key: str) -> str:
+    """The hex SHA-256 of a key: what api_keys_sha256 lists, and what owns a batch."""
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import orjson
 
@@ -21,7 +22,7 @@ from casedesk.anthropic.schema import MessagesRequest, parse_messages_request, r
 from casedesk.http.keepalive import STREAM_HEADERS, StreamKeepAlive
 from casedesk.http.server import Request, ResponseWriter
 from casedesk.ops.accesslog import RequestRecord
-from casedesk.serving import DeploymentState
+from casedesk.serving import DeploymentState, ModelState
 from casedesk.translate.request import to_chat_request
 from casedesk.translate.response import MessageAccumulator, new_message_id
 from casedesk.translate.stream import StreamTranslator
@@ -55,28 +56,48 @@ async def _answer(
     # model.lease(): a managed model is loaded if needed and kept running until the end
     # (ondemand; issue 10). The wait for a load happens here, inside the handler.
     async with deployment.admission.slot(), model.lease():
-        # llama-server is asked for the tag (the answer still names what the client asked for).
-        chat = {**to_chat_request(parsed, stream=True), "model": model.tag}
-        payload = orjson.dumps(chat)
-        timeout = deployment.settings.upstream_read_timeout
-        relay = AnswerRelay(model.balancer, timeout, model.balancer.route_key(chat))
-        message_id = new_message_id()
-
-        def new_translator() -> StreamTranslator:  # one per attempt; all give the same id
-            return StreamTranslator(
-                parsed.model,
-                wants_thinking=parsed.wants_thinking,
-                single_tool_use=parsed.single_tool_use,
-                message_id=message_id,
-            )
-
+        relay, payload, new_translator = _prepare(deployment, model, parsed)
         try:
             if parsed.stream:
                 await _stream(relay, payload, new_translator, writer, record)
             else:
-                await _whole(relay, payload, new_translator, writer, record)
+                writer.send(200, orjson.dumps(await _whole(relay, payload, new_translator, record)))
         finally:
             record.upstream = relay.upstream
+
+
+async def answer_message(deployment: DeploymentState, parsed: MessagesRequest, record: RequestRecord) -> dict[str, Any]:
+    """The message a non-streamed POST …/v1/messages answers `parsed` with, for a caller with no
+    HTTP writer that already holds an admission slot (a batch item: casedesk/batches/runner.py);
+    it raises the ApiError the endpoint would answer."""
+    model = deployment.model(parsed.model)
+    record.tag = model.tag
+    async with model.lease():
+        relay, payload, new_translator = _prepare(deployment, model, parsed)
+        try:
+            return await _whole(relay, payload, new_translator, record)
+        finally:
+            record.upstream = relay.upstream
+
+
+def _prepare(
+    deployment: DeploymentState, model: ModelState, parsed: MessagesRequest
+) -> tuple[AnswerRelay, bytes, Callable[[], StreamTranslator]]:
+    # llama-server is asked for the tag (the answer still names what the client asked for).
+    chat = {**to_chat_request(parsed, stream=True), "model": model.tag}
+    timeout = deployment.settings.upstream_read_timeout
+    relay = AnswerRelay(model.balancer, timeout, model.balancer.route_key(chat))
+    message_id = new_message_id()
+
+    def new_translator() -> StreamTranslator:  # one per attempt; all give the same id
+        return StreamTranslator(
+            parsed.model,
+            wants_thinking=parsed.wants_thinking,
+            single_tool_use=parsed.single_tool_use,
+            message_id=message_id,
+        )
+
+    return relay, orjson.dumps(chat), new_translator
 
 
 async def _stream(
@@ -109,16 +130,15 @@ async def _whole(
     relay: AnswerRelay,
     payload: bytes,
     new_translator: Callable[[], StreamTranslator],
-    writer: ResponseWriter,
     record: RequestRecord,
-) -> None:
+) -> dict[str, Any]:
     accumulator = MessageAccumulator()  # fed only once an attempt's answer began: never twice
     translator, error = await relay.run(payload, new_translator, lambda: None, accumulator.feed)
     if error is not None:
         raise ApiError(502, f"upstream failed: {error}")
     accumulator.feed(translator.finish())
-    writer.send(200, orjson.dumps(accumulator.message))
     _count(record, translator.final_usage)
+    return accumulator.message
 
 
 def _count(record: RequestRecord, usage: dict[str, int]) -> None:

@@ -75,6 +75,9 @@ Handler = Callable[[Request, "ResponseWriter"], Awaitable[None]]
 # Asked about a request whose client waits for `100 Continue` before sending the body: an
 # answer refuses it now, unread (unknown path, bad key…); None lets the body come.
 HeadCheck = Callable[[Request], ErrorResponse | None]
+# The body limit of one request, decided from its head (a path may allow more than
+# ServerLimits.max_body_bytes: the Message Batches create, issue 18).
+BodyLimit = Callable[[Request], int]
 
 
 def frame_chunk(data: bytes) -> bytes:
@@ -233,8 +236,11 @@ class HttpProtocol(asyncio.Protocol):
         tracker: ConnectionTracker,
         render_error: ErrorRenderer,
         check_head: HeadCheck | None = None,
+        body_limit: BodyLimit | None = None,
     ) -> None:
         self._handler = handler
+        self._body_limit = body_limit
+        self._max_body = limits.max_body_bytes  # this request's, once its head is read
         self._limits = limits
         self._tracker = tracker
         self._render_error = render_error
@@ -343,7 +349,7 @@ class HttpProtocol(asyncio.Protocol):
                 return
             if isinstance(event, h11.Data):
                 self._body_size += len(event.data)
-                if self._body_size > self._limits.max_body_bytes:
+                if self._body_size > self._max_body:
                     self._reject_too_large()
                     return
                 self._body.append(event.data)
@@ -367,10 +373,6 @@ class HttpProtocol(asyncio.Protocol):
                 f"{self._limits.max_header_count} fields)",
             )
             return
-        for name, value in head.headers:
-            if name == b"content-length" and int(value) > self._limits.max_body_bytes:
-                self._reject_too_large()
-                return
         path, _, query = head.target.decode("latin-1").partition("?")
         request = self._request = Request(
             method=head.method.decode("ascii", "replace"),
@@ -381,6 +383,11 @@ class HttpProtocol(asyncio.Protocol):
             client=self.client,
             request_id=new_request_id(),
         )
+        self._max_body = self._body_limit(request) if self._body_limit is not None else self._limits.max_body_bytes
+        for name, value in head.headers:
+            if name == b"content-length" and int(value) > self._max_body:
+                self._reject_too_large()
+                return
         if self.conn.they_are_waiting_for_100_continue:
             # The client holds its body back until told to send it (curl does, for bodies
             # over 1 MB). h11: a server must answer 100 before it blocks on the body; and a
@@ -393,7 +400,7 @@ class HttpProtocol(asyncio.Protocol):
         self._arm_timer(self._limits.body_timeout)
 
     def _reject_too_large(self) -> None:
-        self._reject(413, f"request body is larger than the limit of {self._limits.max_body_bytes} bytes")
+        self._reject(413, f"request body is larger than the limit of {self._max_body} bytes")
 
     def _reject(self, status: int, message: str) -> None:
         """Answer a request we will not handle, then close: the rest of its bytes are unread."""
@@ -585,14 +592,16 @@ async def start_server(
     host: str | None = None,
     port: int | None = None,
     sock: socket.socket | None = None,
+    body_limit: BodyLimit | None = None,
 ) -> asyncio.Server:
     """Listen on host:port (or an already bound socket, e.g. from systemd) and serve.
 
     `render_error` gives the application's format to errors this layer finds itself;
-    `check_head`, if given, may refuse a request before its client sends the body.
+    `check_head`, if given, may refuse a request before its client sends the body;
+    `body_limit`, if given, decides each request's body limit from its head.
     """
     loop = asyncio.get_running_loop()
-    factory = lambda: HttpProtocol(handler, limits, tracker, render_error, check_head)  # noqa: E731
+    factory = lambda: HttpProtocol(handler, limits, tracker, render_error, check_head, body_limit)  # noqa: E731
     if sock is not None:
         return await loop.create_server(factory, sock=sock, backlog=2048)
     return await loop.create_server(factory, host=host, port=port or 0, backlog=2048, reuse_address=True)

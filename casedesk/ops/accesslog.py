@@ -33,8 +33,12 @@ class RequestRecord:
     output_tokens: int = 0
     ttft: float | None = None  # seconds from the request to its first token
     upstream: str = ""
+    # A Message Batches item (issue 18): its batch and custom_id; "" for every other request.
+    batch_id: str = ""
+    custom_id: str = ""
 
     def line(self, now: float) -> bytes:
+        batch = {"batch_id": self.batch_id, "custom_id": self.custom_id} if self.batch_id else {}
         return (
             orjson.dumps(
                 {
@@ -54,6 +58,7 @@ class RequestRecord:
                     "duration_ms": round((now - self.started) * 1000, 2),
                     "upstream": self.upstream,
                     "client": self.client,
+                    **batch,
                 }
             )
             + b"\n"
