@@ -268,8 +268,11 @@ class Service:
         self.batches.pause()
         if self.server is not None:
             self.server.close()
+        started = asyncio.get_running_loop().time()
         await _drain(self.tracker, grace, force)
-        await self.batches.stop()  # items still running have no result: they run at the next start
+        # Batch items get what is left of the grace; any still running then run at the next start.
+        left = 0.0 if force.is_set() else grace - (asyncio.get_running_loop().time() - started)
+        await self.batches.stop(max(0.0, left))
         for task in list(self._retiring):
             task.cancel()
         if self.gateway is not None:

@@ -95,8 +95,12 @@ class BatchRunner:
         """Start nothing more (shutting down); running items go on."""
         self._paused = True
 
-    async def stop(self) -> None:
-        """End everything: items cut short have no result and run again at the next start."""
+    async def stop(self, grace: float = 0.0) -> None:
+        """Let running items finish for up to `grace` seconds, then end everything: items cut
+        short have no result and run again at the next start."""
+        self._paused = True
+        if self._tasks and grace > 0:
+            await asyncio.wait(list(self._tasks), timeout=grace)
         tasks = [*self._tasks, *([self._loop_task] if self._loop_task else [])]
         for task in tasks:
             task.cancel()
@@ -157,8 +161,11 @@ class BatchRunner:
                 if purged:
                     log.info("deleted %d batches that ended over %g days ago", purged, self._retention / DAY)
             self._wake.clear()
+            # With items waiting, look at the load often (a slot frees without telling us);
+            # with none, only a new batch (the wake-up) or the next round of totals matters.
+            tick = TICK if self.scheduler.deployments() else 1.0
             try:
-                async with asyncio.timeout(TICK):
+                async with asyncio.timeout(tick):
                     await self._wake.wait()
             except TimeoutError:
                 pass
