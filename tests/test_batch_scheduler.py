@@ -107,3 +107,16 @@ def test_a_stopped_batch_starts_nothing_more() -> None:
     scheduler.added("b2", "dep", None, 1.0, 1)
     scheduler.stopped("b1")
     assert starts(scheduler.decide(2.0, {"dep": idle(batch_limit=3)})) == ["b2"]
+
+
+def test_a_batch_retried_later_pauses_until_then() -> None:
+    scheduler = BatchScheduler()
+    scheduler.added("b1", "dep", None, 0.0, 2)
+    scheduler.added("b2", "dep", None, 1.0, 1)
+    assert starts(scheduler.decide(2.0, {"dep": idle(batch_limit=1)})) == ["b1"]
+    scheduler.retry_later("b1", not_before=4.0)  # its upstream failed: b1 pauses, b2 may go
+    assert scheduler.waiting("dep") == 3 and scheduler.running("dep") == 0
+    assert starts(scheduler.decide(3.0, {"dep": idle(batch_limit=2)})) == ["b2"]
+    scheduler.finished("b2")
+    assert scheduler.decide(3.9, {"dep": idle(batch_limit=2)}) == []
+    assert starts(scheduler.decide(4.0, {"dep": idle(batch_limit=2)})) == ["b1", "b1"]

@@ -337,3 +337,18 @@ async def test_a_restart_runs_what_was_left_and_keeps_what_was_written(
         assert done.request_counts.succeeded == 20
         ids = [r.custom_id async for r in await client.messages.batches.results(batch.id)]
         assert sorted(ids) == sorted(f"r-{i}" for i in range(20))
+
+
+async def test_an_item_whose_upstream_failed_waits_and_runs_again(
+    start_gateway: GatewayFactory, tmp_path: Path, sdk: SdkFactory
+) -> None:
+    """A server fault the request did not cause (here llama-server's 500) is not the item's
+    result: the item is tried again after a pause, and succeeds."""
+    async with FakeLlamaServer() as fake:
+        fake.replies.append(Reply(status=500, error_message="scripted crash"))
+        gateway = await started(start_gateway, fake, tmp_path, deployment={"batch_max_concurrency": 1})
+        client = sdk(gateway)
+        batch = await client.messages.batches.create(requests=requests_of(1))  # type: ignore[arg-type]
+        done = await ended(client, batch.id)
+        assert done.request_counts.succeeded == 1 and done.request_counts.errored == 0
+        assert len(fake.chat_requests()) == 2

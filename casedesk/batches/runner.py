@@ -35,6 +35,11 @@ CANCELED = orjson.dumps({"type": "canceled"})
 EXPIRED = orjson.dumps({"type": "expired"})
 TICK = 0.05  # seconds between looks at the deployments' load when nothing else wakes the runner
 PURGE_EVERY = 600.0  # seconds between retention sweeps
+# Failures that are not the item's fault (no upstream, the model loading or overloaded): the
+# item waits and is tried again, its batch paused a while, up to MAX_ATTEMPTS times in all.
+RETRIED = frozenset({502, 503, 504, 529})
+MAX_ATTEMPTS = 5
+RETRY_PAUSE = 2.0  # seconds, doubled at each attempt
 DAY = 86400.0
 
 
@@ -70,6 +75,8 @@ class BatchRunner:
         # sees exactly the items that have started.
         self._cursor: dict[int, int] = {}
         self._running: dict[int, set[int]] = {}
+        self._again: dict[int, list[int]] = {}  # items to try again before the next new one
+        self._attempts: dict[tuple[int, int], int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -194,20 +201,26 @@ class BatchRunner:
             self._wake.set()
             return
         await admission.acquire()
+        pause = 0.0
         try:
-            await self._claim_and_run(deployment, batch_id)
+            pause = await self._claim_and_run(deployment, batch_id)
         finally:
             admission.release()
-            self.scheduler.finished(batch_id)
+            if pause:
+                self.scheduler.retry_later(batch_id, self.clock() + pause)
+            else:
+                self.scheduler.finished(batch_id)
             self._wake.set()
 
-    async def _claim_and_run(self, deployment: DeploymentState, batch_id: str) -> None:
+    async def _claim_and_run(self, deployment: DeploymentState, batch_id: str) -> float:
+        """Run the batch's next item and keep its result; or, after a failure that was not
+        its fault, give it back: the seconds its batch should pause then (else 0)."""
         seq = self._seq.get(batch_id)
         if seq is None:
-            return
+            return 0.0
         item = await self.store.call(lambda db: self._claim(db, seq))
         if item is None:
-            return
+            return 0.0
         record = RequestRecord(
             new_request_id(),
             "POST",
@@ -224,6 +237,19 @@ class BatchRunner:
         except ApiError as error:
             status = error.status
             result = b'{"type":"errored","error":' + error.body() + b"}"
+            attempts = await self.store.call(lambda db: self._try_again(seq, item.index, status))
+            if attempts:
+                log.warning(
+                    "batch %s item %s: %s (attempt %d of %d; it waits)",
+                    batch_id,
+                    item.custom_id,
+                    error.message,
+                    attempts,
+                    MAX_ATTEMPTS,
+                )
+                record.status = status
+                self._account(record, status)
+                return float(RETRY_PAUSE * 2 ** (attempts - 1))
         except asyncio.CancelledError:
             await asyncio.shield(self.store.call(lambda db: self._unclaim(seq, item.index)))
             raise
@@ -236,6 +262,7 @@ class BatchRunner:
         now = self.clock()
         await asyncio.shield(self.store.call(lambda db: self._finish(db, seq, item.index, result_type, result, now)))
         self._account(record, status)
+        return 0.0
 
     @staticmethod
     async def _answer(deployment: DeploymentState, item: Item, record: RequestRecord) -> bytes:
@@ -247,11 +274,28 @@ class BatchRunner:
     # -- on the store's thread ------------------------------------------------------------------------------
 
     def _claim(self, db: BatchDatabase, seq: int) -> Item | None:
-        item = db.next_item(seq, self._cursor.get(seq, -1))
+        again = self._again.get(seq)
+        item = None
+        while again and item is None:
+            item = db.item(seq, again.pop(0))  # None if a cancel closed it meanwhile
+        if item is None:
+            item = db.next_item(seq, self._cursor.get(seq, -1))
+            if item is not None:
+                self._cursor[seq] = item.index
         if item is not None:
-            self._cursor[seq] = item.index
             self._running.setdefault(seq, set()).add(item.index)
         return item
+
+    def _try_again(self, seq: int, index: int, status: int) -> int:
+        """The attempt this was, if the item is to be tried again; else 0 (its error stays)."""
+        attempts = self._attempts.get((seq, index), 0) + 1
+        if status not in RETRIED or attempts >= MAX_ATTEMPTS:
+            self._attempts.pop((seq, index), None)
+            return 0
+        self._attempts[(seq, index)] = attempts
+        self._unclaim(seq, index)
+        self._again.setdefault(seq, []).append(index)
+        return attempts
 
     def _unclaim(self, seq: int, index: int) -> None:
         self._running.get(seq, set()).discard(index)

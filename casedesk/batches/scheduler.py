@@ -55,6 +55,7 @@ class _Batch:
     waiting: int
     running: int = 0
     stopped: bool = False  # canceled, expired or deleted: nothing more of it starts
+    not_before: float = 0.0  # after a failure that was not the item's fault: a pause
 
 
 class BatchScheduler:
@@ -95,6 +96,14 @@ class BatchScheduler:
         if not batch.stopped:
             batch.waiting += 1
         self._forget_if_done(batch)
+
+    def retry_later(self, batch_id: str, not_before: float) -> None:
+        """A started item failed through no fault of its own (upstream down, model loading):
+        it waits again, and nothing more of its batch starts before `not_before`."""
+        batch = self._batches.get(batch_id)
+        if batch is not None:
+            batch.not_before = max(batch.not_before, not_before)
+        self.returned(batch_id)
 
     def stopped(self, batch_id: str) -> None:
         """Nothing more of this batch starts (canceled, expired, deleted); running items finish."""
@@ -138,7 +147,7 @@ class BatchScheduler:
                 load.batch_limit - self.running(deployment),
             )
             while free > 0:
-                chosen = self._next(deployment)
+                chosen = self._next(deployment, now)
                 if chosen is None:
                     break
                 chosen.waiting -= 1
@@ -148,10 +157,10 @@ class BatchScheduler:
                 actions.append(Start(chosen.batch_id, deployment))
         return actions
 
-    def _next(self, deployment: str) -> _Batch | None:
+    def _next(self, deployment: str, now: float) -> _Batch | None:
         """The oldest batch of the tenant whose turn it is (the one after the last served)."""
         candidates = sorted(
-            (b for b in self._batches.values() if b.deployment == deployment and b.waiting),
+            (b for b in self._batches.values() if b.deployment == deployment and b.waiting and b.not_before <= now),
             key=lambda b: (b.created_at, b.order),
         )
         if not candidates:

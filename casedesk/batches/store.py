@@ -228,6 +228,13 @@ class BatchDatabase:
         ).fetchone()
         return Item(*found) if found else None
 
+    def item(self, seq: int, index: int) -> Item | None:
+        """This item, if it still has no result."""
+        found = self._db.execute(
+            "SELECT idx, custom_id, params FROM items WHERE batch = ? AND idx = ? AND result IS NULL", (seq, index)
+        ).fetchone()
+        return Item(*found) if found else None
+
     def finish(self, seq: int, index: int, result_type: str, result: bytes, now: float) -> BatchRow | None:
         """Write an item's result and move its batch's counters, in one transaction; the batch
         ends with its last item. Nothing happens (None) if the item already had a result."""
