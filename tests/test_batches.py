@@ -352,3 +352,27 @@ async def test_an_item_whose_upstream_failed_waits_and_runs_again(
         done = await ended(client, batch.id)
         assert done.request_counts.succeeded == 1 and done.request_counts.errored == 0
         assert len(fake.chat_requests()) == 2
+
+
+async def test_items_that_share_a_prefix_go_where_it_is_cached(
+    start_gateway: GatewayFactory, tmp_path: Path, sdk: SdkFactory
+) -> None:
+    """balance = "prefix" routes batch items as it routes interactive requests: one system
+    prompt, many questions, one after another, all on the upstream that holds that prompt.
+    (Items running at once are parallel branches of one prefix to the balancer, which may
+    give a second, idler upstream one prefill of it: upstream/affinity.py.)"""
+    system = "You are a careful classifier of customer feedback. " * 40
+    async with FakeLlamaServer() as one, FakeLlamaServer() as two:
+        gateway = await start_gateway(
+            gateway_config(
+                [one.url, two.url],
+                server={"state_dir": str(tmp_path / "state")},
+                deployment={"max_concurrency": 4, "batch_max_concurrency": 1},
+            )
+        )
+        client = sdk(gateway)
+        items = [{"custom_id": f"f-{i}", "params": params(f"feedback {i}", system=system)} for i in range(8)]
+        batch = await client.messages.batches.create(requests=items)  # type: ignore[arg-type]
+        assert (await ended(client, batch.id)).request_counts.succeeded == 8
+        served = sorted([len(one.chat_requests()), len(two.chat_requests())])
+        assert served == [0, 8]
