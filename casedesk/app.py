@@ -3,7 +3,7 @@
 One Gateway serves one version of the config (a reload builds a new one: casedesk/service.py).
 It builds each deployment's state (casedesk/serving.py), routes a request, gives its handler
 exactly what it needs (a deployment's state, or the metrics, or the readiness check), renders
-Anthropic errors, and accounts for every request in one place (`_account`).
+Anthropic errors, and accounts for every request in one place (`account`): batch items too.
 """
 
 from __future__ import annotations
@@ -16,7 +16,16 @@ from datetime import datetime, timezone
 from functools import partial
 
 from casedesk.anthropic.errors import ApiError, not_found
+from casedesk.batches.runner import BatchRunner
 from casedesk.config import Config, Upstream
+from casedesk.endpoints.batches import (
+    handle_batch_results,
+    handle_cancel_batch,
+    handle_create_batch,
+    handle_delete_batch,
+    handle_get_batch,
+    handle_list_batches,
+)
 from casedesk.endpoints.count_tokens import handle_count_tokens
 from casedesk.endpoints.messages import handle_messages
 from casedesk.endpoints.request_body import new_large_body_gate
@@ -37,6 +46,7 @@ from casedesk.upstream.pool import UpstreamPool
 log = logging.getLogger("casedesk")
 
 BASE = "/proxy/{deployment}/anthropic"
+BATCHES = "/v1/messages/batches"
 
 # (DeploymentState, Request, ResponseWriter, RequestRecord, **path parameters)
 DeploymentHandler = Callable[..., Awaitable[None]]
@@ -53,6 +63,7 @@ class Gateway:
         access_log: AccessLog | None = None,
         supervisor: Supervisor | None = None,
         tenancy: Tenancy | None = None,
+        batches: BatchRunner | None = None,
     ) -> None:
         self.config = config
         # Both outlive a reload (they belong to the process), hence passed in.
@@ -99,6 +110,16 @@ class Gateway:
             ("HEAD", "/*", handle_head_probe),
         ):
             self.router.add(method, BASE + path, self._with_deployment(handler))
+        if batches is not None:  # the Message Batches API (issue 18); the runner is the process's
+            for method, path, batch_handler in (
+                ("POST", BATCHES, handle_create_batch),
+                ("GET", BATCHES, handle_list_batches),
+                ("GET", BATCHES + "/{batch_id}", handle_get_batch),
+                ("DELETE", BATCHES + "/{batch_id}", handle_delete_batch),
+                ("POST", BATCHES + "/{batch_id}/cancel", handle_cancel_batch),
+                ("GET", BATCHES + "/{batch_id}/results", handle_batch_results),
+            ):
+                self.router.add(method, BASE + path, self._with_deployment(partial(batch_handler, batches)))
         self.router.add(("GET", "HEAD"), "/healthz", handle_healthz)
         self.router.add(("GET", "HEAD"), "/readyz", partial(handle_readyz, self.not_ready))
         self.router.add(("GET", "HEAD"), "/metrics", partial(handle_metrics, self.metrics))
@@ -141,7 +162,7 @@ class Gateway:
             respond_with_error(writer, ApiError(500, "internal error in the gateway; see its log"))
         finally:
             self.active -= 1
-            self._account(record, writer.status)
+            self.account(record, writer.status)
 
     def check_head(self, request: Request) -> ErrorResponse | None:
         """Refuse, before its body is sent, a request that would be refused anyway: an unknown
@@ -156,12 +177,25 @@ class Gateway:
             record = RequestRecord(request.request_id, request.method, request.path, request.client, time.monotonic())
             if deployment is not None and deployment in self.deployments:
                 record.deployment = deployment
-            self._account(record, error.status)
+            self.account(record, error.status)
             return error_response(error)
         return None
 
-    def _account(self, record: RequestRecord, status: int) -> None:
-        """A finished request: its metrics and its access-log line."""
+    def body_limit(self, request: Request) -> int:
+        """A request's body limit, from its head: a batch create may be as large as
+        `[server] max_batch_bytes`, any other request `max_body_bytes`."""
+        parts = request.path.strip("/").split("/")
+        if (
+            request.method == "POST"
+            and len(parts) == 6
+            and parts[0] == "proxy"
+            and "/".join(parts[2:]) == ("anthropic" + BATCHES)
+        ):
+            return self.settings.max_batch_bytes
+        return self.settings.limits.max_body_bytes
+
+    def account(self, record: RequestRecord, status: int) -> None:
+        """A finished request (or batch item): its metrics and its access-log line."""
         record.status = record.status or status
         if record.deployment:
             # Labelled by the resolved tag (never the requested name): a client's typo or an

@@ -76,10 +76,17 @@ class Deployment:
     aliases: tuple[tuple[str, str], ...] = ()  # (glob pattern, tag) in file order
     # issue 17 (tenants): who may use it; ("*",): every tenant; (): no tenant is named
     tenants: tuple[str, ...] = ()
+    # Message Batches (issue 18): batch items running at once; 0: max_concurrency - 1, at least 1.
+    batch_max_concurrency: int = 0
 
     def allows(self, tenant: str) -> bool:
         """Whether a [tenants] tenant may use this deployment (the anonymous "" always may)."""
         return not tenant or "*" in self.tenants or tenant in self.tenants
+
+    @property
+    def batch_limit(self) -> int:
+        """How many batch items may run at once: what interactive traffic is always left."""
+        return self.batch_max_concurrency or max(1, self.max_concurrency - 1)
 
     def resolve(self, name: str) -> str | None:
         """The tag a requested model name means: the tag itself, else the first alias
@@ -120,6 +127,12 @@ class ServerSettings:
     # from these networks
     identity_header: str = ""  # e.g. "X-Forwarded-Email"; "": none
     trusted_proxies: tuple[str, ...] = ()  # CIDR networks, e.g. "127.0.0.1/32"
+
+    # Message Batches (issue 18): casedesk/batches/.
+    state_dir: str = ""  # durable state; "": $STATE_DIRECTORY (systemd's StateDirectory=) or ./state
+    public_url: str = ""  # the base of absolute URLs handed out (results_url); "": from the Host header
+    max_batch_bytes: int = 256 * 1024 * 1024  # the body limit of POST …/v1/messages/batches only
+    batch_retention_days: float = 29.0  # an ended batch and its results are deleted this long after it ended
 
 
 PRIORITIES = ("high", "normal", "low")
@@ -313,9 +326,11 @@ def _server(checker: _Checker, raw: Any) -> ServerSettings:
     if identity_header and not trusted:
         checker.problem("server.identity_header", "needs trusted_proxies: the addresses allowed to set it")
     tenant_keys = {"identity_header", "trusted_proxies"}
-    checker.unknown(
-        raw, {"listen", "access_log", "max_loaded_models", *LIMIT_KEYS, *numeric, *issue22_keys, *tenant_keys}, "server"
-    )
+    batches = _server_batches(checker, raw, defaults)  # issue 18
+    # Every [server] key; each issue's block adds its own set here.
+    server_keys = {"listen", "access_log", "max_loaded_models", *LIMIT_KEYS, *numeric}
+    server_keys |= {*issue22_keys, *tenant_keys, *BATCH_SERVER_KEYS}
+    checker.unknown(raw, server_keys, "server")
     return ServerSettings(
         listen_host=host,
         listen_port=port,
@@ -325,7 +340,31 @@ def _server(checker: _Checker, raw: Any) -> ServerSettings:
         identity_header=identity_header.lower(),
         trusted_proxies=tuple(trusted),
         **values,
+        **batches,
     )
+
+
+# Message Batches (issue 18): the [server] keys.
+BATCH_SERVER_KEYS = ("state_dir", "public_url", "max_batch_bytes", "batch_retention_days")
+
+
+def _server_batches(checker: _Checker, raw: dict[str, Any], defaults: ServerSettings) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for key in ("state_dir", "public_url"):
+        value = raw.get(key, getattr(defaults, key))
+        if not isinstance(value, str):
+            checker.problem(f"server.{key}", f"must be a string, got {value!r}")
+            value = getattr(defaults, key)
+        values[key] = value
+    public = values["public_url"]
+    if public and urlsplit(public).scheme not in ("http", "https"):
+        checker.problem("server.public_url", f"must be an http:// or https:// URL, got {public!r}")
+    values["public_url"] = public.rstrip("/")
+    values["max_batch_bytes"] = checker.number(raw, "max_batch_bytes", "server", defaults.max_batch_bytes)
+    values["batch_retention_days"] = checker.number(
+        raw, "batch_retention_days", "server", defaults.batch_retention_days
+    )
+    return values
 
 
 def _deployment(checker: _Checker, dep_id: str, raw: Any, base_dir: Path | None) -> Deployment | None:
@@ -360,9 +399,16 @@ def _deployment(checker: _Checker, dep_id: str, raw: Any, base_dir: Path | None)
     if not isinstance(tenants, list) or not all(isinstance(t, str) and t for t in tenants):
         checker.problem(f"{prefix}.tenants", 'must be a list of tenant names, or ["*"] for every tenant')
         tenants = []
+    # Message Batches (issue 18).
+    batch_max_concurrency = checker.number(
+        raw, "batch_max_concurrency", prefix, _default(Deployment, "batch_max_concurrency"), exclusive=False
+    )
+    # Every deployment key; each issue's block adds its own here.
+    deployment_keys = {"api_keys_sha256", "max_concurrency", "max_queue", "queue_timeout", "models", "aliases"}
+    deployment_keys |= {"tenants", "batch_max_concurrency"}
     checker.unknown(
         raw,
-        {"api_keys_sha256", "max_concurrency", "max_queue", "queue_timeout", "models", "aliases", "tenants"},
+        deployment_keys,
         prefix,
     )
     return Deployment(
@@ -374,6 +420,7 @@ def _deployment(checker: _Checker, dep_id: str, raw: Any, base_dir: Path | None)
         queue_timeout=queue_timeout,
         aliases=aliases,
         tenants=tuple(tenants),
+        batch_max_concurrency=batch_max_concurrency,
     )
 
 

@@ -16,9 +16,11 @@ import time
 
 from casedesk.anthropic.errors import ApiError
 from casedesk.app import Gateway, render_error, respond_with_error
+from casedesk.batches.runner import BatchRunner, state_path
+from casedesk.batches.store import BatchStore
 from casedesk.config import Config, ConfigError, Upstream, load
 from casedesk.http.server import ConnectionTracker, ErrorResponse, Request, ResponseWriter, start_server
-from casedesk.ops.accesslog import AccessLog
+from casedesk.ops.accesslog import AccessLog, RequestRecord
 from casedesk.ops.metrics import Histogram, Labels, Metrics
 from casedesk.ops.process import ManagedProcess, State, SupervisorError
 from casedesk.ops.supervisor import Supervisor
@@ -45,6 +47,14 @@ class Service:
             "Tokens left in each tenant's rate-limit buckets (negative: overdrawn).",
             self._buckets,
         )
+        # Message Batches (issue 18): the runner outlives reloads, as the batches do.
+        self.batches = BatchRunner(
+            BatchStore(state_path(config.server.state_dir)),
+            lambda: self.gateway.deployments if self.gateway is not None else {},
+            self._account,
+            config.server.batch_retention_days,
+        )
+        self._batch_metrics()
         self.metrics.gauge("casedesk_in_flight_requests", "Requests in flight, by deployment.", self._in_flight)
         self.metrics.gauge("casedesk_queued_requests", "Requests waiting for a slot, by deployment.", self._queued)
         self.metrics.gauge("casedesk_upstream_up", "1 while an upstream is healthy.", self._upstream_up)
@@ -80,8 +90,39 @@ class Service:
             "casedesk_model_restarts_total", "Managed llama-servers that exited by themselves.", self._model_restarts
         )
 
+    def _account(self, record: RequestRecord, status: int) -> None:
+        if self.gateway is not None:
+            self.gateway.account(record, status)
+
+    def _batch_metrics(self) -> None:
+        batches = self.batches
+        self.metrics.gauge(
+            "casedesk_batches",
+            "Message batches kept, by processing_status.",
+            lambda: [((("processing_status", k),), v) for k, v in batches.totals[0].items()],
+        )
+        self.metrics.gauge(
+            "casedesk_batch_items",
+            "Items of the batches kept, by result type (processing: no result yet).",
+            lambda: [((("result", k),), v) for k, v in batches.totals[1].items()],
+        )
+        self.metrics.gauge(
+            "casedesk_batch_items_waiting",
+            "Batch items waiting to start, by deployment.",
+            lambda: [((("deployment", d),), batches.scheduler.waiting(d)) for d in self._batch_deployments()],
+        )
+        self.metrics.gauge(
+            "casedesk_batch_items_running",
+            "Batch items running, by deployment.",
+            lambda: [((("deployment", d),), batches.scheduler.running(d)) for d in self._batch_deployments()],
+        )
+
+    def _batch_deployments(self) -> list[str]:
+        known = set(self.gateway.deployments) if self.gateway is not None else set()
+        return sorted(known | self.batches.scheduler.deployments())
+
     def _build(self, config: Config, upstreams: dict[tuple[str, str], list[Upstream]]) -> Gateway:
-        gateway = Gateway(config, upstreams, self.metrics, self.access_log, self.supervisor, self.tenancy)
+        gateway = Gateway(config, upstreams, self.metrics, self.access_log, self.supervisor, self.tenancy, self.batches)
         gateway.start_health_checks()
         return gateway
 
@@ -159,6 +200,10 @@ class Service:
         assert self.gateway is not None
         return self.gateway.check_head(request)
 
+    def body_limit(self, request: Request) -> int:
+        assert self.gateway is not None
+        return self.gateway.body_limit(request)
+
     async def start(self, sock: socket.socket | None) -> None:
         # Loading big models can outlast systemd's start timeout: extend it while loading
         # (README, "Running under systemd"); READY=1 still means "serving every preload".
@@ -168,6 +213,7 @@ class Service:
         finally:
             extending.cancel()
         self.gateway = self._build(self.config, upstreams)
+        await self.batches.start()
         settings = self.config.server
         self.server = await start_server(
             self.handle,
@@ -178,6 +224,7 @@ class Service:
             host=settings.listen_host,
             port=settings.listen_port,
             sock=sock,
+            body_limit=self.body_limit,
         )
         addresses = ", ".join(str(s.getsockname()) for s in self.server.sockets)
         log.info("casedesk listening on %s; deployments: %s", addresses, ", ".join(self.gateway.deployments))
@@ -230,9 +277,14 @@ class Service:
     async def shutdown(self, grace: float, force: asyncio.Event) -> None:
         log.info("shutting down: no new connections; waiting up to %g s for in-flight requests", grace)
         self.notifier.stopping()
+        self.batches.pause()
         if self.server is not None:
             self.server.close()
+        started = asyncio.get_running_loop().time()
         await _drain(self.tracker, grace, force)
+        # Batch items get what is left of the grace; any still running then run at the next start.
+        left = 0.0 if force.is_set() else grace - (asyncio.get_running_loop().time() - started)
+        await self.batches.stop(max(0.0, left))
         for task in list(self._retiring):
             task.cancel()
         if self.gateway is not None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from functools import partial
 from typing import Any, cast
 
@@ -96,39 +95,74 @@ async def _answer(
     # model.lease(): a managed model is loaded if needed and kept running until the end
     # (README, "Models on demand"). The wait for a load happens here, inside the handler.
     async with deployment.admission.slot(charge.tenant), model.lease():
-        # llama-server is asked for the tag (the answer still names what the client asked for).
-        timeout = deployment.settings.upstream_read_timeout
-        fold = has_later_system_turn(parsed.messages) and not await takes_mid_system_turns(model, timeout)
-        payload, route_key = await sized_work(deployment, size, _chat_request, parsed, model, fold)
-        relay = AnswerRelay(model.balancer, timeout, route_key)
-        message_id = new_message_id()
-
-        made: list[StreamTranslator] = []
-
-        def new_translator() -> StreamTranslator:  # one per attempt; all give the same id
-            made.append(
-                StreamTranslator(
-                    parsed.model,
-                    wants_thinking=parsed.wants_thinking,
-                    single_tool_use=parsed.single_tool_use,
-                    message_id=message_id,
-                    max_tokens=parsed.max_tokens,
-                    repair_tools=repairable_tools(parsed),
-                )
-            )
-            return made[-1]
-
-        def begun() -> None:  # message_start: the uncached prompt tokens are known
-            charge.input_known(made[-1].prompt_usage[0])
-
+        answer = await _prepare(deployment, model, parsed, size, charge)
         try:
             if parsed.stream:
-                await _stream(relay, payload, new_translator, writer, record, begun, charge.headers)
+                await _stream(answer, writer, record, charge.headers)
             else:
-                await _whole(relay, payload, new_translator, writer, record, begun, charge.headers)
+                message = await _whole(answer, record)
+                writer.send(200, orjson.dumps(message), headers=charge.headers)
         finally:
-            record.upstream = relay.upstream
-            _charge_end(charge, made[-1] if made else None)
+            record.upstream = answer.relay.upstream
+            _charge_end(charge, answer.made[-1] if answer.made else None)
+
+
+async def answer_message(
+    deployment: DeploymentState, parsed: MessagesRequest, record: RequestRecord, charge: Charge
+) -> dict[str, Any]:
+    """The message a non-streamed POST …/v1/messages answers `parsed` with, for a caller with no
+    HTTP writer that already holds an admission slot (a batch item: casedesk/batches/runner.py);
+    it raises the ApiError the endpoint would answer."""
+    model = deployment.model(parsed.model)
+    record.tag = model.tag
+    async with model.lease():
+        answer = await _prepare(deployment, model, parsed, 0, charge)
+        try:
+            return await _whole(answer, record)
+        finally:
+            record.upstream = answer.relay.upstream
+            _charge_end(charge, answer.made[-1] if answer.made else None)
+
+
+class _Answer:
+    """One answer's relay, payload and translators (one per attempt, all with the same id)."""
+
+    __slots__ = ("relay", "payload", "made", "_parsed", "_message_id", "_charge")
+
+    def __init__(self, relay: AnswerRelay, payload: bytes, parsed: MessagesRequest, charge: Charge) -> None:
+        self.relay = relay
+        self.payload = payload
+        self.made: list[StreamTranslator] = []
+        self._parsed = parsed
+        self._message_id = new_message_id()
+        self._charge = charge
+
+    def new_translator(self) -> StreamTranslator:
+        parsed = self._parsed
+        self.made.append(
+            StreamTranslator(
+                parsed.model,
+                wants_thinking=parsed.wants_thinking,
+                single_tool_use=parsed.single_tool_use,
+                message_id=self._message_id,
+                max_tokens=parsed.max_tokens,
+                repair_tools=repairable_tools(parsed),
+            )
+        )
+        return self.made[-1]
+
+    def begun(self) -> None:
+        """message_start: the uncached prompt tokens are known, and charged."""
+        self._charge.input_known(self.made[-1].prompt_usage[0])
+
+
+async def _prepare(
+    deployment: DeploymentState, model: ModelState, parsed: MessagesRequest, size: int, charge: Charge
+) -> _Answer:
+    timeout = deployment.settings.upstream_read_timeout
+    fold = has_later_system_turn(parsed.messages) and not await takes_mid_system_turns(model, timeout)
+    payload, route_key = await sized_work(deployment, size, _chat_request, parsed, model, fold)
+    return _Answer(AnswerRelay(model.balancer, timeout, route_key), payload, parsed, charge)
 
 
 def _charge_end(charge: Charge, translator: StreamTranslator | None) -> None:
@@ -150,16 +184,12 @@ def _chat_request(parsed: MessagesRequest, model: ModelState, fold: bool) -> tup
 
 
 async def _stream(
-    relay: AnswerRelay,
-    payload: bytes,
-    new_translator: Callable[[], StreamTranslator],
-    writer: ResponseWriter,
-    record: RequestRecord,
-    begun: Callable[[], None],
-    headers: tuple[tuple[str, str], ...],
+    answer: _Answer, writer: ResponseWriter, record: RequestRecord, headers: tuple[tuple[str, str], ...]
 ) -> None:
+    relay = answer.relay
+
     def start() -> None:
-        begun()
+        answer.begun()
         if not writer.started:  # the keep-alive may have started it already
             writer.start_stream(headers=(*STREAM_HEADERS, *headers))
 
@@ -167,7 +197,7 @@ async def _stream(
         record.ttft = time.monotonic() - record.started
 
     writer.set_flow_listener(relay)
-    translator, error = await relay.run(payload, new_translator, start, writer.write, first_token)
+    translator, error = await relay.run(answer.payload, answer.new_translator, start, writer.write, first_token)
     start()
     if error is not None:
         log.warning("stream from %s failed: %s", relay.upstream, error)
@@ -178,22 +208,14 @@ async def _stream(
     _count(record, translator)
 
 
-async def _whole(
-    relay: AnswerRelay,
-    payload: bytes,
-    new_translator: Callable[[], StreamTranslator],
-    writer: ResponseWriter,
-    record: RequestRecord,
-    begun: Callable[[], None],
-    headers: tuple[tuple[str, str], ...],
-) -> None:
+async def _whole(answer: _Answer, record: RequestRecord) -> dict[str, Any]:
     accumulator = MessageAccumulator()  # fed only once an attempt's answer began: never twice
-    translator, error = await relay.run(payload, new_translator, begun, accumulator.feed)
+    translator, error = await answer.relay.run(answer.payload, answer.new_translator, answer.begun, accumulator.feed)
     if error is not None:
         raise ApiError(502, f"upstream failed: {error}")
     accumulator.feed(translator.finish())
-    writer.send(200, orjson.dumps(accumulator.message), headers=headers)
     _count(record, translator)
+    return accumulator.message
 
 
 def _count(record: RequestRecord, translator: StreamTranslator) -> None:

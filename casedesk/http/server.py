@@ -88,6 +88,9 @@ Handler = Callable[[Request, "ResponseWriter"], Awaitable[None]]
 # its body unread (unknown path, bad key…); None lets the body come. A client waiting for
 # `100 Continue` gets it only after this said None.
 HeadCheck = Callable[[Request], ErrorResponse | None]
+# The body limit of one request, decided from its head (a path may allow more than
+# ServerLimits.max_body_bytes: the Message Batches create, issue 18).
+BodyLimit = Callable[[Request], int]
 
 # The end of a request head: h11 accepts bare LF line ends too, so this does.
 _HEAD_END = re.compile(rb"\n\r?\n")
@@ -301,7 +304,7 @@ class RequestCycle:
         self.request = request
         self.body = bytearray()
         self.body_left = content_length  # Content-Length bytes not yet handed to h11
-        self.chunked = ChunkedBodyReader(protocol.limits.max_body_bytes) if chunked else None
+        self.chunked = ChunkedBodyReader(protocol.max_body) if chunked else None
         self.writer = ResponseWriter(protocol, request.request_id, head_only=request.method == "HEAD")
         self.task: asyncio.Task[None] | None = None
 
@@ -335,11 +338,14 @@ class HttpProtocol(StreamProtocol):
         tracker: ConnectionTracker,
         render_error: ErrorRenderer,
         check_head: HeadCheck | None = None,
+        body_limit: BodyLimit | None = None,
     ) -> None:
         super().__init__()
         self._handler = handler
         self.limits = limits
         self.tracker = tracker
+        self._body_limit = body_limit
+        self._max_body = limits.max_body_bytes  # this request's, once its head is read
         self._render_error = render_error
         self._check_head = check_head
         self._loop = asyncio.get_running_loop()
@@ -359,6 +365,11 @@ class HttpProtocol(StreamProtocol):
         self.bytes_written = 0
         self._acked = -1
         self._progress_at = 0.0
+
+    @property
+    def max_body(self) -> int:
+        """The body limit of the request being read (BodyLimit may raise it for a path)."""
+        return self._max_body
 
     @property
     def writer(self) -> ResponseWriter | None:
@@ -559,10 +570,6 @@ class HttpProtocol(StreamProtocol):
                 "to reach this gateway by that name",
             )
             return
-        content_length = int(headers.get("content-length", "0") or 0)  # h11 checked it is a number
-        if content_length > limits.max_body_bytes:
-            self._reject_too_large()
-            return
         chunked = "transfer-encoding" in headers  # h11 accepts only chunked
         request = Request(
             method=head.method.decode("ascii", "replace"),
@@ -573,6 +580,11 @@ class HttpProtocol(StreamProtocol):
             client=self.client,
             request_id=new_request_id(),
         )
+        self._max_body = self._body_limit(request) if self._body_limit is not None else limits.max_body_bytes
+        content_length = int(headers.get("content-length", "0") or 0)  # h11 checked it is a number
+        if content_length > self._max_body:
+            self._reject_too_large()
+            return
         self.cycle = RequestCycle(self, request, content_length, chunked)
         if (chunked or content_length) and self._check_head is not None:
             # A request the application would refuse anyway (unknown path, missing or wrong
@@ -633,7 +645,7 @@ class HttpProtocol(StreamProtocol):
             self._process()
 
     def _reject_too_large(self) -> None:
-        self._reject(413, f"request body is larger than the limit of {self.limits.max_body_bytes} bytes")
+        self._reject(413, f"request body is larger than the limit of {self._max_body} bytes")
 
     def _reject(self, status: int, message: str) -> None:
         """Answer a request we will not handle, then close: the rest of its bytes are unread."""
@@ -851,11 +863,13 @@ async def start_server(
     host: str | None = None,
     port: int | None = None,
     sock: socket.socket | None = None,
+    body_limit: BodyLimit | None = None,
 ) -> asyncio.Server:
     """Listen on host:port (or an already bound socket, e.g. from systemd) and serve.
 
     `render_error` gives the application's format to errors this layer finds itself;
-    `check_head`, if given, may refuse a request before its client sends the body.
+    `check_head`, if given, may refuse a request before its client sends the body;
+    `body_limit`, if given, decides each request's body limit from its head.
     """
     open_files = raise_open_file_limit()
     cap = connection_cap(limits.max_connections, open_files)
@@ -870,7 +884,7 @@ async def start_server(
     else:
         log.info("open-file limit %d; max_connections %d", open_files, cap)
     loop = asyncio.get_running_loop()
-    factory = lambda: HttpProtocol(handler, limits, tracker, render_error, check_head)  # noqa: E731
+    factory = lambda: HttpProtocol(handler, limits, tracker, render_error, check_head, body_limit)  # noqa: E731
     if sock is not None:
         return await loop.create_server(factory, sock=sock, backlog=2048)
     return await loop.create_server(factory, host=host, port=port or 0, backlog=2048, reuse_address=True)

@@ -36,8 +36,12 @@ class RequestRecord:
     repaired_tool_calls: int = 0  # tool calls read from JSON text (translate/repair.py; issue 19)
     tenant: str = ""  # issue 17: the tenant it was accounted to ("" anonymous)
     limit: str = ""  # issue 17: the bucket that refused it with a 429 ("requests", …)
+    # A Message Batches item (issue 18): its batch and custom_id; "" for every other request.
+    batch_id: str = ""
+    custom_id: str = ""
 
     def line(self, now: float) -> bytes:
+        batch = {"batch_id": self.batch_id, "custom_id": self.custom_id} if self.batch_id else {}
         return (
             orjson.dumps(
                 {
@@ -58,6 +62,7 @@ class RequestRecord:
                     "upstream": self.upstream,
                     "client": self.client,
                     "tenant": self.tenant,
+                    **batch,
                 }
             )
             + b"\n"
