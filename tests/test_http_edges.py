@@ -8,7 +8,6 @@ import hashlib
 import shutil
 import socket
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anthropic
@@ -17,17 +16,10 @@ import pytest
 
 from tests.conftest import GatewayFactory, RunningGateway, gateway_config
 from tests.fake_llama import FakeLlamaServer, Reply
-from tests.test_relay import http_post
-from tests.test_http_server import DEAD_UPSTREAM, MESSAGES, exchange, parse, read_response
+from tests.support.wire import DEAD_UPSTREAM, MESSAGES, exchange, http_post, parse, read_response
 
 ASK = [{"role": "user", "content": "hi"}]
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeLlamaServer]:
-    async with FakeLlamaServer() as server:
-        yield server
 
 
 def message_body(size: int) -> bytes:
