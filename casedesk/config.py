@@ -109,6 +109,8 @@ class ServerSettings:
     stream_keepalive: float = 2.0  # a stream silent this long gets an SSE comment (see http/keepalive.py)
     access_log: str = "-"  # "-": stdout; a path: appended to; "": off
     max_loaded_models: int = 0  # managed llama-servers running at once; 0: no limit
+    # Issue 22 (14): /metrics and /readyz on their own (HOST, PORT), off the main listener.
+    ops_listen: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,13 +255,22 @@ def _server(checker: _Checker, raw: Any) -> ServerSettings:
     if not isinstance(access_log, str):
         checker.problem("server.access_log", 'must be "-" (stdout), a file path, or "" (off)')
         access_log = defaults.access_log
-    checker.unknown(raw, {"listen", "access_log", "max_loaded_models", *LIMIT_KEYS, *numeric}, "server")
+    # Issue 22 (14)
+    ops_listen = raw.get("ops_listen")
+    if ops_listen is not None:
+        try:
+            ops_listen = split_host_port(ops_listen if isinstance(ops_listen, str) else "")
+        except ValueError:
+            checker.problem("server.ops_listen", f"must be a string HOST:PORT, got {ops_listen!r}")
+            ops_listen = None
+    checker.unknown(raw, {"listen", "access_log", "max_loaded_models", *LIMIT_KEYS, *numeric, "ops_listen"}, "server")
     return ServerSettings(
         listen_host=host,
         listen_port=port,
         limits=limits,
         access_log=access_log,
         max_loaded_models=max_loaded,
+        ops_listen=ops_listen,
         **values,
     )
 
