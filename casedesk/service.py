@@ -29,6 +29,9 @@ log = logging.getLogger("casedesk")
 
 
 class Service:
+    """The process's listeners, supervisor, logs and metrics, across reloads (each config
+    version is a Gateway); what /metrics reads from them is ops/collector.py's."""
+
     def __init__(self, config: Config) -> None:
         self.config = config
         self.supervisor = Supervisor(config)
