@@ -15,9 +15,10 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from functools import partial
 
+from casedesk.admission import Admission
 from casedesk.anthropic.errors import ApiError, not_found
 from casedesk.batches.runner import BatchRunner
-from casedesk.config import Config, Upstream
+from casedesk.config import Config, Deployment, Upstream
 from casedesk.endpoints.batches import (
     handle_batch_results,
     handle_cancel_batch,
@@ -121,8 +122,23 @@ class Gateway:
             ):
                 self.router.add(method, BASE + path, self._with_deployment(partial(batch_handler, batches)))
         self.router.add(("GET", "HEAD"), "/healthz", handle_healthz)
-        self.router.add(("GET", "HEAD"), "/readyz", partial(handle_readyz, self.not_ready))
-        self.router.add(("GET", "HEAD"), "/metrics", partial(handle_metrics, self.metrics))
+        # /metrics and /readyz: everything on [server] ops_listen when it is set (and nothing
+        # on the main listener); else on the main listener, where a deployment that requires
+        # a key is shown only to a request carrying one of its keys.
+        self.ops_router = Router()
+        self.ops_router.add(("GET", "HEAD"), "/healthz", handle_healthz)
+        self.ops_router.add(("GET", "HEAD"), "/readyz", partial(handle_readyz, lambda _: self.not_ready()))
+        self.ops_router.add(("GET", "HEAD"), "/metrics", partial(handle_metrics, self.metrics, lambda _: frozenset()))
+        if settings.ops_listen is None:
+            public_readiness = lambda headers: self.not_ready(hide=self.hidden_from(headers))  # noqa: E731
+            self.router.add(("GET", "HEAD"), "/readyz", partial(handle_readyz, public_readiness))
+            self.router.add(("GET", "HEAD"), "/metrics", partial(handle_metrics, self.metrics, self.hidden_from))
+        # An unknown deployment id is answered as a keyed deployment without the right key
+        # would be (401), so that 401 versus 404 does not tell which ids exist.
+        self._unknown: DeploymentState | None = None
+        if any(_keyed(d.config) for d in self.deployments.values()):
+            nobody = Deployment(id="", models={}, api_keys_sha256=frozenset({"0" * 64}))
+            self._unknown = DeploymentState(nobody, Admission(1, 0, 1.0), settings, started_at)
 
     def _with_deployment(self, handler: DeploymentHandler) -> RouteHandler:
         """`handler` given the state of the deployment its path names (404 if none), which the
@@ -131,24 +147,27 @@ class Gateway:
         async def run(
             request: Request, writer: ResponseWriter, record: RequestRecord, deployment: str, **params: str
         ) -> None:
-            state = self._find(deployment)
+            state = self._find(deployment, request.headers)
             record.deployment = deployment
             await handler(state, request, writer, record, **params)
 
         return run
 
-    def _find(self, deployment: str) -> DeploymentState:
+    def _find(self, deployment: str, headers: dict[str, str]) -> DeploymentState:
         state = self.deployments.get(deployment)
         if state is None:
+            if self._unknown is not None:
+                self._unknown.authorize(headers)  # raises the 401 a keyed deployment would
             raise not_found(f"deployment {deployment!r} not found")
         return state
 
-    async def handle(self, request: Request, writer: ResponseWriter) -> None:
-        """Route, run the handler, render its errors, and account for the request."""
+    async def handle(self, request: Request, writer: ResponseWriter, router: Router | None = None) -> None:
+        """Route (on the main listener's routes, or `router`'s), run the handler, render its
+        errors, and account for the request."""
         record = RequestRecord(request.request_id, request.method, request.path, request.client, time.monotonic())
         self.active += 1
         try:
-            match = self.router.resolve(request.method, request.path)
+            match = (router or self.router).resolve(request.method, request.path)
             await match.handler(request, writer, record, **match.params)
         except ApiError as error:
             record.status = error.status
@@ -172,7 +191,7 @@ class Gateway:
             match = self.router.resolve(request.method, request.path)
             deployment = match.params.get("deployment")
             if deployment is not None:
-                self._find(deployment).authorize(request.headers, request.client)
+                self._find(deployment, request.headers).authorize(request.headers, request.client)
         except ApiError as error:
             record = RequestRecord(request.request_id, request.method, request.path, request.client, time.monotonic())
             if deployment is not None and deployment in self.deployments:
@@ -217,21 +236,27 @@ class Gateway:
                 self.metrics.record_tenant(record)
         self.access_log.write(record)
 
-    def not_ready(self) -> str | None:
-        """Why the gateway is not ready: a managed model that cannot start, or a deployment
-        with no healthy upstream (a stopped on-demand model counts: it can start); else None."""
+    def hidden_from(self, headers: dict[str, str]) -> frozenset[str]:
+        """The deployments a request with these headers may not learn about: those that
+        require a key it does not carry."""
+        hidden = set()
         for dep in self.deployments.values():
-            for model in dep.models.values():
-                managed = model.managed
-                failure = managed.process.failure if managed is not None else None
-                if failure is not None:
-                    return f"model {model.tag!r} of deployment {dep.config.id!r} cannot start: {failure.reason}"
-            if not any(
-                state.healthy or state.standby is not None and state.standby()
-                for model in dep.models.values()
-                for state in model.balancer.states
-            ):
-                return f"deployment {dep.config.id!r} has no healthy upstream"
+            if _keyed(dep.config):
+                try:
+                    dep.authorize(headers)
+                except ApiError:
+                    hidden.add(dep.config.id)
+        return frozenset(hidden)
+
+    def not_ready(self, hide: frozenset[str] = frozenset()) -> str | None:
+        """Why the gateway is not ready: a managed model that cannot start, or a deployment
+        with no healthy upstream (a stopped on-demand model counts: it can start); else None.
+        The deployments in `hide` count, but the reason does not name them."""
+        for dep in self.deployments.values():
+            problem = _not_ready(dep)
+            if problem is not None:
+                hidden = "a deployment is not ready (set [server] ops_listen to see which, and why)"
+                return hidden if dep.config.id in hide else problem
         return None
 
     def balancers(self) -> list[Balancer]:
@@ -248,7 +273,40 @@ class Gateway:
             balancer.close()
 
 
+def _keyed(deployment: Deployment) -> bool:
+    """Only a client with one of its keys may learn that this deployment exists."""
+    return bool(deployment.api_keys_sha256)
+
+
+def _not_ready(dep: DeploymentState) -> str | None:
+    for model in dep.models.values():
+        managed = model.managed
+        failure = managed.process.failure if managed is not None else None
+        if failure is not None:
+            return f"model {model.tag!r} of deployment {dep.config.id!r} cannot start: {failure.reason}"
+    if not any(
+        state.healthy or state.standby is not None and state.standby()
+        for model in dep.models.values()
+        for state in model.balancer.states
+    ):
+        return f"deployment {dep.config.id!r} has no healthy upstream"
+    return None
+
+
+# An error message carries values the client chose (a model name, a path): an 8 MB `model`
+# must not make an 8 MB answer. Longer messages are cut (README, "Limits").
+MAX_ERROR_MESSAGE = 4096
+
+
+def _bounded(error: ApiError) -> ApiError:
+    if len(error.message) <= MAX_ERROR_MESSAGE:
+        return error
+    cut = f"{error.message[:MAX_ERROR_MESSAGE]}… (cut: {len(error.message)} characters)"
+    return ApiError(error.status, cut, error.error_type, error.headers)
+
+
 def error_response(error: ApiError) -> ErrorResponse:
+    error = _bounded(error)
     return ErrorResponse(error.status, error.body(), headers=error.headers)
 
 
@@ -264,5 +322,5 @@ def respond_with_error(writer: ResponseWriter, error: ApiError, close: bool = Fa
     if not writer.started:
         writer.send_error(error_response(error), close=close)
     else:
-        writer.write(error.sse_event())
+        writer.write(_bounded(error).sse_event())
         writer.end()

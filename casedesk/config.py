@@ -134,6 +134,9 @@ class ServerSettings:
     max_batch_bytes: int = 256 * 1024 * 1024  # the body limit of POST …/v1/messages/batches only
     batch_retention_days: float = 29.0  # an ended batch and its results are deleted this long after it ended
 
+    # Issue 22 (14): /metrics and /readyz on their own (HOST, PORT), off the main listener.
+    ops_listen: tuple[str, int] | None = None
+
 
 PRIORITIES = ("high", "normal", "low")
 TENANT_LIMIT_KEYS = ("requests_per_minute", "input_tokens_per_minute", "output_tokens_per_minute")
@@ -327,9 +330,17 @@ def _server(checker: _Checker, raw: Any) -> ServerSettings:
         checker.problem("server.identity_header", "needs trusted_proxies: the addresses allowed to set it")
     tenant_keys = {"identity_header", "trusted_proxies"}
     batches = _server_batches(checker, raw, defaults)  # issue 18
+    # Issue 22 (14)
+    ops_listen = raw.get("ops_listen")
+    if ops_listen is not None:
+        try:
+            ops_listen = split_host_port(ops_listen if isinstance(ops_listen, str) else "")
+        except ValueError:
+            checker.problem("server.ops_listen", f"must be a string HOST:PORT, got {ops_listen!r}")
+            ops_listen = None
     # Every [server] key; each issue's block adds its own set here.
     server_keys = {"listen", "access_log", "max_loaded_models", *LIMIT_KEYS, *numeric}
-    server_keys |= {*issue22_keys, *tenant_keys, *BATCH_SERVER_KEYS}
+    server_keys |= {*issue22_keys, *tenant_keys, *BATCH_SERVER_KEYS, "ops_listen"}
     checker.unknown(raw, server_keys, "server")
     return ServerSettings(
         listen_host=host,
@@ -339,6 +350,7 @@ def _server(checker: _Checker, raw: Any) -> ServerSettings:
         max_loaded_models=max_loaded,
         identity_header=identity_header.lower(),
         trusted_proxies=tuple(trusted),
+        ops_listen=ops_listen,
         **values,
         **batches,
     )

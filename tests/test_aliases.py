@@ -20,7 +20,7 @@ from casedesk.cli import main as cli_main
 from casedesk.config import ConfigError, parse
 from tests.conftest import GatewayFactory, RunningGateway
 from tests.fake_llama import FakeLlamaServer, Reply
-from tests.test_ops import get
+from tests.support.wire import get
 
 ASK = [{"role": "user", "content": "hi"}]
 # File order matters: "claude-*haiku*" is listed before the catch-all "claude-*".

@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import GatewayFactory, RunningGateway, gateway_config
 from tests.fake_llama import FakeLlamaServer, Reply
-from tests.test_relay import ASK, http_post, raw_events, sdk
+from tests.support.wire import ASK, http_post, raw_events, sdk
 
 MESSAGES = "/proxy/dep/anthropic/v1/messages"
 GOOD = Reply(tokens=["from", " the", " good", " one"], prompt_tokens=9)

@@ -10,39 +10,9 @@ import orjson
 import pytest
 
 from tests.conftest import GatewayFactory, gateway_config
+from tests.support.wire import DEAD_UPSTREAM, MESSAGES, exchange, parse, read_response
 
-DEAD_UPSTREAM = "http://127.0.0.1:9"  # discard port: nothing listens, connections are refused
 VERSION = b"anthropic-version: 2023-06-01\r\n"
-
-
-async def exchange(port: int, raw: bytes, read_until_close: bool = False, timeout: float = 5.0) -> bytes:
-    """Send raw bytes, return what comes back (one response, or all until the server closes)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(raw)
-    await writer.drain()
-    try:
-        if read_until_close:
-            return await asyncio.wait_for(reader.read(-1), timeout)
-        return await asyncio.wait_for(read_response(reader), timeout)
-    finally:
-        writer.close()
-
-
-async def read_response(reader: asyncio.StreamReader) -> bytes:
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":")[1])
-    return head + await reader.readexactly(length)
-
-
-def parse(response: bytes) -> tuple[int, dict[str, str], bytes]:
-    head, _, body = response.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    return status, headers, body
 
 
 def post(path: str, body: bytes, extra: bytes = VERSION) -> bytes:
@@ -54,7 +24,6 @@ def post(path: str, body: bytes, extra: bytes = VERSION) -> bytes:
     )
 
 
-MESSAGES = "/proxy/dep/anthropic/v1/messages"
 VALID = orjson.dumps({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
 
 

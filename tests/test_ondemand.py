@@ -20,7 +20,9 @@ from casedesk.config import parse
 from casedesk.ops.process import State, is_valid_transition
 from casedesk.ops.supervisor import Supervisor
 from tests.conftest import GatewayFactory, RunningGateway
-from tests.test_ops import NotifyListener, get
+from tests.support.systemd import NotifyListener
+from tests.support.wait import until
+from tests.support.wire import get
 
 ROOT = Path(__file__).resolve().parents[1]
 ASK = [{"role": "user", "content": "hi"}]
@@ -68,13 +70,6 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return not Path(f"/proc/{pid}/stat").read_text().split(") ")[-1].startswith("Z")
-
-
-async def until(condition: Any, timeout: float = 15.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what or condition}"
-        await asyncio.sleep(0.02)
 
 
 def client(gw: RunningGateway) -> anthropic.AsyncAnthropic:

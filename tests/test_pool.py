@@ -4,7 +4,6 @@ retry on a socket the server had closed, and `Exchange` closing exactly once."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -12,19 +11,7 @@ import pytest
 from casedesk.upstream.client import call_json, open_exchange
 from casedesk.upstream.pool import UpstreamPool
 from tests.fake_llama import FakeLlamaServer
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeLlamaServer]:
-    async with FakeLlamaServer() as server:
-        yield server
-
-
-async def until(predicate: Any, timeout: float = 2.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
+from tests.support.wait import until
 
 
 async def served(pool: UpstreamPool) -> None:

@@ -58,7 +58,9 @@ async def handle_get_model(
 async def handle_head_probe(
     deployment: DeploymentState, request: Request, writer: ResponseWriter, record: RequestRecord
 ) -> None:
-    """Agents probe the base URL with HEAD: 200, no body, for a known deployment."""
+    """Agents probe the base URL with HEAD: 200, no body, for a known deployment (and, for
+    one that requires a key, only with the key: the probe must not tell that it exists)."""
+    deployment.authorize(request.headers)
     writer.send(200, b"")
 
 
