@@ -467,8 +467,6 @@ class HttpProtocol(StreamProtocol):
             if phase is Phase.IDLE:
                 if not self._skip_empty_lines():
                     break
-                if self.conn.our_state is not h11.IDLE:
-                    break  # (cannot happen: IDLE follows start_next_cycle)
                 self._enter(Phase.HEAD, self.limits.header_timeout)
             elif phase is Phase.HEAD:
                 if not self._read_head():
