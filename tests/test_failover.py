@@ -135,10 +135,9 @@ async def test_the_connection_cap_529_says_when_to_retry(start_gateway: GatewayF
     async with FakeLlamaServer() as fake:
         gw = await start_gateway(gateway_config([fake.url], server={"max_connections": 1}))
         _held = await asyncio.open_connection("127.0.0.1", gw.port)
-        # A connection in the middle of a request head (an idle one would be closed to make room).
-        _held[1].write(b"GET /healthz HTTP/1.1\r\n")
-        await _held[1].drain()
-        await asyncio.sleep(0.2)  # the gateway reads the partial head before the second connection
+        # Busy (answered, its next head under way): an idle connection would be closed to make room.
+        _held[1].write(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\nGET /healthz HTTP/1.1\r\n")
+        assert (await _held[0].readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
         answer = await asyncio.wait_for(reader.read(), 5)
         writer.close()

@@ -268,7 +268,8 @@ async def plain_gateway(start_gateway: GatewayFactory) -> AsyncIterator[RunningG
 
 
 @pytest.mark.parametrize(
-    "host", ["localhost", "localhost:8787", "127.0.0.1:8787", "[::1]:8787", "app.localhost", "GPU-box.lan:8787"]
+    "host",
+    ["localhost", "localhost:8787", "127.0.0.1:8787", "[::1]:8787", "app.localhost", "gpubox", "GPU-box.lan:8787"],
 )
 async def test_a_loopback_listener_answers_loopback_and_allowed_names(plain_gateway: RunningGateway, host: str) -> None:
     raw = f"GET /healthz HTTP/1.1\r\nhost: {host}\r\n\r\n".encode()

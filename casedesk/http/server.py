@@ -478,8 +478,6 @@ class HttpProtocol(StreamProtocol):
             if phase is Phase.IDLE:
                 if not self._skip_empty_lines():
                     break
-                if self.conn.our_state is not h11.IDLE:
-                    break  # (cannot happen: IDLE follows start_next_cycle)
                 self._enter(Phase.HEAD, self.limits.header_timeout)
             elif phase is Phase.HEAD:
                 if not self._read_head():
@@ -566,8 +564,8 @@ class HttpProtocol(StreamProtocol):
         if self._loopback_listener and not _allowed_host(host, limits.allowed_hosts):
             self._reject(
                 403,
-                f"Host {host[:100]!r} is not a loopback name; list it in [server] allowed_hosts "
-                "to reach this gateway by that name",
+                f"Host {host[:100]!r} is not a loopback name or address: this gateway listens on "
+                "loopback only; list the name in [server] allowed_hosts to reach it by that name",
             )
             return
         chunked = "transfer-encoding" in headers  # h11 accepts only chunked
@@ -813,8 +811,10 @@ def _is_loopback_listener(sockname: object) -> bool:
 
 def _allowed_host(host: str, allowed: tuple[str, ...]) -> bool:
     """Is `host` (a Host header: name or address, maybe a port) one a loopback listener may
-    answer? A DNS-rebinding page reaches it under the page's own name, never a loopback one
-    (Ollama's fix for CVE-2024-28224 is the same rule)."""
+    answer? A DNS-rebinding page reaches it under the page's own name, a name in the public
+    DNS that its author controls: never a loopback name or address, nor a name without a dot
+    (no one can register one; only the operator's own hosts file or search domain resolves
+    it). Ollama's fix for CVE-2024-28224 is the same kind of rule."""
     if not host:
         return True  # HTTP/1.0 without Host: no browser sends that
     name = host.strip().lower()
@@ -823,8 +823,8 @@ def _allowed_host(host: str, allowed: tuple[str, ...]) -> bool:
     elif name.count(":") == 1:
         name = name.partition(":")[0]
     name = name.rstrip(".")
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
+    if "." not in name or name.endswith(".localhost"):
+        return True  # localhost, the machine's short name, x.localhost (RFC 6761 §6.3)
     try:
         if ipaddress.ip_address(name).is_loopback:
             return True
