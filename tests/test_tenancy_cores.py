@@ -74,9 +74,9 @@ def test_a_reload_keeps_what_was_used() -> None:
     limiter.configure({"alice": Limits(output_tokens_per_minute=600)}, now=0.0)
     limiter.charge("alice", output_tokens=500, now=0.0)
     limiter.configure({"alice": Limits(output_tokens_per_minute=300)}, now=0.0)
-    assert list(limiter.levels(0.0)) == [("alice", "output_tokens", 100.0)]
+    assert list(limiter.levels(0.0)) == [("alice", "output_tokens", -200.0)]  # 500 used of 300
     limiter.configure({"alice": Limits(output_tokens_per_minute=300), "bob": Limits(10)}, now=0.0)
-    assert sorted(limiter.levels(0.0)) == [("alice", "output_tokens", 100.0), ("bob", "requests", 10.0)]
+    assert sorted(limiter.levels(0.0)) == [("alice", "output_tokens", -200.0), ("bob", "requests", 10.0)]
 
 
 @settings(max_examples=300, deadline=None)
