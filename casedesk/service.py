@@ -45,6 +45,11 @@ class Service:
             "Tokens left in each tenant's rate-limit buckets (negative: overdrawn).",
             self._buckets,
         )
+        self.metrics.counter(
+            "casedesk_shared_limits_errors_total",
+            "Calls to the shared rate limits' Redis that failed (requests then fail open or closed).",
+            lambda: self.tenancy.shared_errors,
+        )
         self.metrics.gauge("casedesk_in_flight_requests", "Requests in flight, by deployment.", self._in_flight)
         self.metrics.gauge("casedesk_queued_requests", "Requests waiting for a slot, by deployment.", self._queued)
         self.metrics.gauge("casedesk_upstream_up", "1 while an upstream is healthy.", self._upstream_up)
@@ -239,6 +244,7 @@ class Service:
             self.gateway.close()
         self.notifier.stop_watchdog()
         await self.supervisor.stop()
+        self.tenancy.close()
         self.access_log.close()
 
 
