@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import GatewayFactory
-from tests.fake_llama import FakeLlamaServer
+from tests.fake_llama import FakeLlamaServer, Reply
 from tests.test_tenants import BODY, key, metric, metrics, post, tenants_config
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
@@ -116,3 +116,33 @@ async def test_fail_closed_refuses_with_529_while_redis_is_down(
     while (await post(gateway.port, BODY, key("ci")))[0] != 200:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.05)
+
+
+async def test_two_instances_hold_one_output_token_limit_exactly(
+    fake: FakeLlamaServer, start_gateway: GatewayFactory, redis_server: RedisServer
+) -> None:
+    """600 output tokens a minute for the tenant, two streams on each of two instances, 50
+    tokens a request, for 10 s: together at most 600 + 100 (10 s of refill) + what was in
+    flight when the bucket ran out (4 × 50), not twice that."""
+    fake.default = Reply(tokens=["t"] * 50, token_delay=0.01)
+    raw = tenants_config(
+        fake.url, {"ci": {"output_tokens_per_minute": 600}}, server={"shared_limits": redis_server.url}
+    )
+    gateways = [await start_gateway(raw), await start_gateway(raw)]
+    deadline = time.monotonic() + 10
+    served = [0, 0]
+
+    async def stream_loop(i: int) -> None:
+        while time.monotonic() < deadline:
+            status, headers, _, _ = await post(gateways[i].port, {**BODY, "stream": True}, key("ci"))
+            if status == 200:
+                served[i] += 1
+            else:
+                assert status == 429
+                await asyncio.sleep(min(float(headers["retry-after"]), max(0.0, deadline - time.monotonic())))
+
+    await asyncio.gather(*(stream_loop(i) for i in (0, 1, 0, 1)))
+    outputs = [metric(await metrics(g), "casedesk_tenant_output_tokens_total", tenant="ci") for g in gateways]
+    print(f"two instances, 600 OTPM, 10 s: output tokens {outputs} (sum {sum(outputs):g}), requests {served}")
+    assert all(out > 0 for out in outputs)
+    assert 600 <= sum(outputs) <= 600 + 100 + 4 * 50 + 50

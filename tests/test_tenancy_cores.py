@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from casedesk.anthropic.errors import ApiError
 from casedesk.tenancy.bucket import TokenBucket
 from casedesk.tenancy.fairqueue import FairQueue
 from casedesk.tenancy.limiter import Limiter, Limits
@@ -175,3 +179,22 @@ def test_a_removed_waiter_leaves_no_trace() -> None:
     queue.push("b", "alice")
     assert queue.remove("a", "alice") and not queue.remove("a", "alice")
     assert queue.pop({}) == ("alice", "b") and len(queue) == 0
+
+
+async def test_a_batch_item_waits_for_its_tenants_budget_instead_of_a_429() -> None:
+    from casedesk.tenancy.charge import Charge
+
+    clock = [0.0]
+    limiter = Limiter()
+    limiter.configure({"ci": Limits(requests_per_minute=600)}, now=0.0)  # one every 0.1 s
+    for _ in range(600):
+        await Charge(limiter, "ci", clock=lambda: clock[0]).admit()
+    charge = Charge(limiter, "ci", clock=lambda: clock[0])
+    waiting = asyncio.ensure_future(charge.admit_waiting())
+    await asyncio.sleep(0.02)
+    assert not waiting.done()  # spent: it waits, no 429
+    clock[0] = 0.1  # a tenth of a second later a whole request is back
+    await asyncio.wait_for(waiting, 2)
+    with pytest.raises(ApiError) as caught:
+        await Charge(limiter, "ci", clock=lambda: clock[0]).admit_waiting(deadline=0.15)
+    assert caught.value.status == 429

@@ -2,10 +2,16 @@
 its uncached input tokens charged when message_start gives them, its output tokens at the end.
 The anthropic-ratelimit-* headers are computed once, at admission. The buckets are the
 process's (Limiter) or, with `[server] shared_limits`, Redis's (SharedBuckets).
+
+For other callers (batch items, charged to their batch's tenant): `Charge(limiter, tenant)`,
+then `await admit()` (429 when spent) or `await admit_waiting()` (waits for the budget), and
+`end(uncached_input, output)` once the item is done; around the upstream part,
+`Admission.slot(tenant)` for the deployment's turn.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
@@ -50,6 +56,22 @@ class Charge:
                 on_refused(self.tenant, refused.bucket)
             raise ApiError(429, refused.message(), headers=(("retry-after", str(refused.retry_after)), *headers))
         self.headers = headers
+
+    async def admit_waiting(self, deadline: float | None = None) -> None:
+        """Wait until the tenant's limits let the request pass, then take it (batch items wait
+        for their tenant's budget instead of a 429). `deadline` (self's clock): the 429 then."""
+        while True:
+            try:
+                await self.admit()
+                return
+            except ApiError as error:
+                if error.status != 429:
+                    raise
+                retry = next((float(value) for name, value in error.headers if name == "retry-after"), 1.0)
+                wait = self._limiter.seconds_until_admitted(self.tenant, self._clock()) or retry
+                if deadline is not None and self._clock() + wait > deadline:
+                    raise
+                await asyncio.sleep(max(wait, 0.01))
 
     def input_known(self, uncached: int) -> None:
         """message_start: the prompt tokens llama-server had to compute (cached ones are free)."""
