@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from casedesk.anthropic.errors import ApiError
 from casedesk.tenancy.bucket import TokenBucket
 from casedesk.tenancy.fairqueue import FairQueue
-from casedesk.tenancy.limiter import Limiter, Limits
+from casedesk.tenancy.limiter import Limiter
+from casedesk.tenancy.limits import Limits
 
 
 def test_a_bucket_refills_continuously_up_to_its_capacity() -> None:

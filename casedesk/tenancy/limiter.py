@@ -16,28 +16,10 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from casedesk.tenancy.bucket import TokenBucket
+from casedesk.tenancy.limits import LIMITS, Limits
 
 if TYPE_CHECKING:
     from casedesk.tenancy.shared import SharedBuckets
-
-# (bucket name, config key) in the order a refusal names them.
-LIMITS = (
-    ("requests", "requests_per_minute"),
-    ("input_tokens", "input_tokens_per_minute"),
-    ("output_tokens", "output_tokens_per_minute"),
-)
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """A tenant's per-minute limits; 0 means no limit."""
-
-    requests_per_minute: int = 0
-    input_tokens_per_minute: int = 0
-    output_tokens_per_minute: int = 0
-
-    def any(self) -> bool:
-        return bool(self.requests_per_minute or self.input_tokens_per_minute or self.output_tokens_per_minute)
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from casedesk.tenancy.bucket import TokenBucket
-from casedesk.tenancy.limiter import LIMITS, Limits
+from casedesk.tenancy.limits import LIMITS, Limits
 
 log = logging.getLogger("casedesk.tenants")
 

@@ -10,7 +10,8 @@ import time
 
 from casedesk.admission import Admission, TenantShare
 from casedesk.config import Config, Deployment
-from casedesk.tenancy.limiter import Limiter, Limits
+from casedesk.tenancy.limiter import Limiter
+from casedesk.tenancy.limits import Limits
 from casedesk.tenancy.shared import SharedBuckets
 
 
