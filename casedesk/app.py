@@ -274,8 +274,9 @@ class Gateway:
 
 
 def _keyed(deployment: Deployment) -> bool:
-    """Only a client with one of its keys may learn that this deployment exists."""
-    return bool(deployment.api_keys_sha256)
+    """Only a client with one of its keys may learn that this deployment exists (its own
+    keys, or its tenants')."""
+    return bool(deployment.api_keys_sha256 or deployment.tenants)
 
 
 def _not_ready(dep: DeploymentState) -> str | None:

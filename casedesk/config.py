@@ -127,6 +127,8 @@ class ServerSettings:
     # from these networks
     identity_header: str = ""  # e.g. "X-Forwarded-Email"; "": none
     trusted_proxies: tuple[str, ...] = ()  # CIDR networks, e.g. "127.0.0.1/32"
+    shared_limits: str = ""  # "redis://HOST:PORT/DB": the tenants' buckets, shared by instances
+    shared_limits_failure: str = "open"  # Redis unreachable: "open" serves, "closed" answers 529
 
     # Message Batches (issue 18): casedesk/batches/.
     state_dir: str = ""  # durable state; "": $STATE_DIRECTORY (systemd's StateDirectory=) or ./state
@@ -328,7 +330,15 @@ def _server(checker: _Checker, raw: Any) -> ServerSettings:
             checker.problem(f"server.trusted_proxies[{i}]", f"must be an address or CIDR network, got {network!r}")
     if identity_header and not trusted:
         checker.problem("server.identity_header", "needs trusted_proxies: the addresses allowed to set it")
-    tenant_keys = {"identity_header", "trusted_proxies"}
+    shared = raw.get("shared_limits", defaults.shared_limits)
+    if not isinstance(shared, str) or (shared and urlsplit(shared).scheme not in ("redis", "rediss", "unix")):
+        checker.problem("server.shared_limits", f'must be a Redis URL like "redis://127.0.0.1:6379/0", got {shared!r}')
+        shared = ""
+    failure = raw.get("shared_limits_failure", defaults.shared_limits_failure)
+    if failure not in ("open", "closed"):
+        checker.problem("server.shared_limits_failure", f'must be "open" or "closed", got {failure!r}')
+        failure = defaults.shared_limits_failure
+    tenant_keys = {"identity_header", "trusted_proxies", "shared_limits", "shared_limits_failure"}
     batches = _server_batches(checker, raw, defaults)  # issue 18
     # Issue 22 (14)
     ops_listen = raw.get("ops_listen")
@@ -351,6 +361,8 @@ def _server(checker: _Checker, raw: Any) -> ServerSettings:
         identity_header=identity_header.lower(),
         trusted_proxies=tuple(trusted),
         ops_listen=ops_listen,
+        shared_limits=shared,
+        shared_limits_failure=failure,
         **values,
         **batches,
     )

@@ -54,6 +54,11 @@ class Service:
             "Tokens left in each tenant's rate-limit buckets (negative: overdrawn).",
             self._buckets,
         )
+        self.metrics.counter(
+            "casedesk_shared_limits_errors_total",
+            "Calls to the shared rate limits' Redis that failed (requests then fail open or closed).",
+            lambda: self.tenancy.shared_errors,
+        )
         # Message Batches (issue 18): the runner outlives reloads, as the batches do.
         self.batches = BatchRunner(
             BatchStore(state_path(config.server.state_dir)),
@@ -227,6 +232,7 @@ class Service:
             self.gateway.close()
         self.notifier.stop_watchdog()
         await self.supervisor.stop()
+        self.tenancy.close()
         self.access_log.close()
 
 

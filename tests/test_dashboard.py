@@ -53,6 +53,9 @@ async def test_every_metric_the_dashboard_queries_is_exported(start_gateway: Gat
         "casedesk_model_loads_total",
         "casedesk_model_load_seconds_bucket",
         "casedesk_model_evictions_total",
+        "casedesk_tenant_requests_total",  # usage per tenant (issue 17)
+        "casedesk_tenant_output_tokens_total",
+        "casedesk_tenant_rate_limited_total",
     ):
         assert needed in used, needed
     titles = [panel["title"] for panel in dashboard["panels"]]

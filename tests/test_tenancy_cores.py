@@ -3,12 +3,17 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from casedesk.anthropic.errors import ApiError
 from casedesk.tenancy.bucket import TokenBucket
 from casedesk.tenancy.fairqueue import FairQueue
-from casedesk.tenancy.limiter import Limiter, Limits
+from casedesk.tenancy.limiter import Limiter
+from casedesk.tenancy.limits import Limits
 
 
 def test_a_bucket_refills_continuously_up_to_its_capacity() -> None:
@@ -74,9 +79,9 @@ def test_a_reload_keeps_what_was_used() -> None:
     limiter.configure({"alice": Limits(output_tokens_per_minute=600)}, now=0.0)
     limiter.charge("alice", output_tokens=500, now=0.0)
     limiter.configure({"alice": Limits(output_tokens_per_minute=300)}, now=0.0)
-    assert list(limiter.levels(0.0)) == [("alice", "output_tokens", 100.0)]
+    assert list(limiter.levels(0.0)) == [("alice", "output_tokens", -200.0)]  # 500 used of 300
     limiter.configure({"alice": Limits(output_tokens_per_minute=300), "bob": Limits(10)}, now=0.0)
-    assert sorted(limiter.levels(0.0)) == [("alice", "output_tokens", 100.0), ("bob", "requests", 10.0)]
+    assert sorted(limiter.levels(0.0)) == [("alice", "output_tokens", -200.0), ("bob", "requests", 10.0)]
 
 
 @settings(max_examples=300, deadline=None)
@@ -175,3 +180,22 @@ def test_a_removed_waiter_leaves_no_trace() -> None:
     queue.push("b", "alice")
     assert queue.remove("a", "alice") and not queue.remove("a", "alice")
     assert queue.pop({}) == ("alice", "b") and len(queue) == 0
+
+
+async def test_a_batch_item_waits_for_its_tenants_budget_instead_of_a_429() -> None:
+    from casedesk.tenancy.charge import Charge
+
+    clock = [0.0]
+    limiter = Limiter()
+    limiter.configure({"ci": Limits(requests_per_minute=600)}, now=0.0)  # one every 0.1 s
+    for _ in range(600):
+        await Charge(limiter, "ci", clock=lambda: clock[0]).admit()
+    charge = Charge(limiter, "ci", clock=lambda: clock[0])
+    waiting = asyncio.ensure_future(charge.admit_waiting())
+    await asyncio.sleep(0.02)
+    assert not waiting.done()  # spent: it waits, no 429
+    clock[0] = 0.1  # a tenth of a second later a whole request is back
+    await asyncio.wait_for(waiting, 2)
+    with pytest.raises(ApiError) as caught:
+        await Charge(limiter, "ci", clock=lambda: clock[0]).admit_waiting(deadline=0.15)
+    assert caught.value.status == 429

@@ -43,7 +43,7 @@ async def handle_messages(
     record.model, record.stream = parsed.model, parsed.stream
     # The tenant's rate limits (issue 17): a 429 now, or its headers for the answer's head.
     charge = Charge(deployment.limiter, tenant)
-    charge.admit(partial(_note_limit, record))
+    await charge.admit(partial(_note_limit, record))
     # From here on a streamed request is never silent, whatever it waits for (queue, busy
     # slots, prefill, a model loading); an error after the head went out becomes an event
     # (app.py renders it).

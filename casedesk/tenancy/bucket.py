@@ -64,7 +64,7 @@ class TokenBucket:
         return (self.capacity - self.level(now)) / self.rate
 
     def reconfigure(self, capacity: float, now: float) -> None:
-        """A reload's new limit: what was used stays used, the level capped by the new capacity."""
-        self.level(now)
+        """A reload's new limit: what was used (the capacity less the level) stays used."""
+        used = self.capacity - self.level(now)
         self.capacity = capacity
-        self.tokens = min(self.tokens, capacity)
+        self.tokens = capacity - used

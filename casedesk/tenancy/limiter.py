@@ -13,26 +13,13 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from typing import TYPE_CHECKING
+
 from casedesk.tenancy.bucket import TokenBucket
+from casedesk.tenancy.limits import LIMITS, Limits
 
-# (bucket name, config key) in the order a refusal names them.
-LIMITS = (
-    ("requests", "requests_per_minute"),
-    ("input_tokens", "input_tokens_per_minute"),
-    ("output_tokens", "output_tokens_per_minute"),
-)
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """A tenant's per-minute limits; 0 means no limit."""
-
-    requests_per_minute: int = 0
-    input_tokens_per_minute: int = 0
-    output_tokens_per_minute: int = 0
-
-    def any(self) -> bool:
-        return bool(self.requests_per_minute or self.input_tokens_per_minute or self.output_tokens_per_minute)
+if TYPE_CHECKING:
+    from casedesk.tenancy.shared import SharedBuckets
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,9 +42,14 @@ class Refusal:
 class Limiter:
     def __init__(self) -> None:
         self._buckets: dict[str, dict[str, TokenBucket]] = {}
+        self._limits: dict[str, Limits] = {}
+        # [server] shared_limits: the buckets are in Redis instead (casedesk/tenancy/shared.py)
+        self.shared: SharedBuckets | None = None
+        self.fail_closed = False  # shared_limits_failure = "closed": Redis down refuses (529)
 
     def configure(self, limits: Mapping[str, Limits], now: float) -> None:
         """Apply a config's limits: a new bucket starts full, a kept one keeps its level."""
+        self._limits = {tenant: lim for tenant, lim in limits.items() if lim.any()}
         configured: dict[str, dict[str, TokenBucket]] = {}
         for tenant, tenant_limits in limits.items():
             old = self._buckets.get(tenant, {})
@@ -77,16 +69,14 @@ class Limiter:
         self._buckets = configured
 
     def limited(self, tenant: str) -> bool:
-        return tenant in self._buckets
+        return tenant in self._limits
+
+    def limits_of(self, tenant: str) -> Limits:
+        return self._limits.get(tenant, Limits())
 
     def refusal(self, tenant: str, now: float) -> Refusal | None:
-        """The first of `tenant`'s buckets that is not positive now, or None."""
-        for name, key in LIMITS:
-            bucket = self._buckets.get(tenant, {}).get(name)
-            whole = name == "requests"
-            if bucket is not None and not bucket.passes(now, whole):
-                return Refusal(tenant, key, int(bucket.capacity), max(1, bucket.retry_after(now, whole)))
-        return None
+        """The first of `tenant`'s buckets that does not let a request pass now, or None."""
+        return refusal_of(tenant, self._buckets.get(tenant, {}), now)
 
     def admit(self, tenant: str, now: float) -> Refusal | None:
         """Take one request if every bucket is positive; else say which is not."""
@@ -115,25 +105,42 @@ class Limiter:
 
     def headers(self, tenant: str, now: float, wall: float) -> tuple[tuple[str, str], ...]:
         """Anthropic's anthropic-ratelimit-* headers for `tenant` at `now` (wall: time.time())."""
-        buckets = self._buckets.get(tenant)
-        if not buckets:
-            return ()
-        out: list[tuple[str, str]] = []
-        for name, _ in LIMITS:
-            bucket = buckets.get(name)
-            if bucket is not None:
-                out.extend(_bucket_headers(name.replace("_", "-"), bucket, now, wall))
-        tokens = [buckets[name] for name in ("input_tokens", "output_tokens") if name in buckets]
-        if tokens:
-            tightest = min(tokens, key=lambda bucket: bucket.level(now))
-            out.extend(_bucket_headers("tokens", tightest, now, wall))
-        return tuple(out)
+        return headers_of(self._buckets.get(tenant, {}), now, wall)
 
     def levels(self, now: float) -> Iterator[tuple[str, str, float]]:
-        """(tenant, bucket name, tokens now) for the gauges."""
+        """(tenant, bucket name, tokens now) for the gauges (empty when the buckets are shared)."""
+        if self.shared is not None:
+            return
         for tenant, buckets in self._buckets.items():
             for name, bucket in buckets.items():
                 yield tenant, name, bucket.level(now)
+
+
+def refusal_of(tenant: str, buckets: dict[str, TokenBucket], now: float) -> Refusal | None:
+    """The first bucket that does not let a request pass at `now` (tokens: positive; requests:
+    a whole one), or None."""
+    for name, key in LIMITS:
+        bucket = buckets.get(name)
+        whole = name == "requests"
+        if bucket is not None and not bucket.passes(now, whole):
+            return Refusal(tenant, key, int(bucket.capacity), max(1, bucket.retry_after(now, whole)))
+    return None
+
+
+def headers_of(buckets: dict[str, TokenBucket], now: float, wall: float) -> tuple[tuple[str, str], ...]:
+    """anthropic-ratelimit-{requests,input-tokens,output-tokens,tokens}-{limit,remaining,reset}."""
+    if not buckets:
+        return ()
+    out: list[tuple[str, str]] = []
+    for name, _ in LIMITS:
+        bucket = buckets.get(name)
+        if bucket is not None:
+            out.extend(_bucket_headers(name.replace("_", "-"), bucket, now, wall))
+    tokens = [buckets[name] for name in ("input_tokens", "output_tokens") if name in buckets]
+    if tokens:
+        tightest = min(tokens, key=lambda bucket: bucket.level(now))
+        out.extend(_bucket_headers("tokens", tightest, now, wall))
+    return tuple(out)
 
 
 def _bucket_headers(name: str, bucket: TokenBucket, now: float, wall: float) -> list[tuple[str, str]]:

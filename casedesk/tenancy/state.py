@@ -10,7 +10,9 @@ import time
 
 from casedesk.admission import Admission, TenantShare
 from casedesk.config import Config, Deployment
-from casedesk.tenancy.limiter import Limiter, Limits
+from casedesk.tenancy.limiter import Limiter
+from casedesk.tenancy.limits import Limits
+from casedesk.tenancy.shared import SharedBuckets
 
 
 class Tenancy:
@@ -18,6 +20,13 @@ class Tenancy:
         self.admissions: dict[str, Admission] = {}  # by deployment id, kept when it goes away
         self.limiter = Limiter()
         self._shares: dict[str, TenantShare] = {}
+        self.shared: SharedBuckets | None = None
+        self._shared_errors = 0  # of stores a reload replaced
+
+    @property
+    def shared_errors(self) -> int:
+        """casedesk_shared_limits_errors_total: failed calls to the shared store, ever."""
+        return self._shared_errors + (self.shared.errors if self.shared is not None else 0)
 
     def configure(self, config: Config) -> None:
         """A config (the first or a reload's): the tenants' limits and shares."""
@@ -27,6 +36,19 @@ class Tenancy:
             for t in config.tenants.values()
         }
         self.limiter.configure(limits, time.monotonic())
+        url = config.server.shared_limits
+        if self.shared is not None and self.shared.url != url:
+            self._shared_errors += self.shared.errors
+            self.shared.close_soon()
+            self.shared = None
+        if url and self.shared is None:
+            self.shared = SharedBuckets(url)
+        self.limiter.shared = self.shared
+        self.limiter.fail_closed = config.server.shared_limits_failure == "closed"
+
+    def close(self) -> None:
+        if self.shared is not None:
+            self.shared.close_soon()
 
     def admission(self, deployment: Deployment) -> Admission:
         """The deployment's Admission, configured for this version of the config."""
