@@ -47,7 +47,7 @@ class ModelState:
     @asynccontextmanager
     async def lease(self) -> AsyncIterator[None]:
         """Around a request's upstream part: a managed model is loaded if needed and kept
-        running until the request ends (Supervisor.lease); nothing to do for other models."""
+        running until the request ends (Supervisor.acquire … release); nothing to do for other models."""
         managed = self.managed
         if managed is None:
             yield
@@ -58,7 +58,7 @@ class ModelState:
         except LoadFailed as exc:
             raise ApiError(503, f"model {self.tag!r} could not be started: {exc.reason}") from None
         except LeaseTimeout:
-            loads = process.load_seconds
+            loads = managed.supervisor.stats[process].load_seconds
             retry_after = math.ceil(loads.total / loads.count) if loads.count else 5
             raise overloaded(
                 f"model {self.tag!r} is not loaded: waited {managed.queue_timeout:g} s (queue_timeout) "

@@ -450,21 +450,21 @@ async def test_a_draining_model_serves_newcomers_only_while_its_older_requests_r
     a, b = supervisor.processes[("dep", "a")], supervisor.processes[("dep", "b")]
     try:
         old = await supervisor.acquire(a, 30)  # loads a
-        assert a.state is State.READY and a.loads["ok"] == 1
+        assert a.state is State.READY and supervisor.stats[a].loads["ok"] == 1
         for_b = asyncio.create_task(supervisor.acquire(b, 30))
-        await until(lambda: a.drain_from is not None, what="a to drain once b waited the hold (1 s)")
+        await until(lambda: supervisor.scheduler.draining(a), what="a to drain once b waited the hold (1 s)")
         newcomer = await asyncio.wait_for(supervisor.acquire(a, 30), 5)  # a's old request still runs: served
         supervisor.release(a, old)
         late = asyncio.create_task(supervisor.acquire(a, 30))  # the old ones ended: this one waits
-        await until(lambda: len(a.waiters) == 1, what="the late request to queue")
+        await until(lambda: supervisor.waiting(a) == 1, what="the late request to queue")
         assert a.state is State.READY and not for_b.done()  # the newcomer is still in flight
         supervisor.release(a, newcomer)
         lease_b = await asyncio.wait_for(for_b, 15)
-        assert (a.state, b.state) == (State.STOPPED, State.READY) and a.evictions["lru"] == 1
+        assert (a.state, b.state) == (State.STOPPED, State.READY) and supervisor.stats[a].evictions["lru"] == 1
         assert not late.done()
         supervisor.release(b, lease_b)
         lease_a = await asyncio.wait_for(late, 15)  # rides a's next load
-        assert (a.state, b.state) == (State.READY, State.STOPPED) and a.loads["ok"] == 2
+        assert (a.state, b.state) == (State.READY, State.STOPPED) and supervisor.stats[a].loads["ok"] == 2
         supervisor.release(a, lease_a)
     finally:
         await supervisor.stop()
