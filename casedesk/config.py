@@ -7,6 +7,7 @@ The keys are documented in README.md ("Configuration").
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -109,6 +110,14 @@ class ServerSettings:
     stream_keepalive: float = 2.0  # a stream silent this long gets an SSE comment (see http/keepalive.py)
     access_log: str = "-"  # "-": stdout; a path: appended to; "": off
     max_loaded_models: int = 0  # managed llama-servers running at once; 0: no limit
+    # Issue 20 (and 18): where CaseDesk keeps state across restarts; "" means systemd's
+    # StateDirectory= ($STATE_DIRECTORY, /var/lib/casedesk in the unit), else ./state.
+    state_dir: str = ""
+    slot_save_timeout: float = 10.0  # the longest a model's slot saves hold up its stop
+    slot_cache_bytes: int = 4 << 30  # saved slot files kept at most (LRU); 0: no slot cache
+
+    def state_path(self) -> Path:
+        return Path(self.state_dir or os.environ.get("STATE_DIRECTORY", "").split(":")[0] or "state")
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +262,15 @@ def _server(checker: _Checker, raw: Any) -> ServerSettings:
     if not isinstance(access_log, str):
         checker.problem("server.access_log", 'must be "-" (stdout), a file path, or "" (off)')
         access_log = defaults.access_log
-    checker.unknown(raw, {"listen", "access_log", "max_loaded_models", *LIMIT_KEYS, *numeric}, "server")
+    # Issue 20: slot persistence.
+    state_dir = raw.get("state_dir", defaults.state_dir)
+    if not isinstance(state_dir, str):
+        checker.problem("server.state_dir", "must be a directory path")
+        state_dir = defaults.state_dir
+    slot_save_timeout = checker.number(raw, "slot_save_timeout", "server", defaults.slot_save_timeout)
+    slot_cache_bytes = checker.number(raw, "slot_cache_bytes", "server", defaults.slot_cache_bytes, exclusive=False)
+    slot_keys = {"state_dir", "slot_save_timeout", "slot_cache_bytes"}
+    checker.unknown(raw, {"listen", "access_log", "max_loaded_models", *LIMIT_KEYS, *numeric, *slot_keys}, "server")
     return ServerSettings(
         listen_host=host,
         listen_port=port,
@@ -261,6 +278,9 @@ def _server(checker: _Checker, raw: Any) -> ServerSettings:
         access_log=access_log,
         max_loaded_models=max_loaded,
         **values,
+        state_dir=state_dir,
+        slot_save_timeout=slot_save_timeout,
+        slot_cache_bytes=int(slot_cache_bytes),
     )
 
 

@@ -11,15 +11,18 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from casedesk.admission import Admission
 from casedesk.anthropic.errors import ApiError, authentication_failed, not_found, overloaded
 from casedesk.config import Deployment, ServerSettings
 from casedesk.ops.process import LeaseTimeout, LoadFailed, ManagedProcess, State
 from casedesk.ops.supervisor import Supervisor
+from casedesk.upstream.affinity import route_key
 from casedesk.upstream.balancer import Balancer, UpstreamState
 
 
@@ -45,12 +48,14 @@ class ModelState:
     managed: ManagedModel | None = None
 
     @asynccontextmanager
-    async def lease(self) -> AsyncIterator[None]:
+    async def lease(self, chat: dict[str, Any] | None = None) -> AsyncIterator[int | None]:
         """Around a request's upstream part: a managed model is loaded if needed and kept
-        running until the request ends (Supervisor.acquire … release); nothing to do for other models."""
+        running until the request ends (Supervisor.acquire … release); nothing to do for other
+        models. Yields the llama-server slot to pin `chat` to (`id_slot`), when the model keeps
+        its prompt caches (ops/slotcache.py: a saved one may be restored into it first)."""
         managed = self.managed
         if managed is None:
-            yield
+            yield None
             return
         process = managed.process
         try:
@@ -69,7 +74,16 @@ class ModelState:
             if process.generation != managed.generation:
                 managed.generation = process.generation  # a fresh llama-server: healthy again
                 self.balancer.succeeded(managed.upstream)
-            yield
+            run = managed.supervisor.slots(process) if chat is not None else None
+            if run is None or chat is None:
+                yield None
+                return
+            prompt = tuple(block.hex() for block in route_key(chat).blocks)
+            slot = await run.pin(prompt)
+            try:
+                yield slot
+            finally:
+                run.release(slot, prompt, time.monotonic())
         finally:
             managed.supervisor.release(process, ticket)
 

@@ -54,9 +54,11 @@ async def _answer(
     record.tag = model.tag
     # model.lease(): a managed model is loaded if needed and kept running until the end
     # (ondemand; issue 10). The wait for a load happens here, inside the handler.
-    async with deployment.admission.slot(), model.lease():
-        # llama-server is asked for the tag (the answer still names what the client asked for).
-        chat = {**to_chat_request(parsed, stream=True), "model": model.tag}
+    # llama-server is asked for the tag (the answer still names what the client asked for).
+    chat = {**to_chat_request(parsed, stream=True), "model": model.tag}
+    async with deployment.admission.slot(), model.lease(chat) as slot:
+        if slot is not None:  # the slot that holds (or was just given) this prompt's cache
+            chat["id_slot"] = slot
         payload = orjson.dumps(chat)
         timeout = deployment.settings.upstream_read_timeout
         relay = AnswerRelay(model.balancer, timeout, model.balancer.route_key(chat))

@@ -148,6 +148,8 @@ class ManagedProcess:
         self.process: asyncio.subprocess.Process | None = None
         self.stderr_tail: deque[str] = deque(maxlen=_STDERR_LINES)
         self.generation = 0  # successful loads: a route learns from it that its upstream is new
+        self.extra_args: tuple[str, ...] = ()  # the Supervisor's own flags (a slot-save path)
+        self.command: list[str] = []  # the last one started
         self._on_transition = on_transition
         self._stderr_reader: asyncio.Task[None] | None = None
         self._exit: asyncio.Task[int] | None = None
@@ -210,7 +212,8 @@ class ManagedProcess:
         command = [binary, "-m", model, "--host", self.spec.host, "--port", str(self.port)]
         if self.spec.chat_template_file:
             command += ["--jinja", "--chat-template-file", self.spec.chat_template_file]
-        return command + list(self.spec.args)
+        self.command = command + list(self.spec.args) + list(self.extra_args)
+        return self.command
 
     async def _read_stderr(self, stream: asyncio.StreamReader) -> None:
         """Keep reading (a full pipe would block llama-server); keep the last lines."""

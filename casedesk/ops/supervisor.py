@@ -23,10 +23,13 @@ from casedesk.config import Config, ManagedServer, Upstream
 from casedesk.ops.metrics import ModelStats
 from casedesk.ops.process import LeaseTimeout, LoadFailed, ManagedProcess, State, same_launch
 from casedesk.ops.scheduler import Action, Drain, Fail, Grant, Load, Scheduler, Stop, WakeAt
+from casedesk.ops.slotcache import RunSlots, SlotStore, open_run
+from casedesk.upstream.pool import UpstreamPool
 
 log = logging.getLogger("casedesk.supervisor")
 
 Clock = Callable[[], float]
+_NO_SLOT_SAVE = frozenset({"--mmproj", "-mm", "--mmproj-url", "-mmu"})  # llama.cpp refuses to save these
 
 
 class LeaseRequest:
@@ -48,14 +51,34 @@ class Supervisor:
         self.scheduler: Scheduler[ManagedProcess, LeaseRequest] = Scheduler(config.server.max_loaded_models)
         self._tasks: dict[ManagedProcess, asyncio.Task[None]] = {}  # the load or stop under way
         self._wake: asyncio.TimerHandle | None = None
+        # Slot files (issue 20): each run's slots, saved before it stops, restored on demand.
+        settings = config.server
+        self.slot_store = SlotStore(settings.state_path() / "slots", settings.slot_cache_bytes)
+        self.slot_save_timeout = settings.slot_save_timeout
+        self.runs: dict[ManagedProcess, RunSlots] = {}
         for key in config.managed:
-            self.processes[key] = process = self._new_process(key, _spec(config, key))
+            self.processes[key] = process = self._new_process(config, key)
             self._add(process, None)
 
-    def _new_process(self, key: tuple[str, str], spec: ManagedServer) -> ManagedProcess:
+    def _new_process(self, config: Config, key: tuple[str, str]) -> ManagedProcess:
         stats = ModelStats()
+        spec = _spec(config, key)
         process = ManagedProcess(f"{key[0]}/{key[1]}", spec, stats.on_transition)
         self.stats[process] = stats
+        if config.server.slot_cache_bytes and not config.deployments[key[0]].models[key[1]].upstreams:
+            if any(arg in _NO_SLOT_SAVE for arg in spec.args):
+                log.info("%s: a vision projector (--mmproj): llama-server cannot save its slots", process.name)
+            else:
+                directory = self.slot_store.directory(process.name)
+                try:
+                    directory.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    log.warning("%s: no slot cache: cannot create %s (%s)", process.name, directory, exc)
+                    return process
+                # --swa-full: a sliding-window model's restored slot is reused only with it
+                # (docs/llama-server-facts.md, "Slot files"); other models ignore it.
+                swa = () if "--swa-full" in spec.args else ("--swa-full",)
+                process.extra_args = ("--slot-save-path", str(directory.resolve()), *swa)
         return process
 
     async def start(self) -> dict[tuple[str, str], list[Upstream]]:
@@ -81,6 +104,7 @@ class Supervisor:
             _log_failure(exc)
             raise
         self._watch(process)
+        await self._open_slots(process)
         return self.clock() - began
 
     def upstreams(self) -> dict[tuple[str, str], list[Upstream]]:
@@ -97,7 +121,7 @@ class Supervisor:
         """
         wanted = {key: _spec(config, key) for key in config.managed}
         kept = {key: p for key, p in self.processes.items() if key in wanted and same_launch(p.spec, wanted[key])}
-        fresh = {key: self._new_process(key, spec) for key, spec in wanted.items() if key not in kept}
+        fresh = {key: self._new_process(config, key) for key in wanted if key not in kept}
         loaded: dict[ManagedProcess, float] = {}
         try:
             for process in fresh.values():
@@ -142,6 +166,7 @@ class Supervisor:
             with suppress(BaseException):
                 await task
         if process.state is State.READY:
+            await self._save_slots(process)
             await process.unload()
         if process.state is State.STOPPED:
             process.shutdown()
@@ -150,6 +175,10 @@ class Supervisor:
 
     def waiting(self, process: ManagedProcess) -> int:
         return self.scheduler.waiting(process)
+
+    def slots(self, process: ManagedProcess) -> RunSlots | None:
+        """The running model's slots, when its prompt caches are kept (issue 20)."""
+        return self.runs.get(process) if process.state is State.READY else None
 
     def failure(self, process: ManagedProcess) -> LoadFailed | None:
         failure = self.scheduler.failure(process)
@@ -226,6 +255,7 @@ class Supervisor:
             self._apply(self.scheduler.load_failed(process, exc, self.clock()))
             return
         self._watch(process)
+        await self._open_slots(process)
         self._apply(self.scheduler.loaded(process, self.clock(), self.clock() - began))
 
     def _begin_stop(self, process: ManagedProcess, reason: str) -> None:
@@ -241,11 +271,33 @@ class Supervisor:
             log.info("llama-server for %s idle for %g s (ttl): stopping it", process.name, process.spec.ttl)
         else:
             log.info("stopping llama-server for %s (%s)", process.name, reason)
-        self._run(process, self._stop(process))
+        self._run(process, self._stop(process, save=reason != "exited"))
 
-    async def _stop(self, process: ManagedProcess) -> None:
+    async def _stop(self, process: ManagedProcess, save: bool) -> None:
+        if save:
+            await self._save_slots(process)
+        elif (run := self.runs.pop(process, None)) is not None:
+            run.pool.close()  # it died: nothing left to save
         await process.unload()
         self._apply(self.scheduler.stopped(process, self.clock()))
+
+    async def _open_slots(self, process: ManagedProcess) -> None:
+        if process.extra_args:
+            pool = UpstreamPool(process.spec.host, process.port, 1, 5.0)
+            run = await open_run(self.slot_store, process.name, process.command, pool)
+            if run is not None:
+                self.runs[process] = run
+            else:
+                pool.close()
+
+    async def _save_slots(self, process: ManagedProcess) -> None:
+        """Before a planned stop: the run's slots saved, within slot_save_timeout."""
+        run = self.runs.pop(process, None)
+        if run is not None:
+            try:
+                await run.save_all(self.slot_save_timeout)
+            finally:
+                run.pool.close()
 
     def _watch(self, process: ManagedProcess) -> None:
         """A ready process that dies by itself is an event (`exited`) for the scheduler."""
