@@ -92,15 +92,19 @@ class Gateway:
                 limiter=self.tenancy.limiter,
             )
             for model in dep.models.values():
-                pools = [
-                    UpstreamPool(u.host, u.port, model.max_connections, settings.upstream_connect_timeout)
-                    for u in [*model.upstreams, *upstreams.get((dep.id, model.tag), [])]
+                connect_timeout = settings.upstream_connect_timeout
+                pools = [UpstreamPool(u.host, u.port, model.max_connections, connect_timeout) for u in model.upstreams]
+                managed = [  # its llama-server, when CaseDesk runs it
+                    UpstreamPool(u.host, u.port, model.max_connections, connect_timeout)
+                    for u in upstreams.get((dep.id, model.tag), [])
                 ]
                 thresholds = Thresholds(model.balance_abs_threshold, model.balance_rel_threshold)
-                served = state.models[model.tag] = ModelState(model.tag, Balancer(pools, model.balance, thresholds))
+                balancer = Balancer([*pools, *managed], model.balance, thresholds)
+                served = state.models[model.tag] = ModelState(model.tag, balancer)
                 process = supervisor.processes.get((dep.id, model.tag)) if supervisor is not None else None
-                if process is not None and supervisor is not None:
-                    served.managed = ManagedModel(supervisor, process, served.balancer.states[-1], dep.queue_timeout)
+                if process is not None and supervisor is not None and managed:
+                    (upstream,) = [s for s in balancer.states if s.pool is managed[0]]
+                    served.managed = ManagedModel(supervisor, process, upstream, dep.queue_timeout)
                     served.managed.upstream.standby = served.managed.on_demand
         self.router = Router()
         for method, path, handler in (
@@ -282,7 +286,7 @@ def _keyed(deployment: Deployment) -> bool:
 def _not_ready(dep: DeploymentState) -> str | None:
     for model in dep.models.values():
         managed = model.managed
-        failure = managed.process.failure if managed is not None else None
+        failure = managed.supervisor.failure(managed.process) if managed is not None else None
         if failure is not None:
             return f"model {model.tag!r} of deployment {dep.config.id!r} cannot start: {failure.reason}"
     if not any(

@@ -8,6 +8,7 @@ The keys are documented in README.md ("Configuration").
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -131,13 +132,21 @@ class ServerSettings:
     shared_limits_failure: str = "open"  # Redis unreachable: "open" serves, "closed" answers 529
 
     # Message Batches (issue 18): casedesk/batches/.
-    state_dir: str = ""  # durable state; "": $STATE_DIRECTORY (systemd's StateDirectory=) or ./state
     public_url: str = ""  # the base of absolute URLs handed out (results_url); "": from the Host header
     max_batch_bytes: int = 256 * 1024 * 1024  # the body limit of POST …/v1/messages/batches only
     batch_retention_days: float = 29.0  # an ended batch and its results are deleted this long after it ended
 
     # Issue 22 (14): /metrics and /readyz on their own (HOST, PORT), off the main listener.
     ops_listen: tuple[str, int] | None = None
+
+    # Issues 20 and 18 (slot files, the batches database): kept across restarts; "" means
+    # systemd's StateDirectory= ($STATE_DIRECTORY, /var/lib/casedesk in the unit), else ./state.
+    state_dir: str = ""
+    slot_save_timeout: float = 10.0  # the longest a model's slot saves hold up its stop
+    slot_cache_bytes: int = 4 << 30  # saved slot files kept at most (LRU); 0: no slot cache
+
+    def state_path(self) -> Path:
+        return Path(self.state_dir or os.environ.get("STATE_DIRECTORY", "").split(":")[0] or "state")
 
 
 PRIORITIES = ("high", "normal", "low")
@@ -348,9 +357,13 @@ def _server(checker: _Checker, raw: Any) -> ServerSettings:
         except ValueError:
             checker.problem("server.ops_listen", f"must be a string HOST:PORT, got {ops_listen!r}")
             ops_listen = None
+    # Issue 20: slot persistence (state_dir is read with the batches' keys).
+    slot_save_timeout = checker.number(raw, "slot_save_timeout", "server", defaults.slot_save_timeout)
+    slot_cache_bytes = checker.number(raw, "slot_cache_bytes", "server", defaults.slot_cache_bytes, exclusive=False)
+    slot_keys = {"slot_save_timeout", "slot_cache_bytes"}
     # Every [server] key; each issue's block adds its own set here.
     server_keys = {"listen", "access_log", "max_loaded_models", *LIMIT_KEYS, *numeric}
-    server_keys |= {*issue22_keys, *tenant_keys, *BATCH_SERVER_KEYS, "ops_listen"}
+    server_keys |= {*issue22_keys, *tenant_keys, *BATCH_SERVER_KEYS, "ops_listen", *slot_keys}
     checker.unknown(raw, server_keys, "server")
     return ServerSettings(
         listen_host=host,
@@ -365,6 +378,8 @@ def _server(checker: _Checker, raw: Any) -> ServerSettings:
         shared_limits_failure=failure,
         **values,
         **batches,
+        slot_save_timeout=slot_save_timeout,
+        slot_cache_bytes=int(slot_cache_bytes),
     )
 
 

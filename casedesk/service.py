@@ -74,6 +74,33 @@ class Service:
             write_timeouts=lambda: self.tracker.write_timeouts,
             log_lines_dropped=lambda: self.access_log.dropped + operator_lines_dropped(),
         )
+        # Issue 20: slot files (ops/slotcache.py).
+        slots = self.supervisor.slot_store
+        self.metrics.counter(
+            "casedesk_slot_files_saved_total",
+            "Slots saved to a file before their model stopped.",
+            lambda: slots.counts["saved"],
+        )
+        self.metrics.counter(
+            "casedesk_slot_files_restored_total",
+            "Slot files restored into a slot for a request.",
+            lambda: slots.counts["restored"],
+        )
+        self.metrics.counter(
+            "casedesk_slot_restored_tokens_total",
+            "Prompt tokens restored from slot files instead of computed.",
+            lambda: slots.counts["tokens_restored"],
+        )
+        self.metrics.labelled_counter(
+            "casedesk_slot_files_dropped_total",
+            "Slot files dropped or lost: bound, superseded, changed, missing, restore_failed, save_timeout.",
+            lambda: [((("reason", reason),), count) for reason, count in slots.dropped.items()],
+        )
+        self.metrics.gauge(
+            "casedesk_slot_cache_bytes",
+            "Bytes of slot files on disk.",
+            lambda: [((), slots.index.total_bytes())],
+        )
 
     def _account(self, record: RequestRecord, status: int) -> None:
         if self.gateway is not None:

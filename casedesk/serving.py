@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -19,8 +20,10 @@ from casedesk.anthropic.errors import ApiError, not_found, overloaded
 from casedesk.config import Deployment, ServerSettings
 from casedesk.ops.process import LeaseTimeout, LoadFailed, ManagedProcess, State
 from casedesk.ops.supervisor import Supervisor
+from casedesk.ops.slotcache import RunSlots
 from casedesk.tenancy.directory import Directory
 from casedesk.tenancy.limiter import Limiter
+from casedesk.upstream.affinity import RouteKey
 from casedesk.upstream.balancer import Balancer, UpstreamState
 
 
@@ -56,12 +59,14 @@ class ModelState:
     facts: ModelFacts = field(default_factory=ModelFacts)
 
     @asynccontextmanager
-    async def lease(self) -> AsyncIterator[None]:
+    async def lease(self) -> AsyncIterator[Lease]:
         """Around a request's upstream part: a managed model is loaded if needed and kept
-        running until the request ends (Supervisor.acquire/release); nothing to do for other models."""
+        running until the request ends (Supervisor.acquire … release); nothing to do for other
+        models. The lease pins the request to a llama-server slot (`Lease.pin`) when the model
+        keeps its prompt caches (ops/slotcache.py: a saved one may be restored into it first)."""
         managed = self.managed
         if managed is None:
-            yield
+            yield Lease(None)
             return
         process = managed.process
         try:
@@ -69,20 +74,47 @@ class ModelState:
         except LoadFailed as exc:
             raise ApiError(503, f"model {self.tag!r} could not be started: {exc.reason}") from None
         except LeaseTimeout:
-            loads = process.load_seconds
+            loads = managed.supervisor.stats[process].load_seconds
             retry_after = math.ceil(loads.total / loads.count) if loads.count else 5
             raise overloaded(
                 f"model {self.tag!r} is not loaded: waited {managed.queue_timeout:g} s (queue_timeout) "
                 "for it to start; retry shortly",
                 retry_after=max(1, retry_after),
             ) from None
+        lease = Lease(managed.supervisor.slots(process))
         try:
             if process.generation != managed.generation:
                 managed.generation = process.generation  # a fresh llama-server: healthy again
                 self.balancer.succeeded(managed.upstream)
-            yield
+            yield lease
         finally:
+            lease.unpin()
             managed.supervisor.release(process, ticket)
+
+
+class Lease:
+    """A request's hold on its model: and, for a model that keeps its prompt caches, the slot
+    it is pinned to (the one holding most of its prompt, or given a saved copy of it)."""
+
+    __slots__ = ("_run", "_slot", "_prompt")
+
+    def __init__(self, run: RunSlots | None) -> None:
+        self._run = run
+        self._slot: int | None = None
+        self._prompt: tuple[str, ...] = ()
+
+    async def pin(self, key: RouteKey | None) -> int | None:
+        """The slot to send the request to (`id_slot`), or None: llama-server chooses."""
+        if self._run is None or key is None:
+            return None
+        self._prompt = tuple(block.hex() for block in key.blocks)
+        self._slot = await self._run.pin(self._prompt)
+        return self._slot
+
+    def unpin(self) -> None:
+        if self._run is not None and self._slot is not None:
+            self._run.release(self._slot, self._prompt, time.monotonic())
+            self._slot = None
 
 
 @dataclass(slots=True)

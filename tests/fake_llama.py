@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from pathlib import Path
 import contextlib
 import random
 import string
@@ -145,6 +146,10 @@ class FakeLlamaServer:
         self.model_path = model_path
         self.close_after_stream = close_after_stream
         self.health_status = 200  # not 200: /health answers the 503 "Loading model"
+        self.slot_save_path: str | None = None  # --slot-save-path: slot actions answer 501 without
+        self.slot_save_seconds = 0.0  # how long a save takes
+        self.slot_tokens: dict[int, int] = {}  # per slot pinned by id_slot: its last prompt's tokens
+        self.restored: list[tuple[int, str]] = []  # (slot, file) of each restore
         self.loading = False  # True: every endpoint answers the 503 "Loading model", as at startup
         # True: the chat template refuses a system turn that is not first, as Qwen's and
         # Gemma 3's official ones do (`raise_exception`): llama-server's 500 for the prompt.
@@ -345,6 +350,9 @@ class _Connection(asyncio.Protocol):
                 b"Access-Control-Allow-Methods: GET, POST, DELETE, OPTIONS\r\nAccess-Control-Allow-Headers: *\r\n"
                 b"Content-Type: text/html\r\n" + self._connection_header() + b"\r\nContent-Length: 0\r\n\r\n",
             )
+        if method == "POST" and path.startswith("/slots/"):
+            self.task = self.loop.create_task(self._slot_action(path.removeprefix("/slots/"), query, body))
+            return None
         route = _ROUTES.get((method, path))
         if route is None:
             return self._answer_error(404, _middleware_error(404, "File Not Found", "not_found_error"))
@@ -404,6 +412,37 @@ class _Connection(asyncio.Protocol):
                 slot["id_task"] = i
             slots.append(slot)
         self._answer_json(slots)
+
+    async def _slot_action(self, slot: str, query: str, body: Any) -> None:
+        """POST /slots/{id}?action=save|restore, as llama-server answers them (measured:
+        docs/llama-server-facts.md, "Slot files"); a file here holds the slot's token count."""
+        server = self.server
+        if server.slot_save_path is None:
+            message = "This server does not support slots action. Start it with `--slot-save-path`"
+            return self._answer_error(501, _server_error(501, message, "not_supported_error"))
+        action = dict(part.partition("=")[::2] for part in query.split("&")).get("action")
+        name = body.get("filename", "") if isinstance(body, dict) else ""
+        index = int(slot) if slot.isdigit() else -1
+        if not 0 <= index < server.slots or action not in ("save", "restore") or not name:
+            return self._answer_error(400, _server_error(400, "Invalid request", "invalid_request_error"))
+        path = Path(server.slot_save_path) / name
+        if action == "save":
+            await asyncio.sleep(server.slot_save_seconds)
+            tokens = server.slot_tokens.get(index, 0)
+            path.write_text(str(tokens))
+            size = 52 + 4096 * tokens
+            return self._answer_json(
+                {"id_slot": index, "filename": name, "n_saved": tokens, "n_written": size, "timings": {"save_ms": 1.0}}
+            )
+        if not path.is_file():
+            message = "Unable to restore slot: No available space in KV cache or invalid slot save file"
+            return self._answer_error(400, _server_error(400, message, "invalid_request_error"))
+        tokens = int(path.read_text())
+        server.slot_tokens[index] = tokens
+        server.restored.append((index, name))
+        return self._answer_json(
+            {"id_slot": index, "filename": name, "n_restored": tokens, "n_read": 52 + 4096 * tokens, "timings": {}}
+        )
 
     def _props(self, _body: Any) -> None:
         server = self.server
@@ -488,6 +527,8 @@ class _Connection(asyncio.Protocol):
     async def _chat(self, record: Recorded, body: Any) -> None:
         server = self.server
         reply = server._next_reply(body)
+        if isinstance(body.get("id_slot"), int):
+            server.slot_tokens[body["id_slot"]] = 100
         gate = server._slot_gate
         server.active_generations += 1
         try:

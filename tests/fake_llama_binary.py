@@ -12,6 +12,7 @@ tests/fake_llama.py. Extra flags (all `--fake-*`) script the rest:
   --fake-tokens N, --fake-token-delay S   the chat answer: N tokens, S seconds apart
   --fake-starts FILE      append "PID PORT" to FILE at start (tests count loads and find
                           the processes this way)
+  --fake-slot-save-seconds S   each slot save takes S seconds (--slot-save-path enables them)
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ async def serve(args: argparse.Namespace) -> int:
         keepalive_max=1 << 30,
     )
     server.health_status = 503
+    server.slot_save_path = args.slot_save_path
+    server.slot_save_seconds = args.fake_slot_save_seconds
     await server.start()
     if args.fake_starts:
         with open(args.fake_starts, "a") as starts:
@@ -70,6 +73,8 @@ def main() -> None:
     parser.add_argument("--fake-tokens", type=int, default=3)
     parser.add_argument("--fake-token-delay", type=float, default=0.0)
     parser.add_argument("--fake-starts")
+    parser.add_argument("--slot-save-path")
+    parser.add_argument("--fake-slot-save-seconds", type=float, default=0.0)
     args, _ignored = parser.parse_known_args()  # llama-server's own flags (-t, -c, --jinja …)
     sys.exit(asyncio.run(serve(args)))
 

@@ -29,7 +29,8 @@ def write_config(path: Path, binary: Path, args: list[str], extra_model: bool = 
     model = path.parent / "model.gguf"
     model.write_bytes(b"GGUF")
     text = (
-        '[server]\naccess_log = ""\n[deployments.local.models."gemma3:270m".llama_server]\n'
+        f'[server]\naccess_log = ""\nstate_dir = "{path.parent / "state"}"\n'
+        '[deployments.local.models."gemma3:270m".llama_server]\n'
         f'model = "{model}"\nbinary = "{binary}"\nargs = {args!r}\nstartup_timeout = 20\n'.replace("'", '"')
     )
     if extra_model:

@@ -24,12 +24,12 @@ from casedesk.endpoints.request_body import chat_payload, parsed_request, sized_
 from casedesk.http.keepalive import STREAM_HEADERS, StreamKeepAlive
 from casedesk.http.server import Request, ResponseWriter
 from casedesk.ops.accesslog import RequestRecord
-from casedesk.serving import DeploymentState, ModelState
+from casedesk.serving import DeploymentState, Lease, ModelState
 from casedesk.tenancy.charge import Charge
 from casedesk.translate.request import repairable_tools, to_chat_request
 from casedesk.translate.response import MessageAccumulator, new_message_id
 from casedesk.translate.stream import StreamTranslator
-from casedesk.upstream.affinity import RouteKey
+from casedesk.upstream.affinity import RouteKey, route_key
 from casedesk.upstream.relay import AnswerRelay
 
 log = logging.getLogger("casedesk.messages")
@@ -94,8 +94,8 @@ async def _answer(
     record.tag = model.tag
     # model.lease(): a managed model is loaded if needed and kept running until the end
     # (README, "Models on demand"). The wait for a load happens here, inside the handler.
-    async with deployment.admission.slot(charge.tenant), model.lease():
-        answer = await _prepare(deployment, model, parsed, size, charge)
+    async with deployment.admission.slot(charge.tenant), model.lease() as lease:
+        answer = await _prepare(deployment, model, parsed, size, charge, lease)
         try:
             if parsed.stream:
                 await _stream(answer, writer, record, charge.headers)
@@ -115,8 +115,8 @@ async def answer_message(
     it raises the ApiError the endpoint would answer."""
     model = deployment.model(parsed.model)
     record.tag = model.tag
-    async with model.lease():
-        answer = await _prepare(deployment, model, parsed, 0, charge)
+    async with model.lease() as lease:
+        answer = await _prepare(deployment, model, parsed, 0, charge, lease)
         try:
             return await _whole(answer, record)
         finally:
@@ -157,12 +157,15 @@ class _Answer:
 
 
 async def _prepare(
-    deployment: DeploymentState, model: ModelState, parsed: MessagesRequest, size: int, charge: Charge
+    deployment: DeploymentState, model: ModelState, parsed: MessagesRequest, size: int, charge: Charge, lease: Lease
 ) -> _Answer:
     timeout = deployment.settings.upstream_read_timeout
     fold = has_later_system_turn(parsed.messages) and not await takes_mid_system_turns(model, timeout)
-    payload, route_key = await sized_work(deployment, size, _chat_request, parsed, model, fold)
-    return _Answer(AnswerRelay(model.balancer, timeout, route_key), payload, parsed, charge)
+    payload, key = await sized_work(deployment, size, _chat_request, parsed, model, fold)
+    slot = await lease.pin(key)
+    if slot is not None:  # the slot that holds (or was just given) this prompt's cache (issue 20)
+        payload = b'{"id_slot":%d,' % slot + payload[1:]  # orjson's object: "{" then its members
+    return _Answer(AnswerRelay(model.balancer, timeout, key), payload, parsed, charge)
 
 
 def _charge_end(charge: Charge, translator: StreamTranslator | None) -> None:
@@ -178,9 +181,11 @@ def _charge_end(charge: Charge, translator: StreamTranslator | None) -> None:
 
 def _chat_request(parsed: MessagesRequest, model: ModelState, fold: bool) -> tuple[bytes, RouteKey | None]:
     """The llama-server request's bytes (llama-server is asked for the tag), and its route
-    key (pure work that grows with the conversation: off the loop for a large body)."""
+    key (pure work that grows with the conversation: off the loop for a large body). A
+    managed model always gets the key: its slots are chosen by it (ops/slotcache.py)."""
     chat = {**to_chat_request(parsed, stream=True, fold_system=fold), "model": model.tag}
-    return chat_payload(chat), model.balancer.route_key(chat)
+    key = route_key(chat) if model.managed is not None else model.balancer.route_key(chat)
+    return chat_payload(chat), key
 
 
 async def _stream(

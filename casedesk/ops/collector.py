@@ -104,24 +104,24 @@ class ServiceCollector:
         ]
 
     def _model_waiting(self) -> list[tuple[Labels, float]]:
-        return [(labels, len(process.waiters)) for labels, process in self._models()]
+        return [(labels, self._supervisor.waiting(process)) for labels, process in self._models()]
 
     def _model_loads(self) -> list[tuple[Labels, float]]:
         return [
             ((*labels, ("result", result)), count)
             for labels, process in self._models()
-            for result, count in process.loads.items()
+            for result, count in self._supervisor.stats[process].loads.items()
         ]
 
     def _model_load_seconds(self) -> list[tuple[Labels, Histogram]]:
-        return [(labels, process.load_seconds) for labels, process in self._models()]
+        return [(labels, self._supervisor.stats[process].load_seconds) for labels, process in self._models()]
 
     def _model_evictions(self) -> list[tuple[Labels, float]]:
         return [
             ((*labels, ("reason", reason)), count)
             for labels, process in self._models()
-            for reason, count in process.evictions.items()
+            for reason, count in self._supervisor.stats[process].evictions.items()
         ]
 
     def _model_restarts(self) -> list[tuple[Labels, float]]:
-        return [(labels, process.restarts) for labels, process in self._models()]
+        return [(labels, self._supervisor.stats[process].restarts) for labels, process in self._models()]

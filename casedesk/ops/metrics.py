@@ -5,11 +5,13 @@ token: the inter-token histogram takes each stream's mean gap.
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 
 from casedesk.ops.accesslog import RequestRecord
+from casedesk.ops.process import State
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
@@ -35,6 +37,35 @@ class Histogram:
         self.total += value
         self.count += 1
         self.last = value
+
+
+class ModelStats:
+    """One managed model's counters: loads (from its process's transitions), evictions and
+    restarts (from the Supervisor's stops)."""
+
+    def __init__(self) -> None:
+        self.loads = {"ok": 0, "failed": 0}
+        self.load_seconds = Histogram(DURATION_BUCKETS)
+        self.evictions = {"lru": 0, "ttl": 0}
+        self.restarts = 0
+        self._starting_since = 0.0
+
+    def on_transition(self, old: State, new: State) -> None:
+        """Subscribed to its process (ops/process.py's TransitionHook)."""
+        if new is State.STARTING:
+            self._starting_since = time.monotonic()
+        elif old is State.STARTING and new is State.READY:
+            self.loads["ok"] += 1
+            self.load_seconds.observe(time.monotonic() - self._starting_since)
+        elif old is State.STARTING:
+            self.loads["failed"] += 1
+
+    def stopped(self, reason: str) -> None:
+        """The Supervisor stopped the model for `reason` (scheduler.Stop's)."""
+        if reason in self.evictions:
+            self.evictions[reason] += 1
+        elif reason == "exited":
+            self.restarts += 1
 
 
 class Metrics:

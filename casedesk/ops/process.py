@@ -23,12 +23,12 @@ import socket
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from casedesk.config import ManagedServer, Upstream
-from casedesk.ops.metrics import DURATION_BUCKETS, Histogram
 from casedesk.upstream.client import call_json
 from casedesk.upstream.pool import UpstreamError, UpstreamPool
 
@@ -130,39 +130,27 @@ def _die_with_parent() -> None:
         _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-@dataclass(slots=True)
-class _Waiter:
-    future: asyncio.Future[int]  # the lease's ticket
-    since: float
+TransitionHook = Callable[[State, State], None]  # (from, to): what metrics subscribe to
 
 
 class ManagedProcess:
-    """One llama-server child and its state; the Supervisor decides when it runs."""
+    """One llama-server child and the state it is in; the Supervisor decides when it runs.
 
-    def __init__(self, name: str, spec: ManagedServer) -> None:
+    Every transition names the state it expects (`_move`), so a decision taken on stale
+    state fails loudly instead of corrupting the machine; `on_transition` hears each one.
+    """
+
+    def __init__(self, name: str, spec: ManagedServer, on_transition: TransitionHook | None = None) -> None:
         self.name = name
         self.spec = spec
         self.port = spec.port or free_port(spec.host)
         self.state = State.STOPPED
         self.process: asyncio.subprocess.Process | None = None
         self.stderr_tail: deque[str] = deque(maxlen=_STDERR_LINES)
-        # Set by the Supervisor: requests in flight and waiting, and the lifecycle's memory.
-        self.in_flight = 0
-        self.waiters: deque[_Waiter] = deque()
-        self.last_used = 0.0
-        self.tickets = 0  # leases granted so far: each lease's number
-        self.drain_from: int | None = None  # chosen for eviction at this ticket: no new leases once old ones end
-        self.old_in_flight = 0  # leases numbered up to drain_from, still running
-        self.keep_running = spec.preload  # restart it when it dies
-        self.failure: LoadFailed | None = None  # the last load's failure, until a load succeeds
-        self.failures = 0
-        self.retry_at = 0.0
         self.generation = 0  # successful loads: a route learns from it that its upstream is new
-        self.restarts = 0
-        self.loads = {"ok": 0, "failed": 0}
-        self.load_seconds = Histogram(DURATION_BUCKETS)
-        self.evictions = {"lru": 0, "ttl": 0}
-        self.task: asyncio.Task[None] | None = None  # the load or stop under way
+        self.extra_args: tuple[str, ...] = ()  # the Supervisor's own flags (a slot-save path)
+        self.command: list[str] = []  # the last one started
+        self._on_transition = on_transition
         self._stderr_reader: asyncio.Task[None] | None = None
         self._exit: asyncio.Task[int] | None = None
 
@@ -170,18 +158,24 @@ class ManagedProcess:
     def upstream(self) -> Upstream:
         return Upstream(url=f"http://{self.spec.host}:{self.port}", host=self.spec.host, port=self.port)
 
-    def _to(self, new: State) -> None:
-        if not is_valid_transition(self.state, new):
-            raise RuntimeError(f"llama-server for {self.name}: no transition from {self.state.value} to {new.value}")
-        log.debug("llama-server for %s: %s → %s", self.name, self.state.value, new.value)
+    def _move(self, expected: State, new: State) -> None:
+        if self.state is not expected or not is_valid_transition(expected, new):
+            raise RuntimeError(
+                f"llama-server for {self.name}: {expected.value} → {new.value} asked, but it is {self.state.value}"
+            )
+        log.debug("llama-server for %s: %s → %s", self.name, expected.value, new.value)
         self.state = new
+        if self._on_transition is not None:
+            self._on_transition(expected, new)
+
+    def shutdown(self) -> None:
+        """stopped → shutdown: it never runs again."""
+        self._move(State.STOPPED, State.SHUTDOWN)
 
     async def load(self) -> None:
         """stopped → starting → ready; or → stopping → stopped and LoadFailed (or the
-        cancellation) raised, with nothing left running. The caller may have moved it to
-        starting already (the Supervisor does, so that its decisions see it at once)."""
-        if self.state is not State.STARTING:
-            self._to(State.STARTING)
+        cancellation) raised, with nothing left running."""
+        self._move(State.STOPPED, State.STARTING)
         started = time.monotonic()
         try:
             command = await self._command()
@@ -202,17 +196,14 @@ class ManagedProcess:
             self._stderr_reader = asyncio.create_task(self._read_stderr(self.process.stderr))
             await self._wait_healthy()
         except BaseException as exc:
-            self._to(State.STOPPING)
+            self._move(State.STARTING, State.STOPPING)
             await self._terminate()
-            self._to(State.STOPPED)
+            self._move(State.STOPPING, State.STOPPED)
             if isinstance(exc, SupervisorError):  # else cancelled: CaseDesk stops or reloads
-                self.loads["failed"] += 1
                 raise LoadFailed(self.name, str(exc), list(self.stderr_tail)) from None
             raise
-        self._to(State.READY)
         self.generation += 1
-        self.loads["ok"] += 1
-        self.load_seconds.observe(time.monotonic() - started)
+        self._move(State.STARTING, State.READY)
         log.info("llama-server for %s is ready on port %d (%.1f s)", self.name, self.port, time.monotonic() - started)
 
     async def _command(self) -> list[str]:
@@ -221,7 +212,8 @@ class ManagedProcess:
         command = [binary, "-m", model, "--host", self.spec.host, "--port", str(self.port)]
         if self.spec.chat_template_file:
             command += ["--jinja", "--chat-template-file", self.spec.chat_template_file]
-        return command + list(self.spec.args)
+        self.command = command + list(self.spec.args) + list(self.extra_args)
+        return self.command
 
     async def _read_stderr(self, stream: asyncio.StreamReader) -> None:
         """Keep reading (a full pipe would block llama-server); keep the last lines."""
@@ -264,12 +256,10 @@ class ManagedProcess:
         return self._exit
 
     async def unload(self) -> None:
-        """ready → stopping → stopped (also after the process died by itself); the caller
-        may have moved it to stopping already."""
-        if self.state is not State.STOPPING:
-            self._to(State.STOPPING)
+        """ready → stopping → stopped (also after the process died by itself)."""
+        self._move(State.READY, State.STOPPING)
         await self._terminate()
-        self._to(State.STOPPED)
+        self._move(State.STOPPING, State.STOPPED)
 
     async def _terminate(self) -> None:
         """Stop the process and anything it started (its own session), and reap it."""

@@ -55,6 +55,7 @@ def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
 [server]
 listen = "127.0.0.1:{port}"
 max_loaded_models = 1
+state_dir = "{config.parent / "state"}"
 
 [deployments.{DEPLOYMENT}]
 queue_timeout = 120
