@@ -16,7 +16,6 @@ from collections.abc import Callable
 
 import orjson
 
-from casedesk.anthropic.errors import ApiError
 from casedesk.anthropic.schema import MessagesRequest, parse_messages_request, request_json
 from casedesk.http.keepalive import STREAM_HEADERS, StreamKeepAlive
 from casedesk.http.server import Request, ResponseWriter
@@ -25,7 +24,7 @@ from casedesk.serving import DeploymentState
 from casedesk.translate.request import to_chat_request
 from casedesk.translate.response import MessageAccumulator, new_message_id
 from casedesk.translate.stream import StreamTranslator
-from casedesk.upstream.relay import AnswerRelay
+from casedesk.upstream.relay import AnswerRelay, answer_limit
 
 log = logging.getLogger("casedesk.messages")
 
@@ -59,7 +58,14 @@ async def _answer(
         chat = {**to_chat_request(parsed, stream=True), "model": model.tag}
         payload = orjson.dumps(chat)
         timeout = deployment.settings.upstream_read_timeout
-        relay = AnswerRelay(model.balancer, timeout, model.balancer.route_key(chat))
+        relay = AnswerRelay(
+            model.balancer,
+            timeout,
+            model.balancer.route_key(chat),
+            client_gone=lambda: writer.disconnected,
+            # A non-streamed answer is held whole: no more than max_tokens can make.
+            answer_limit=None if parsed.stream else answer_limit(parsed.max_tokens),
+        )
         message_id = new_message_id()
 
         def new_translator() -> StreamTranslator:  # one per attempt; all give the same id
@@ -94,15 +100,15 @@ async def _stream(
         record.ttft = time.monotonic() - record.started
 
     writer.set_flow_listener(relay)
-    translator, error = await relay.run(payload, new_translator, start, writer.write, first_token)
+    try:
+        outcome = await relay.run(payload, new_translator, start, writer.write, first_token)
+    finally:
+        _count(record, relay.usage())  # also when the client left: what it was sent
     start()
-    if error is not None:
-        log.warning("stream from %s failed: %s", relay.upstream, error)
-        writer.write(ApiError(502, f"upstream failed mid-stream: {error}").sse_event())
-    else:
-        writer.write(translator.finish())
+    if outcome.error is not None:
+        log.warning("stream from %s failed: %s", relay.upstream, outcome.error.message)
+        writer.write(outcome.error.sse_event())
     writer.end()
-    _count(record, translator.final_usage)
 
 
 async def _whole(
@@ -113,12 +119,12 @@ async def _whole(
     record: RequestRecord,
 ) -> None:
     accumulator = MessageAccumulator()  # fed only once an attempt's answer began: never twice
-    translator, error = await relay.run(payload, new_translator, lambda: None, accumulator.feed)
-    if error is not None:
-        raise ApiError(502, f"upstream failed: {error}")
-    accumulator.feed(translator.finish())
+    try:
+        outcome = await relay.run(payload, new_translator, lambda: None, accumulator.feed)
+    finally:
+        _count(record, relay.usage())
+    outcome.raise_error()
     writer.send(200, orjson.dumps(accumulator.message))
-    _count(record, translator.final_usage)
 
 
 def _count(record: RequestRecord, usage: dict[str, int]) -> None:

@@ -81,7 +81,7 @@ class Exchange:
             if not conn.relaying:
                 return
             if gone is not None and gone():
-                conn.fail(UpstreamError("the client went away"))
+                conn.fail(UpstreamError("the client went away", local=True))
                 return
             if not self._paused and loop.time() - conn.last_data_at > self.read_timeout:
                 conn.fail(UpstreamError(f"upstream stalled: no bytes for {self.read_timeout:g} s"))
