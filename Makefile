@@ -51,7 +51,9 @@ $(CLAUDE_CODE): tests/claude-code/package.json tests/claude-code/package-lock.js
 test: $(STAMP) $(TS_SDK) $(CLAUDE_CODE)
 	$(PY) -m pytest -ra
 
-# Unit and protocol tests only (no real llama-server): seconds, for the edit-test loop.
+# Unit and protocol tests only, for the edit-test loop: no real llama-server, and none of the
+# slow ones (processes, fuzzing, several gateways: the list is in tests/conftest.py). About
+# 30 s on the 2-core box (27 s of CPU); `make test` runs everything.
 test-fast: $(STAMP)
 	$(PY) -m pytest -ra -m "not e2e and not slow"
 

@@ -6,12 +6,14 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import sys
 from collections.abc import Coroutine
 from typing import Any
 
 from casedesk import __version__
 from casedesk.config import ConfigError, load, split_host_port
+from casedesk.ops.logsink import OperatorLogHandler
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +51,7 @@ def serve_command(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=[OperatorLogHandler(os.dup(sys.stderr.fileno()))],  # never blocks; values escaped (issue 22)
     )
     try:
         config = load(args.config)

@@ -7,9 +7,10 @@ The keys are documented in README.md ("Configuration").
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,19 @@ class Deployment:
     max_queue: int = 64
     queue_timeout: float = 60.0
     aliases: tuple[tuple[str, str], ...] = ()  # (glob pattern, tag) in file order
+    # issue 17 (tenants): who may use it; ("*",): every tenant; (): no tenant is named
+    tenants: tuple[str, ...] = ()
+    # Message Batches (issue 18): batch items running at once; 0: max_concurrency - 1, at least 1.
+    batch_max_concurrency: int = 0
+
+    def allows(self, tenant: str) -> bool:
+        """Whether a [tenants] tenant may use this deployment (the anonymous "" always may)."""
+        return not tenant or "*" in self.tenants or tenant in self.tenants
+
+    @property
+    def batch_limit(self) -> int:
+        """How many batch items may run at once: what interactive traffic is always left."""
+        return self.batch_max_concurrency or max(1, self.max_concurrency - 1)
 
     def resolve(self, name: str) -> str | None:
         """The tag a requested model name means: the tag itself, else the first alias
@@ -109,6 +123,38 @@ class ServerSettings:
     stream_keepalive: float = 2.0  # a stream silent this long gets an SSE comment (see http/keepalive.py)
     access_log: str = "-"  # "-": stdout; a path: appended to; "": off
     max_loaded_models: int = 0  # managed llama-servers running at once; 0: no limit
+    # issue 17 (tenants): an identity set by a single-sign-on proxy in front, trusted only
+    # from these networks
+    identity_header: str = ""  # e.g. "X-Forwarded-Email"; "": none
+    trusted_proxies: tuple[str, ...] = ()  # CIDR networks, e.g. "127.0.0.1/32"
+
+    # Message Batches (issue 18): casedesk/batches/.
+    state_dir: str = ""  # durable state; "": $STATE_DIRECTORY (systemd's StateDirectory=) or ./state
+    public_url: str = ""  # the base of absolute URLs handed out (results_url); "": from the Host header
+    max_batch_bytes: int = 256 * 1024 * 1024  # the body limit of POST …/v1/messages/batches only
+    batch_retention_days: float = 29.0  # an ended batch and its results are deleted this long after it ended
+
+    # Issue 22 (14): /metrics and /readyz on their own (HOST, PORT), off the main listener.
+    ops_listen: tuple[str, int] | None = None
+
+
+PRIORITIES = ("high", "normal", "low")
+TENANT_LIMIT_KEYS = ("requests_per_minute", "input_tokens_per_minute", "output_tokens_per_minute")
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    """A named user of the box (issue 17): its keys or proxy identities, limits and share."""
+
+    name: str
+    keys_sha256: frozenset[str] = frozenset()
+    users: frozenset[str] = frozenset()  # values of [server] identity_header
+    requests_per_minute: int = 0  # 0: no limit
+    input_tokens_per_minute: int = 0  # uncached input tokens
+    output_tokens_per_minute: int = 0
+    weight: float = 1.0
+    priority: str = "normal"
+    max_queue: int = 0  # its waiting requests per deployment; 0: only the deployment's bound
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +163,7 @@ class Config:
     deployments: dict[str, Deployment]
     path: Path | None = None
     managed: tuple[tuple[str, str], ...] = field(default=())  # (deployment, tag) pairs
+    tenants: dict[str, Tenant] = field(default_factory=dict)  # issue 17
 
 
 def load(path: str | Path) -> Config:
@@ -144,7 +191,8 @@ def parse(raw: dict[str, Any], base_dir: Path | None = None, path: Path | None =
         deployment = _deployment(checker, dep_id, dep_raw, base_dir)
         if deployment is not None:
             deployments[dep_id] = deployment
-    checker.unknown(raw, {"server", "deployments"}, "")
+    tenants = _tenants(checker, raw.get("tenants", {}), deployments)
+    checker.unknown(raw, {"server", "deployments", "tenants"}, "")
     _check_preload_fits(checker, server, deployments)
     if checker.problems:
         raise ConfigError(checker.problems)
@@ -154,7 +202,7 @@ def parse(raw: dict[str, Any], base_dir: Path | None = None, path: Path | None =
         for model in dep.models.values()
         if model.llama_server is not None
     )
-    return Config(server=server, deployments=deployments, path=path, managed=managed)
+    return Config(server=server, deployments=deployments, path=path, managed=managed, tenants=tenants)
 
 
 def _check_preload_fits(checker: _Checker, server: ServerSettings, deployments: dict[str, Deployment]) -> None:
@@ -253,15 +301,82 @@ def _server(checker: _Checker, raw: Any) -> ServerSettings:
     if not isinstance(access_log, str):
         checker.problem("server.access_log", 'must be "-" (stdout), a file path, or "" (off)')
         access_log = defaults.access_log
-    checker.unknown(raw, {"listen", "access_log", "max_loaded_models", *LIMIT_KEYS, *numeric}, "server")
+    # issue 22: the Host names a loopback listener answers besides loopback ones (DNS rebinding)
+    allowed_hosts = raw.get("allowed_hosts", [])
+    if not isinstance(allowed_hosts, list) or not all(isinstance(h, str) and h for h in allowed_hosts):
+        checker.problem("server.allowed_hosts", 'must be a list of host names, e.g. ["gpu-box.lan"] ("*": any)')
+        allowed_hosts = []
+    per_ip = checker.number(raw, "max_connections_per_ip", "server", 0, exclusive=False)  # 0: half the cap
+    limits = replace(limits, allowed_hosts=tuple(allowed_hosts), max_connections_per_ip=per_ip)
+    issue22_keys = {"allowed_hosts", "max_connections_per_ip"}
+    # issue 17 (tenants)
+    identity_header = raw.get("identity_header", defaults.identity_header)
+    if not isinstance(identity_header, str) or (
+        identity_header and not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", identity_header)
+    ):
+        checker.problem("server.identity_header", f"must be an HTTP header name, got {identity_header!r}")
+        identity_header = ""
+    proxies = raw.get("trusted_proxies", [])
+    trusted: list[str] = []
+    if not isinstance(proxies, list):
+        checker.problem("server.trusted_proxies", 'must be a list of networks like "127.0.0.1/32"')
+        proxies = []
+    for i, network in enumerate(proxies):
+        try:
+            trusted.append(str(ipaddress.ip_network(network, strict=False)))
+        except (TypeError, ValueError):
+            checker.problem(f"server.trusted_proxies[{i}]", f"must be an address or CIDR network, got {network!r}")
+    if identity_header and not trusted:
+        checker.problem("server.identity_header", "needs trusted_proxies: the addresses allowed to set it")
+    tenant_keys = {"identity_header", "trusted_proxies"}
+    batches = _server_batches(checker, raw, defaults)  # issue 18
+    # Issue 22 (14)
+    ops_listen = raw.get("ops_listen")
+    if ops_listen is not None:
+        try:
+            ops_listen = split_host_port(ops_listen if isinstance(ops_listen, str) else "")
+        except ValueError:
+            checker.problem("server.ops_listen", f"must be a string HOST:PORT, got {ops_listen!r}")
+            ops_listen = None
+    # Every [server] key; each issue's block adds its own set here.
+    server_keys = {"listen", "access_log", "max_loaded_models", *LIMIT_KEYS, *numeric}
+    server_keys |= {*issue22_keys, *tenant_keys, *BATCH_SERVER_KEYS, "ops_listen"}
+    checker.unknown(raw, server_keys, "server")
     return ServerSettings(
         listen_host=host,
         listen_port=port,
         limits=limits,
         access_log=access_log,
         max_loaded_models=max_loaded,
+        identity_header=identity_header.lower(),
+        trusted_proxies=tuple(trusted),
+        ops_listen=ops_listen,
         **values,
+        **batches,
     )
+
+
+# Message Batches (issue 18): the [server] keys.
+BATCH_SERVER_KEYS = ("state_dir", "public_url", "max_batch_bytes", "batch_retention_days")
+
+
+def _server_batches(checker: _Checker, raw: dict[str, Any], defaults: ServerSettings) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for key in ("state_dir", "public_url"):
+        value = raw.get(key, getattr(defaults, key))
+        if not isinstance(value, str):
+            checker.problem(f"server.{key}", f"must be a string, got {value!r}")
+            value = getattr(defaults, key)
+        values[key] = value
+    public = values["public_url"]
+    if public and urlsplit(public).scheme not in ("http", "https"):
+        checker.problem("server.public_url", f"must be an http:// or https:// URL, got {public!r}")
+    values["public_url"] = public.rstrip("/")
+    values["max_batch_bytes"] = checker.number(raw, "max_batch_bytes", "server", defaults.max_batch_bytes)
+    values["batch_retention_days"] = checker.number(
+        raw, "batch_retention_days", "server", defaults.batch_retention_days
+    )
+    return values
 
 
 def _deployment(checker: _Checker, dep_id: str, raw: Any, base_dir: Path | None) -> Deployment | None:
@@ -292,8 +407,21 @@ def _deployment(checker: _Checker, dep_id: str, raw: Any, base_dir: Path | None)
         if model is not None:
             models[tag] = model
     aliases = _aliases(checker, f"{prefix}.aliases", raw.get("aliases", {}), raw_models)
+    tenants = raw.get("tenants", [])  # issue 17; checked against [tenants] by _tenants
+    if not isinstance(tenants, list) or not all(isinstance(t, str) and t for t in tenants):
+        checker.problem(f"{prefix}.tenants", 'must be a list of tenant names, or ["*"] for every tenant')
+        tenants = []
+    # Message Batches (issue 18).
+    batch_max_concurrency = checker.number(
+        raw, "batch_max_concurrency", prefix, _default(Deployment, "batch_max_concurrency"), exclusive=False
+    )
+    # Every deployment key; each issue's block adds its own here.
+    deployment_keys = {"api_keys_sha256", "max_concurrency", "max_queue", "queue_timeout", "models", "aliases"}
+    deployment_keys |= {"tenants", "batch_max_concurrency"}
     checker.unknown(
-        raw, {"api_keys_sha256", "max_concurrency", "max_queue", "queue_timeout", "models", "aliases"}, prefix
+        raw,
+        deployment_keys,
+        prefix,
     )
     return Deployment(
         id=dep_id,
@@ -303,7 +431,77 @@ def _deployment(checker: _Checker, dep_id: str, raw: Any, base_dir: Path | None)
         max_queue=max_queue,
         queue_timeout=queue_timeout,
         aliases=aliases,
+        tenants=tuple(tenants),
+        batch_max_concurrency=batch_max_concurrency,
     )
+
+
+def _tenants(checker: _Checker, raw: Any, deployments: dict[str, Deployment]) -> dict[str, Tenant]:
+    """[tenants."NAME"] tables (issue 17); every key and user belongs to one tenant."""
+    raw = _table(checker, raw, "tenants")
+    tenants: dict[str, Tenant] = {}
+    owners: dict[str, str] = {}  # key hash → who has it
+    for dep in deployments.values():
+        for digest in dep.api_keys_sha256:
+            owners.setdefault(digest, f"deployments.{dep.id}.api_keys_sha256")
+    users: dict[str, str] = {}
+    for name, table in raw.items():
+        prefix = f"tenants.{_quote(name)}"
+        table = _table(checker, table, prefix)
+        if not re.fullmatch(r"[A-Za-z0-9._~@-]+", name) or name == "*":
+            checker.problem(prefix, "tenant names may use only letters, digits and . _ ~ @ -")
+        digests = _digests(checker, table.get("keys_sha256", []), f"{prefix}.keys_sha256")
+        for digest in digests:
+            if digest in owners:
+                checker.problem(f"{prefix}.keys_sha256", f"key hash {digest[:12]}… also appears in {owners[digest]}")
+            owners.setdefault(digest, f"{prefix}.keys_sha256")
+        names = table.get("users", [])
+        if not isinstance(names, list) or not all(isinstance(u, str) and u for u in names):
+            checker.problem(f"{prefix}.users", "must be a list of identities (values of [server] identity_header)")
+            names = []
+        for user in names:
+            if user in users:
+                checker.problem(f"{prefix}.users", f"{user!r} is also a user of tenant {users[user]!r}")
+            users.setdefault(user, name)
+        limits = {
+            key: checker.number(table, key, prefix, _default(Tenant, key), exclusive=False) for key in TENANT_LIMIT_KEYS
+        }
+        weight = checker.number(table, "weight", prefix, _default(Tenant, "weight"))
+        max_queue = checker.number(table, "max_queue", prefix, _default(Tenant, "max_queue"), exclusive=False)
+        priority = table.get("priority", _default(Tenant, "priority"))
+        if priority not in PRIORITIES:
+            checker.problem(f"{prefix}.priority", f'must be "high", "normal" or "low", got {priority!r}')
+            priority = _default(Tenant, "priority")
+        checker.unknown(table, {"keys_sha256", "users", "weight", "priority", "max_queue", *TENANT_LIMIT_KEYS}, prefix)
+        tenants[name] = Tenant(
+            name=name,
+            keys_sha256=frozenset(digests),
+            users=frozenset(names),
+            weight=float(weight),
+            priority=priority,
+            max_queue=max_queue,
+            **limits,
+        )
+    for dep in deployments.values():
+        for name in dep.tenants:
+            if name != "*" and name not in raw:
+                known = ", ".join(raw) or "none"
+                checker.problem(f"deployments.{dep.id}.tenants", f"unknown tenant {name!r} (tenants: {known})")
+    return tenants
+
+
+def _digests(checker: _Checker, keys: Any, key: str) -> set[str]:
+    """A list of hex SHA-256 digests, lower-cased."""
+    hashes: set[str] = set()
+    if not isinstance(keys, list):
+        checker.problem(key, "must be a list of hex SHA-256 digests")
+        return hashes
+    for i, digest in enumerate(keys):
+        if not isinstance(digest, str) or not _SHA256_HEX.match(digest.lower()):
+            checker.problem(f"{key}[{i}]", "must be 64 hex digits (sha256sum of the key)")
+        else:
+            hashes.add(digest.lower())
+    return hashes
 
 
 def _aliases(checker: _Checker, prefix: str, raw: Any, tags: dict[str, Any]) -> tuple[tuple[str, str], ...]:

@@ -12,140 +12,120 @@ import asyncio
 import logging
 import signal
 import socket
+import time
 
 from casedesk.anthropic.errors import ApiError
 from casedesk.app import Gateway, render_error, respond_with_error
+from casedesk.batches.runner import BatchRunner, state_path
+from casedesk.batches.store import BatchStore
 from casedesk.config import Config, ConfigError, Upstream, load
 from casedesk.http.server import ConnectionTracker, ErrorResponse, Request, ResponseWriter, start_server
-from casedesk.ops.accesslog import AccessLog
-from casedesk.ops.metrics import Histogram, Labels, Metrics
-from casedesk.ops.process import ManagedProcess, State, SupervisorError
+from casedesk.ops.accesslog import AccessLog, RequestRecord
+from casedesk.ops.collector import ServiceCollector
+from casedesk.ops.logsink import operator_lines_dropped
+from casedesk.ops.metrics import Labels, Metrics
+from casedesk.ops.process import ManagedProcess, SupervisorError
 from casedesk.ops.supervisor import Supervisor
 from casedesk.ops.systemd import Notifier
+from casedesk.tenancy.state import Tenancy
 
 log = logging.getLogger("casedesk")
 
 
 class Service:
+    """The process's listeners, supervisor, logs and metrics, across reloads (each config
+    version is a Gateway); what /metrics reads from them is ops/collector.py's."""
+
     def __init__(self, config: Config) -> None:
         self.config = config
         self.supervisor = Supervisor(config)
         self.tracker = ConnectionTracker()
+        self.ops_tracker = ConnectionTracker()  # the [server] ops_listen listener's connections
         self.gateway: Gateway | None = None
         self.server: asyncio.AbstractServer | None = None
+        self.ops_server: asyncio.AbstractServer | None = None
         self._retiring: set[asyncio.Task[None]] = set()
         self.notifier = Notifier()
         self.access_log = AccessLog(config.server.access_log)
         self.metrics = Metrics()
-        self.metrics.gauge("casedesk_in_flight_requests", "Requests in flight, by deployment.", self._in_flight)
-        self.metrics.gauge("casedesk_queued_requests", "Requests waiting for a slot, by deployment.", self._queued)
-        self.metrics.gauge("casedesk_upstream_up", "1 while an upstream is healthy.", self._upstream_up)
+        self.tenancy = Tenancy()  # admission and the tenants' buckets outlive reloads
         self.metrics.gauge(
-            "casedesk_upstream_in_flight", "Requests in flight per upstream (its load).", self._upstream_in_flight
+            "casedesk_tenant_bucket_tokens",
+            "Tokens left in each tenant's rate-limit buckets (negative: overdrawn).",
+            self._buckets,
         )
-        self.metrics.gauge(
-            "casedesk_upstream_errors", "Failures seen per upstream (since start or reload).", self._upstream_errors
+        # Message Batches (issue 18): the runner outlives reloads, as the batches do.
+        self.batches = BatchRunner(
+            BatchStore(state_path(config.server.state_dir)),
+            lambda: self.gateway.deployments if self.gateway is not None else {},
+            self._account,
+            config.server.batch_retention_days,
         )
-        self.metrics.counter(
-            "casedesk_write_timeouts_total",
-            "Requests ended because the client took nothing for [server] write_timeout seconds.",
-            lambda: self.tracker.write_timeouts,
-        )
-        self.metrics.gauge(
-            "casedesk_model_state", "1 for the state each managed llama-server is in.", self._model_states
-        )
-        self.metrics.gauge(
-            "casedesk_model_waiting_requests", "Requests waiting for their model to load.", self._model_waiting
-        )
-        self.metrics.labelled_counter(
-            "casedesk_model_loads_total", "Managed llama-server loads, by result.", self._model_loads
-        )
-        self.metrics.labelled_histogram(
-            "casedesk_model_load_seconds", "Start of a managed llama-server to healthy.", self._model_load_seconds
-        )
-        self.metrics.labelled_counter(
-            "casedesk_model_evictions_total",
-            "Managed llama-servers stopped to make room (lru) or idle past their ttl.",
-            self._model_evictions,
-        )
-        self.metrics.labelled_counter(
-            "casedesk_model_restarts_total", "Managed llama-servers that exited by themselves.", self._model_restarts
+        self._batch_metrics()
+        ServiceCollector(
+            self.metrics,
+            lambda: self.gateway.deployments if self.gateway is not None else {},
+            self.supervisor,
+            write_timeouts=lambda: self.tracker.write_timeouts,
+            log_lines_dropped=lambda: self.access_log.dropped + operator_lines_dropped(),
         )
 
+    def _account(self, record: RequestRecord, status: int) -> None:
+        if self.gateway is not None:
+            self.gateway.account(record, status)
+
+    def _batch_metrics(self) -> None:
+        batches = self.batches
+        self.metrics.gauge(
+            "casedesk_batches",
+            "Message batches kept, by processing_status.",
+            lambda: [((("processing_status", k),), v) for k, v in batches.totals[0].items()],
+        )
+        self.metrics.gauge(
+            "casedesk_batch_items",
+            "Items of the batches kept, by result type (processing: no result yet).",
+            lambda: [((("result", k),), v) for k, v in batches.totals[1].items()],
+        )
+        self.metrics.gauge(
+            "casedesk_batch_items_waiting",
+            "Batch items waiting to start, by deployment.",
+            lambda: [((("deployment", d),), batches.scheduler.waiting(d)) for d in self._batch_deployments()],
+        )
+        self.metrics.gauge(
+            "casedesk_batch_items_running",
+            "Batch items running, by deployment.",
+            lambda: [((("deployment", d),), batches.scheduler.running(d)) for d in self._batch_deployments()],
+        )
+
+    def _batch_deployments(self) -> list[str]:
+        known = set(self.gateway.deployments) if self.gateway is not None else set()
+        return sorted(known | self.batches.scheduler.deployments())
+
     def _build(self, config: Config, upstreams: dict[tuple[str, str], list[Upstream]]) -> Gateway:
-        gateway = Gateway(config, upstreams, self.metrics, self.access_log, self.supervisor)
+        gateway = Gateway(config, upstreams, self.metrics, self.access_log, self.supervisor, self.tenancy, self.batches)
         gateway.start_health_checks()
         return gateway
 
-    def _in_flight(self) -> list[tuple[Labels, float]]:
-        deployments = self.gateway.deployments if self.gateway else {}
-        return [((("deployment", d),), r.admission.in_flight) for d, r in deployments.items()]
-
-    def _queued(self) -> list[tuple[Labels, float]]:
-        deployments = self.gateway.deployments if self.gateway else {}
-        return [((("deployment", d),), r.admission.queued) for d, r in deployments.items()]
-
-    def _upstreams(self) -> list[tuple[Labels, object]]:
-        if self.gateway is None:
-            return []
-        return [
-            ((("deployment", d), ("model", tag), ("upstream", state.pool.authority)), state)
-            for d, route in self.gateway.deployments.items()
-            for tag, model in route.models.items()
-            for state in model.balancer.states
-        ]
-
-    def _upstream_up(self) -> list[tuple[Labels, float]]:
-        return [(labels, 1.0 if state.healthy else 0.0) for labels, state in self._upstreams()]  # type: ignore[attr-defined]
-
-    def _upstream_in_flight(self) -> list[tuple[Labels, float]]:
-        return [(labels, state.pool.in_flight) for labels, state in self._upstreams()]  # type: ignore[attr-defined]
-
-    def _upstream_errors(self) -> list[tuple[Labels, float]]:
-        return [(labels, state.errors) for labels, state in self._upstreams()]  # type: ignore[attr-defined]
-
-    def _models(self) -> list[tuple[Labels, ManagedProcess]]:
-        processes = self.supervisor.processes.items()
-        return [((("deployment", dep), ("model", tag)), process) for (dep, tag), process in processes]
-
-    def _model_states(self) -> list[tuple[Labels, float]]:
-        return [
-            ((*labels, ("state", state.value)), 1.0 if process.state is state else 0.0)
-            for labels, process in self._models()
-            for state in State
-            if state is not State.SHUTDOWN
-        ]
-
-    def _model_waiting(self) -> list[tuple[Labels, float]]:
-        return [(labels, len(process.waiters)) for labels, process in self._models()]
-
-    def _model_loads(self) -> list[tuple[Labels, float]]:
-        return [
-            ((*labels, ("result", result)), count)
-            for labels, process in self._models()
-            for result, count in process.loads.items()
-        ]
-
-    def _model_load_seconds(self) -> list[tuple[Labels, Histogram]]:
-        return [(labels, process.load_seconds) for labels, process in self._models()]
-
-    def _model_evictions(self) -> list[tuple[Labels, float]]:
-        return [
-            ((*labels, ("reason", reason)), count)
-            for labels, process in self._models()
-            for reason, count in process.evictions.items()
-        ]
-
-    def _model_restarts(self) -> list[tuple[Labels, float]]:
-        return [(labels, process.restarts) for labels, process in self._models()]
+    def _buckets(self) -> list[tuple[Labels, float]]:
+        now = time.monotonic()
+        return [((("tenant", t), ("limit", name)), level) for t, name, level in self.tenancy.limiter.levels(now)]
 
     async def handle(self, request: Request, writer: ResponseWriter) -> None:
         assert self.gateway is not None
         await self.gateway.handle(request, writer)
 
+    async def handle_ops(self, request: Request, writer: ResponseWriter) -> None:
+        """A request on [server] ops_listen: /metrics, /readyz and /healthz, nothing else."""
+        assert self.gateway is not None
+        await self.gateway.handle(request, writer, self.gateway.ops_router)
+
     def check_head(self, request: Request) -> ErrorResponse | None:
         assert self.gateway is not None
         return self.gateway.check_head(request)
+
+    def body_limit(self, request: Request) -> int:
+        assert self.gateway is not None
+        return self.gateway.body_limit(request)
 
     async def start(self, sock: socket.socket | None) -> None:
         # Loading big models can outlast systemd's start timeout: extend it while loading
@@ -156,6 +136,7 @@ class Service:
         finally:
             extending.cancel()
         self.gateway = self._build(self.config, upstreams)
+        await self.batches.start()
         settings = self.config.server
         self.server = await start_server(
             self.handle,
@@ -166,9 +147,17 @@ class Service:
             host=settings.listen_host,
             port=settings.listen_port,
             sock=sock,
+            body_limit=self.body_limit,
         )
         addresses = ", ".join(str(s.getsockname()) for s in self.server.sockets)
         log.info("casedesk listening on %s; deployments: %s", addresses, ", ".join(self.gateway.deployments))
+        if settings.ops_listen is not None:
+            host, port = settings.ops_listen
+            self.ops_server = await start_server(
+                self.handle_ops, settings.limits, self.ops_tracker, render_error, host=host, port=port
+            )
+            ops = ", ".join(str(s.getsockname()) for s in self.ops_server.sockets)
+            log.info("/metrics and /readyz on %s ([server] ops_listen)", ops)
         self.notifier.ready(f"listening on {addresses}")
         self.notifier.start_watchdog()
 
@@ -190,6 +179,8 @@ class Service:
             self.config.server.listen_port,
         ):
             log.warning("reload: a new listen address takes effect only after a restart")
+        if new.server.ops_listen != self.config.server.ops_listen:
+            log.warning("reload: a new ops_listen takes effect only after a restart")
         try:
             retired = await self.supervisor.reconcile(new)
         except SupervisorError as exc:
@@ -218,9 +209,18 @@ class Service:
     async def shutdown(self, grace: float, force: asyncio.Event) -> None:
         log.info("shutting down: no new connections; waiting up to %g s for in-flight requests", grace)
         self.notifier.stopping()
+        self.batches.pause()
         if self.server is not None:
             self.server.close()
+        started = asyncio.get_running_loop().time()
+        if self.ops_server is not None:
+            self.ops_server.close()
+            for protocol in list(self.ops_tracker.open):
+                protocol.close()  # a scrape is not worth waiting for
         await _drain(self.tracker, grace, force)
+        # Batch items get what is left of the grace; any still running then run at the next start.
+        left = 0.0 if force.is_set() else grace - (asyncio.get_running_loop().time() - started)
+        await self.batches.stop(max(0.0, left))
         for task in list(self._retiring):
             task.cancel()
         if self.gateway is not None:

@@ -8,18 +8,19 @@ for one version of the config; endpoints/ receives them as arguments.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
+import asyncio
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from casedesk.admission import Admission
-from casedesk.anthropic.errors import ApiError, authentication_failed, not_found, overloaded
+from casedesk.anthropic.errors import ApiError, not_found, overloaded
 from casedesk.config import Deployment, ServerSettings
 from casedesk.ops.process import LeaseTimeout, LoadFailed, ManagedProcess, State
 from casedesk.ops.supervisor import Supervisor
+from casedesk.tenancy.directory import Directory
+from casedesk.tenancy.limiter import Limiter
 from casedesk.upstream.balancer import Balancer, UpstreamState
 
 
@@ -39,15 +40,25 @@ class ManagedModel:
 
 
 @dataclass(slots=True)
+class ModelFacts:
+    """What CaseDesk learned from a model's llama-server (endpoints/model_facts.py): asked
+    once, kept while this config serves, so a managed model that was stopped still tells."""
+
+    context_window: int | None = None  # one slot's n_ctx (/props)
+    mid_system_ok: bool | None = None  # its template takes a system turn after the first
+
+
+@dataclass(slots=True)
 class ModelState:
     tag: str
     balancer: Balancer
     managed: ManagedModel | None = None
+    facts: ModelFacts = field(default_factory=ModelFacts)
 
     @asynccontextmanager
     async def lease(self) -> AsyncIterator[None]:
         """Around a request's upstream part: a managed model is loaded if needed and kept
-        running until the request ends (Supervisor.lease); nothing to do for other models."""
+        running until the request ends (Supervisor.acquire/release); nothing to do for other models."""
         managed = self.managed
         if managed is None:
             yield
@@ -83,24 +94,17 @@ class DeploymentState:
     settings: ServerSettings  # the [server] table: upstream timeouts, stream keep-alive
     started_at: str  # RFC 3339: the `created_at` of its models in /v1/models
     models: dict[str, ModelState] = field(default_factory=dict)
+    # Large request bodies parsed at once, shared by the gateway's deployments
+    # (endpoints/request_body.py; issue 22, item 3).
+    large_bodies: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
+    directory: Directory = field(default_factory=lambda: Directory({}, ServerSettings()))  # issue 17
+    limiter: Limiter = field(default_factory=Limiter)  # the tenants' rate limits (the process's)
 
-    def authorize(self, headers: dict[str, str]) -> None:
-        """With `api_keys_sha256` set, a key is required and must hash to one of them."""
-        if not self.config.api_keys_sha256:
-            return
-        key = headers.get("x-api-key", "")
-        if not key:
-            scheme, _, token = headers.get("authorization", "").partition(" ")
-            key = token.strip() if scheme.lower() == "bearer" else ""
-        if not key:
-            raise authentication_failed("an API key is required: send it as x-api-key or Authorization: Bearer")
-        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
-        # Compare against every hash, always, in constant time per comparison.
-        matched = False
-        for known in self.config.api_keys_sha256:
-            matched |= hmac.compare_digest(digest, known)
-        if not matched:
-            raise authentication_failed("invalid x-api-key")
+    def authorize(self, headers: dict[str, str], client: str = "") -> str:
+        """The request's tenant ("" for the anonymous one), or a 401/403 (issue 17): a key
+        looked up by its SHA-256, or the identity a trusted proxy set. With neither `tenants`
+        nor `api_keys_sha256` the deployment is open to any key."""
+        return self.directory.identify(self.config, headers, client)
 
     def model(self, name: str) -> ModelState:
         """The model a requested name means: its tag, or the tag of its first matching alias."""

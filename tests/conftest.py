@@ -1,48 +1,46 @@
 """Shared fixtures: a CaseDesk gateway running in the test's event loop on an ephemeral port,
-in front of whatever upstreams a test gives it (usually tests/fake_llama.py)."""
+in front of whatever upstreams a test gives it (usually `fake`, a tests/fake_llama.py server).
+The tools behind them live in tests/support/."""
 
 from __future__ import annotations
 
-import asyncio
-import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from casedesk.service import run
-from casedesk.config import Config, parse
+from casedesk.config import Config
+from tests.fake_llama import FakeLlamaServer
+from tests.support.gateway import GatewayFactory, RunningGateway, gateway_config, start
+
+__all__ = ["GatewayFactory", "RunningGateway", "gateway_config"]  # imported from here by older tests
+
+# Marked `slow` (left out of `make test-fast`): each takes seconds of wall time, measured on
+# the 2-core CI box: they start processes, fuzz with hypothesis, or run several gateways.
+# A module name covers all its tests; a test renamed away from this list just runs in test-fast.
+SLOW = (
+    "tests/test_ondemand.py",
+    "tests/test_supervisor.py",
+    "tests/test_prefix_routing.py",
+    "tests/test_soak.py",
+    "tests/test_schema.py::test_fuzzed_",
+    "tests/test_affinity.py::test_memory_stays_bounded_whatever_the_traffic",
+    "tests/test_logging.py::test_a_stdout_nobody_reads_never_stalls_the_gateway",
+    "tests/test_logging.py::test_upstream_text_in_the_operators_log_is_escaped",
+)
 
 
-@dataclass
-class RunningGateway:
-    url: str
-    port: int
-    config: Config
-    stop: asyncio.Event
-    force: asyncio.Event
-    reload: asyncio.Event
-    task: asyncio.Task[None]
-
-    def base_url(self, deployment: str = "dep") -> str:
-        return f"{self.url}/proxy/{deployment}/anthropic"
-
-    async def shutdown(self) -> None:
-        self.stop.set()
-        await asyncio.wait_for(self.task, 30)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.nodeid.startswith(SLOW):
+            item.add_marker(pytest.mark.slow)
 
 
-GatewayFactory = Callable[..., Awaitable[RunningGateway]]
-
-
-def gateway_config(upstreams: list[str], **overrides: Any) -> dict[str, Any]:
-    """A config with deployment "dep" serving tag "m" from `upstreams`; overrides per table."""
-    server = {"listen": "127.0.0.1:0", "health_interval": 3600, **overrides.pop("server", {})}
-    deployment = {"max_concurrency": 8, "max_queue": 16, **overrides.pop("deployment", {})}
-    model = {"upstreams": upstreams, **overrides.pop("model", {})}
-    assert not overrides, overrides
-    return {"server": server, "deployments": {"dep": {**deployment, "models": {"m": model}}}}
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeLlamaServer]:
+    """One fake llama-server on an ephemeral port."""
+    async with FakeLlamaServer() as server:
+        yield server
 
 
 @pytest.fixture
@@ -50,37 +48,12 @@ async def start_gateway() -> AsyncIterator[GatewayFactory]:
     """`await start_gateway(raw_config_dict, shutdown_grace=...)` → a RunningGateway."""
     running: list[RunningGateway] = []
 
-    async def start(raw: dict[str, Any] | Config, shutdown_grace: float = 5.0) -> RunningGateway:
-        config = raw if isinstance(raw, Config) else parse(raw)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(1024)
-        sock.setblocking(False)
-        port = sock.getsockname()[1]
-        ready, stop, force, reload = asyncio.Event(), asyncio.Event(), asyncio.Event(), asyncio.Event()
-        task = asyncio.create_task(
-            run(
-                config,
-                sock=sock,
-                ready=ready,
-                stop=stop,
-                force=force,
-                reload=reload,
-                shutdown_grace=shutdown_grace,
-                handle_signals=False,
-            )
-        )
-        waiter = asyncio.create_task(ready.wait())
-        await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            waiter.cancel()
-            task.result()  # raises what stopped it
-        gateway = RunningGateway(f"http://127.0.0.1:{port}", port, config, stop, force, reload, task)
+    async def start_one(raw: dict[str, Any] | Config, shutdown_grace: float = 5.0) -> RunningGateway:
+        gateway = await start(raw, shutdown_grace)
         running.append(gateway)
         return gateway
 
-    yield start
+    yield start_one
     for gateway in running:
         if not gateway.task.done():
             gateway.force.set()

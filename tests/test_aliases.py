@@ -20,7 +20,7 @@ from casedesk.cli import main as cli_main
 from casedesk.config import ConfigError, parse
 from tests.conftest import GatewayFactory, RunningGateway
 from tests.fake_llama import FakeLlamaServer, Reply
-from tests.test_ops import get
+from tests.support.wire import get
 
 ASK = [{"role": "user", "content": "hi"}]
 # File order matters: "claude-*haiku*" is listed before the catch-all "claude-*".
@@ -44,7 +44,7 @@ class Fleet:
 def config(urls: dict[str, str], aliases: dict[str, str], access_log: str = "") -> dict[str, Any]:
     models = {tag: {"upstreams": [url]} for tag, url in urls.items()}
     return {
-        "server": {"listen": "127.0.0.1:0", "health_interval": 3600, "access_log": access_log},
+        "server": {"listen": "127.0.0.1:0", "health_interval": 3600, "access_log": access_log, "allowed_hosts": ["x"]},
         "deployments": {"dep": {"models": models, "aliases": aliases}},
     }
 

@@ -12,7 +12,7 @@ import orjson
 
 from tests.conftest import GatewayFactory, gateway_config
 from tests.fake_llama import FakeLlamaServer
-from tests.test_ops import get
+from tests.support.wire import get
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "contrib" / "grafana" / "casedesk.json"
 

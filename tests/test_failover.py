@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import GatewayFactory, RunningGateway, gateway_config
 from tests.fake_llama import FakeLlamaServer, Reply
-from tests.test_relay import ASK, http_post, raw_events, sdk
+from tests.support.wire import ASK, http_post, raw_events, sdk
 
 MESSAGES = "/proxy/dep/anthropic/v1/messages"
 GOOD = Reply(tokens=["from", " the", " good", " one"], prompt_tokens=9)
@@ -140,6 +140,9 @@ async def test_the_connection_cap_529_says_when_to_retry(start_gateway: GatewayF
     async with FakeLlamaServer() as fake:
         gw = await start_gateway(gateway_config([fake.url], server={"max_connections": 1}))
         _held = await asyncio.open_connection("127.0.0.1", gw.port)
+        # Busy (answered, its next head under way): an idle connection would be closed to make room.
+        _held[1].write(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\nGET /healthz HTTP/1.1\r\n")
+        assert (await _held[0].readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
         answer = await asyncio.wait_for(reader.read(), 5)
         writer.close()

@@ -10,39 +10,9 @@ import orjson
 import pytest
 
 from tests.conftest import GatewayFactory, gateway_config
+from tests.support.wire import DEAD_UPSTREAM, MESSAGES, exchange, parse, read_response
 
-DEAD_UPSTREAM = "http://127.0.0.1:9"  # discard port: nothing listens, connections are refused
 VERSION = b"anthropic-version: 2023-06-01\r\n"
-
-
-async def exchange(port: int, raw: bytes, read_until_close: bool = False, timeout: float = 5.0) -> bytes:
-    """Send raw bytes, return what comes back (one response, or all until the server closes)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(raw)
-    await writer.drain()
-    try:
-        if read_until_close:
-            return await asyncio.wait_for(reader.read(-1), timeout)
-        return await asyncio.wait_for(read_response(reader), timeout)
-    finally:
-        writer.close()
-
-
-async def read_response(reader: asyncio.StreamReader) -> bytes:
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":")[1])
-    return head + await reader.readexactly(length)
-
-
-def parse(response: bytes) -> tuple[int, dict[str, str], bytes]:
-    head, _, body = response.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    return status, headers, body
 
 
 def post(path: str, body: bytes, extra: bytes = VERSION) -> bytes:
@@ -54,7 +24,6 @@ def post(path: str, body: bytes, extra: bytes = VERSION) -> bytes:
     )
 
 
-MESSAGES = "/proxy/dep/anthropic/v1/messages"
 VALID = orjson.dumps({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
 
 
@@ -235,10 +204,12 @@ async def test_idle_keep_alive_connections_are_closed(start_gateway: GatewayFact
 
 
 async def test_connection_cap_refuses_extra_connections(start_gateway: GatewayFactory) -> None:
-    gw = await start_gateway(gateway_config([DEAD_UPSTREAM], server={"max_connections": 2}))
+    limits = {"max_connections": 2, "max_connections_per_ip": 2}
+    gw = await start_gateway(gateway_config([DEAD_UPSTREAM], server=limits))
     held = [await asyncio.open_connection("127.0.0.1", gw.port) for _ in range(2)]
     for reader, writer in held:  # an answer on each: both are accepted and counted (no sleep)
-        writer.write(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        # ...and busy once answered (the next head under way): not idle, so not closed for room
+        writer.write(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\nGET /healthz HTTP/1.1\r\n")
         assert parse(await read_response(reader))[0] == 200
     answer = await exchange(gw.port, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n", read_until_close=True)
     assert answer.startswith(b"HTTP/1.1 529")

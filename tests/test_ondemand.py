@@ -20,7 +20,9 @@ from casedesk.config import parse
 from casedesk.ops.process import State, is_valid_transition
 from casedesk.ops.supervisor import Supervisor
 from tests.conftest import GatewayFactory, RunningGateway
-from tests.test_ops import NotifyListener, get
+from tests.support.systemd import NotifyListener
+from tests.support.wait import until
+from tests.support.wire import get
 
 ROOT = Path(__file__).resolve().parents[1]
 ASK = [{"role": "user", "content": "hi"}]
@@ -44,7 +46,13 @@ class Box:
         return {"llama_server": {"model": str(self.model), "binary": str(self.binary), "args": args, **keys}}
 
     def config(self, models: dict[str, dict[str, Any]], max_loaded: int = 0, **deployment: Any) -> dict[str, Any]:
-        server = {"listen": "127.0.0.1:0", "health_interval": 0.2, "access_log": "", "max_loaded_models": max_loaded}
+        server = {
+            "listen": "127.0.0.1:0",
+            "health_interval": 0.2,
+            "access_log": "",
+            "max_loaded_models": max_loaded,
+            "allowed_hosts": ["x"],
+        }
         dep = {"max_concurrency": 64, "max_queue": 64, "queue_timeout": 30, **deployment}
         return {"server": server, "deployments": {"dep": {**dep, "models": models}}}
 
@@ -62,13 +70,6 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return not Path(f"/proc/{pid}/stat").read_text().split(") ")[-1].startswith("Z")
-
-
-async def until(condition: Any, timeout: float = 15.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what or condition}"
-        await asyncio.sleep(0.02)
 
 
 def client(gw: RunningGateway) -> anthropic.AsyncAnthropic:

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anthropic
@@ -22,21 +21,12 @@ from casedesk.config import load
 from casedesk.ops.systemd import Notifier, listen_fds
 from tests.conftest import GatewayFactory, RunningGateway, gateway_config
 from tests.fake_llama import FakeLlamaServer, Reply
-from tests.test_http_server import exchange, parse
+from tests.support.systemd import NotifyListener
+from tests.support.wait import until
+from tests.support.wire import exchange, get, parse
 
 ROOT = Path(__file__).resolve().parents[1]
 ASK = [{"role": "user", "content": "a secret question"}]
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeLlamaServer]:
-    async with FakeLlamaServer() as server:
-        yield server
-
-
-async def get(gateway: RunningGateway, path: str) -> tuple[int, bytes]:
-    status, _, body = parse(await exchange(gateway.port, f"GET {path} HTTP/1.1\r\nhost: x\r\n\r\n".encode()))
-    return status, body
 
 
 async def known_traffic(gateway: RunningGateway, fake: FakeLlamaServer) -> None:
@@ -101,23 +91,13 @@ async def test_readyz_follows_upstream_health(fake: FakeLlamaServer, start_gatew
     good = await start_gateway(gateway_config([fake.url]))
     assert (await get(good, "/readyz"))[0] == 200
     bad = await start_gateway(gateway_config(["http://127.0.0.1:9"]))
-    deadline = time.monotonic() + 3
-    while (await get(bad, "/readyz"))[0] != 503 and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    await until(lambda: readyz_is(bad, 503), timeout=3, what="/readyz to see the dead upstream")
     status, body = await get(bad, "/readyz")
     assert status == 503 and orjson.loads(body)["type"] == "error"
 
 
-class NotifyListener:
-    """A real AF_UNIX datagram socket standing in for systemd's notify socket."""
-
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(path)
-        self.sock.settimeout(5)
-
-    def next(self) -> set[str]:
-        return set(self.sock.recv(4096).decode().split("\n"))
+async def readyz_is(gateway: RunningGateway, status: int) -> bool:
+    return (await get(gateway, "/readyz"))[0] == status
 
 
 def test_notify_messages_reach_a_datagram_socket(tmp_path: Path) -> None:
@@ -190,22 +170,23 @@ async def test_reload_applies_to_new_requests_while_a_stream_finishes_on_the_old
     client = anthropic.AsyncAnthropic(base_url=gw.base_url(), api_key="k", max_retries=0)
     fake.replies.append(Reply(tokens=[f"t{i}" for i in range(40)], token_delay=0.02))
     streaming = asyncio.ensure_future(client.messages.create(model="m", max_tokens=100, messages=ASK))
-    await asyncio.sleep(0.2)
+    await until(lambda: fake.chat_requests() and fake.chat_requests()[-1].status == 200, what="the stream to begin")
     config.write_text(
         f'[server]\naccess_log = ""\n[deployments.dep.models.m]\nupstreams = ["{fake.url}"]\n'
         f'[deployments.dep.models.m2]\nupstreams = ["{fake.url}"]\n'
     )
     gw.reload.set()
-    deadline = time.monotonic() + 5
-    while [m.id async for m in client.models.list()] != ["m", "m2"]:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
+
+    async def both_models_listed() -> bool:
+        return [m.id async for m in client.models.list()] == ["m", "m2"]
+
+    await until(both_models_listed, timeout=5, what="the reload to list m2")
     message = await streaming
     assert message.content[0].text == "".join(f"t{i}" for i in range(40))  # the old config finished it
     # A broken config is refused; the running one stays.
     config.write_text("[server]\nlisten = 5\n")
     gw.reload.set()
-    await asyncio.sleep(0.3)
+    await until(lambda: not gw.reload.is_set(), what="the reload to be refused")  # cleared, then refused at once
     assert [m.id async for m in client.models.list()] == ["m", "m2"]
 
 
@@ -254,7 +235,7 @@ def test_unit_file_is_valid_and_sandboxed(tmp_path: Path) -> None:
         service["DynamicUser"] == "yes" and service["ProtectSystem"] == "strict" and service["NoNewPrivileges"] == "yes"
     )
     assert "AF_INET" in service["RestrictAddressFamilies"]  # it must reach its upstreams
-    # A managed llama-server must see the GPUs (issue 10): no PrivateDevices, a closed device
+    # A managed llama-server must see the GPUs (README, "Running under systemd"): no PrivateDevices, a closed device
     # policy opened for CUDA, ROCm and Vulkan's device classes only.
     assert service["PrivateDevices"] == "no" and service["DevicePolicy"] == "closed"
     allowed = [line.split("=", 1)[1] for line in unit.splitlines() if line.startswith("DeviceAllow=")]

@@ -5,7 +5,6 @@ closed, `Exchange` closing exactly once, one h11 connection per socket across it
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -13,19 +12,7 @@ import pytest
 from casedesk.upstream.client import MAX_ERROR_BODY, call_json, open_exchange
 from casedesk.upstream.pool import ConnectionState, UpstreamConnection, UpstreamError, UpstreamPool, _Waiter
 from tests.fake_llama import FakeLlamaServer
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeLlamaServer]:
-    async with FakeLlamaServer() as server:
-        yield server
-
-
-async def until(predicate: Any, timeout: float = 2.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
+from tests.support.wait import until
 
 
 # -- _assign, the pool's one decision, on a fake clock (no sockets) -----------------------------

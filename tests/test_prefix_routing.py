@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import GatewayFactory, RunningGateway, gateway_config
 from tests.fake_llama import FakeLlamaServer, Reply
+from tests.support.wait import until
 
 QUIET = {"access_log": ""}
 
@@ -69,13 +70,6 @@ def served(fakes: list[FakeLlamaServer]) -> dict[tuple[int, int], list[int]]:
 
 def client(gateway: RunningGateway) -> anthropic.AsyncAnthropic:
     return anthropic.AsyncAnthropic(base_url=gateway.base_url(), api_key="k", max_retries=0)
-
-
-async def until(condition: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 async def test_every_turn_of_a_conversation_goes_where_its_first_went(

@@ -5,84 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import anthropic
-import h11
 import orjson
 import pytest
 
 from tests.conftest import GatewayFactory, RunningGateway, gateway_config
 from tests.fake_llama import FakeLlamaServer, Reply
-
-ASK = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeLlamaServer]:
-    async with FakeLlamaServer() as server:
-        yield server
+from tests.support.wait import until
+from tests.support.wire import ASK, get, raw_events, sdk
 
 
 @pytest.fixture
 async def gateway(fake: FakeLlamaServer, start_gateway: GatewayFactory) -> RunningGateway:
     return await start_gateway(gateway_config([fake.url]))
-
-
-def sdk(gateway: RunningGateway) -> anthropic.AsyncAnthropic:
-    return anthropic.AsyncAnthropic(base_url=gateway.base_url(), api_key="k", max_retries=0)
-
-
-async def http_post(port: int, path: str, body: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
-    """A plain HTTP/1.1 POST on a fresh socket, read with h11: (status, headers, body)."""
-    payload = orjson.dumps(body)
-    conn = h11.Connection(h11.CLIENT)
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    headers = [
-        ("host", "x"),
-        ("anthropic-version", "2023-06-01"),
-        ("x-api-key", "k"),
-        ("content-type", "application/json"),
-        ("content-length", str(len(payload))),
-    ]
-    writer.write(
-        conn.send(h11.Request(method="POST", target=path, headers=headers))
-        + conn.send(h11.Data(data=payload))
-        + conn.send(h11.EndOfMessage())
-    )
-    status, response_headers, data = 0, {}, b""
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            conn.receive_data(await asyncio.wait_for(reader.read(65536), 10))
-        elif isinstance(event, h11.Response):
-            status = event.status_code
-            response_headers = {k.decode(): v.decode() for k, v in event.headers}
-        elif isinstance(event, h11.Data):
-            data += event.data
-        elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-            break
-    writer.close()
-    return status, response_headers, data
-
-
-async def raw_events(gateway: RunningGateway, body: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """POST a streamed request; the (event, data) pairs exactly as they came."""
-    status, headers, data = await http_post(
-        gateway.port,
-        "/proxy/dep/anthropic/v1/messages",
-        {"model": "m", "max_tokens": 100, "messages": ASK, "stream": True, **body},
-    )
-    assert status == 200, data
-    assert headers["content-type"] == "text/event-stream"
-    events = []
-    for block in data.decode().strip().split("\n\n"):
-        # SSE comments (": keep-alive" while the answer is slow to begin) carry no event.
-        lines = dict(line.split(": ", 1) for line in block.split("\n") if not line.startswith(":"))
-        if lines:
-            events.append((lines["event"], orjson.loads(lines["data"])))
-    return events
 
 
 async def test_non_streamed_message_with_usage_and_model_tag(fake: FakeLlamaServer, gateway: RunningGateway) -> None:
@@ -369,14 +307,22 @@ async def test_client_disconnect_cancels_the_upstream_at_once(fake: FakeLlamaSer
         seen += await reader.read(4096)
     writer.close()
     record = fake.chat_requests()[-1]
-    deadline = time.monotonic() + 2
-    while not record.aborted and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
+    await until(lambda: record.aborted, timeout=2, what="llama-server to see the client leave")
     assert record.aborted and not record.finished
     # The cut socket was not reused: the next request opens a new connection.
     before = fake.connections_accepted
     await sdk(gateway).messages.create(model="m", max_tokens=5, messages=ASK)
     assert fake.connections_accepted == before + 1
+
+
+async def queued_requests(gateway: RunningGateway, count: int) -> bool:
+    """The gateway's admission queue holds `count` requests (its /metrics say so)."""
+    return f'casedesk_queued_requests{{deployment="dep"}} {count}' in (await get(gateway, "/metrics"))[1].decode()
+
+
+def upstream_paused(fake: FakeLlamaServer) -> bool:
+    """The fake's writes wait for the gateway to read: back-pressure reached llama-server."""
+    return any(not connection.writable.is_set() for connection in fake._connections)
 
 
 async def count_twice(client: anthropic.AsyncAnthropic) -> None:
@@ -431,7 +377,7 @@ async def test_idle_connections_closed_by_the_upstream_do_not_fail_requests(star
         client = sdk(gw)
         for _ in range(3):
             await count_twice(client)
-            await asyncio.sleep(0.3)
+            await until(lambda: fake.open_connections == 0, what="the fake to close its idle sockets")
         assert [r.status for r in fake.requests if r.path != "/health"] == [200] * 12
 
 
@@ -442,7 +388,7 @@ async def test_admission_queue_full_is_529_at_once(fake: FakeLlamaServer, start_
     client = sdk(gw)
     first = asyncio.ensure_future(client.messages.create(model="m", max_tokens=50, messages=ASK))
     second = asyncio.ensure_future(client.messages.create(model="m", max_tokens=50, messages=ASK))
-    await asyncio.sleep(0.1)
+    await until(lambda: queued_requests(gw, 1), what="one request in flight and one queued")
     started = time.monotonic()
     with pytest.raises(anthropic.APIStatusError) as caught:
         await client.messages.create(model="m", max_tokens=50, messages=ASK)
@@ -463,7 +409,7 @@ async def test_a_slow_reader_pauses_the_upstream_and_loses_nothing(
         b"content-length: %d\r\n\r\n%b" % (len(body), body)
     )
     writer.transport.pause_reading()  # the client stops reading
-    await asyncio.sleep(0.5)
+    await until(lambda: fake.chat_requests() and upstream_paused(fake), what="the fake to wait for us")
     record = fake.chat_requests()[-1]
     assert not record.finished  # back-pressure reached llama-server: it is waiting for us
     writer.transport.resume_reading()
@@ -492,7 +438,7 @@ async def stop_during_a_stream(
     gw = await start_gateway(gateway_config([fake.url]), shutdown_grace=grace)
     fake.replies.append(Reply(tokens=[f"t{i}" for i in range(tokens)], token_delay=0.02))
     stream = asyncio.ensure_future(raw_events(gw, {}))
-    await asyncio.sleep(0.2)
+    await until(lambda: fake.chat_requests() and fake.chat_requests()[-1].status == 200, what="the stream to begin")
     gw.stop.set()
     return gw, await stream
 

@@ -17,8 +17,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import GatewayFactory, gateway_config
 from tests.fake_llama import FakeLlamaServer, Reply
-from tests.test_http_server import exchange, parse
-from tests.test_relay import raw_events
+from tests.support.wire import exchange, parse, raw_events
 
 SOAK_SECONDS = 6.0
 CONCURRENCY = 100

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import orjson
 
-# Status → Anthropic error type, from the public API reference (shared/protocol.md §1).
+# Status → Anthropic error type, from the public API reference (docs/anthropic-api.md §1).
 ERROR_TYPES: dict[int, str] = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -45,7 +45,7 @@ class ApiError(Exception):
         self.message = message
         self.error_type = error_type or ERROR_TYPES.get(status, "api_error")
         if status in (429, 529) and not any(name == "retry-after" for name, _ in headers):
-            # "Back off and retry": the SDKs wait what retry-after says (shared/protocol.md §1).
+            # "Back off and retry": the SDKs wait what retry-after says (docs/anthropic-api.md §1).
             headers = (*headers, ("retry-after", str(DEFAULT_RETRY_AFTER)))
         self.headers = headers
 

@@ -14,11 +14,17 @@ from typing import Any
 import orjson
 
 from casedesk.anthropic.errors import invalid_request
+from casedesk.anthropic.json_schema import check_grammar_schema, check_json_depth, check_schema_bounds
 
 ROLES = frozenset({"user", "assistant", "system"})
 TOOL_CHOICES = frozenset({"auto", "any", "tool", "none"})
 THINKING_TYPES = frozenset({"enabled", "adaptive", "disabled"})
 IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
+EFFORTS = frozenset({"low", "medium", "high", "xhigh", "max"})
+# No context window holds this many turns or blocks (every one costs template tokens); a body
+# with more is refused before it is turned into objects (issue 22, item 3).
+MAX_MESSAGES = 100_000
+MAX_BLOCKS = 200_000
 
 
 @dataclass(slots=True)
@@ -36,6 +42,8 @@ class MessagesRequest:
     tool_choice: dict[str, Any] | None = None
     thinking: str | None = None  # enabled / adaptive / disabled / None (not asked)
     thinking_budget: int | None = None
+    output_schema: dict[str, Any] | None = None  # output_config.format / output_format json_schema
+    effort: str | None = None  # output_config.effort
 
     @property
     def wants_thinking(self) -> bool:
@@ -52,14 +60,32 @@ def request_json(headers: Mapping[str, str], body: bytes) -> Any:
         raise invalid_request("anthropic-version: header is required (e.g. anthropic-version: 2023-06-01)")
     if not body:
         raise invalid_request("request body is empty; expected a JSON object")
+    _check_counts_before_parsing(body)
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise invalid_request(f"request body is not valid JSON: {exc}") from None
 
 
-def parse_messages_request(body: Any, *, count_only: bool = False) -> MessagesRequest:
-    """Check a Messages API body. `count_only`: the count_tokens shape (no max_tokens)."""
+def _check_counts_before_parsing(body: bytes) -> None:
+    """Refuse a body with far more turns or blocks than any context window holds, before
+    orjson builds an object for each (a 27 MB body of 1 M tiny messages costs ~400 MB as
+    objects). The counts are of keys, an upper bound; the exact checks follow parsing."""
+    roles = body.count(b'"role"')
+    if roles > MAX_MESSAGES:
+        raise invalid_request(
+            f"messages: more than {MAX_MESSAGES} messages ({roles} role fields); no context window holds that many"
+        )
+    types = body.count(b'"type"')
+    if types > MAX_BLOCKS + MAX_MESSAGES:
+        raise invalid_request(
+            f"messages: more than {MAX_BLOCKS} content blocks ({types} type fields); no context window holds that many"
+        )
+
+
+def parse_messages_request(body: Any, *, count_only: bool = False, image_urls: bool = False) -> MessagesRequest:
+    """Check a Messages API body. `count_only`: the count_tokens shape (no max_tokens).
+    `image_urls`: image `url` sources are allowed (the gateway fetches them; issue 22, 13)."""
     if not isinstance(body, dict):
         raise invalid_request(f"request body must be a JSON object, got {_kind(body)}")
     model = body.get("model")
@@ -80,8 +106,13 @@ def parse_messages_request(body: Any, *, count_only: bool = False) -> MessagesRe
         raise invalid_request("messages: Field required")
     if not isinstance(messages, list) or not messages:
         raise invalid_request("messages: must be a non-empty list of {role, content} objects")
+    if len(messages) > MAX_MESSAGES:
+        raise invalid_request(f"messages: more than {MAX_MESSAGES} messages; no context window holds that many")
+    blocks = 0
     for i, message in enumerate(messages):
-        _check_message(message, f"messages.{i}")
+        blocks += _check_message(message, f"messages.{i}", image_urls)
+        if blocks > MAX_BLOCKS:
+            raise invalid_request(f"messages: more than {MAX_BLOCKS} content blocks; no context window holds that many")
     request = MessagesRequest(
         model=model,
         max_tokens=max_tokens,
@@ -102,10 +133,53 @@ def parse_messages_request(body: Any, *, count_only: bool = False) -> MessagesRe
     request.tools = _tools(body.get("tools"))
     request.tool_choice = _tool_choice(body.get("tool_choice"), request.tools)
     request.thinking, request.thinking_budget = _thinking(body.get("thinking"))
+    request.output_schema, request.effort = _output(body.get("output_config"), body.get("output_format"))
     metadata = body.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise invalid_request(f"metadata: must be an object, got {_kind(metadata)}")
+    _refuse_server_side_features(body)
     return request
+
+
+def _refuse_server_side_features(body: dict[str, Any]) -> None:
+    """Features that run on Anthropic's side: a local model has none, so they are refused
+    by name instead of being dropped (README, "What CaseDesk does with each field")."""
+    if body.get("mcp_servers"):
+        raise invalid_request("mcp_servers: the MCP connector runs on Anthropic's servers and is not available here")
+    if body.get("container") is not None:
+        raise invalid_request("container: code execution containers are not available on this gateway")
+
+
+def _output(config: Any, beta_format: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """output_config (format, effort) and the earlier beta `output_format`."""
+    effort: str | None = None
+    schema: dict[str, Any] | None = None
+    if config is not None:
+        if not isinstance(config, dict):
+            raise invalid_request(f"output_config: must be an object, got {_kind(config)}")
+        raw_effort = config.get("effort")
+        if raw_effort is not None:
+            if not isinstance(raw_effort, str) or raw_effort not in EFFORTS:
+                raise invalid_request(f"output_config.effort: must be one of {', '.join(sorted(EFFORTS))}")
+            effort = raw_effort
+        if config.get("format") is not None:
+            schema = _output_format(config["format"], "output_config.format")
+    if beta_format is not None:
+        if schema is not None:
+            raise invalid_request("output_format: give output_config.format or output_format, not both")
+        schema = _output_format(beta_format, "output_format")
+    return schema, effort
+
+
+def _output_format(value: Any, path: str) -> dict[str, Any]:
+    if not isinstance(value, dict) or value.get("type") != "json_schema":
+        raise invalid_request(f'{path}.type: must be "json_schema"')
+    schema = value.get("schema")
+    if not isinstance(schema, dict):
+        raise invalid_request(f"{path}.schema: Field required (a JSON Schema object)")
+    check_schema_bounds(schema, f"{path}.schema")
+    check_grammar_schema(schema, f"{path}.schema")
+    return schema
 
 
 def _kind(value: Any) -> str:
@@ -158,7 +232,8 @@ def _stop_sequences(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _check_message(message: Any, path: str) -> None:
+def _check_message(message: Any, path: str, image_urls: bool) -> int:
+    """Checks one message; returns how many content blocks it has."""
     if not isinstance(message, dict):
         raise invalid_request(f"{path}: must be an object with role and content, got {_kind(message)}")
     role = message.get("role")
@@ -168,11 +243,12 @@ def _check_message(message: Any, path: str) -> None:
         raise invalid_request(f"{path}.content: Field required")
     content = message["content"]
     if isinstance(content, str):
-        return
+        return 1
     if not isinstance(content, list):
         raise invalid_request(f"{path}.content: must be a string or a list of content blocks, got {_kind(content)}")
     for j, block in enumerate(content):
-        _check_block(block, f"{path}.content.{j}", role)
+        _check_block(block, f"{path}.content.{j}", role, image_urls)
+    return len(content)
 
 
 def _require_str(block: dict[str, Any], key: str, path: str) -> None:
@@ -180,21 +256,27 @@ def _require_str(block: dict[str, Any], key: str, path: str) -> None:
         raise invalid_request(f"{path}.{key}: must be a string, got {_kind(block.get(key))}")
 
 
-def _check_block(block: Any, path: str, role: str) -> None:
+def _check_block(block: Any, path: str, role: str, image_urls: bool) -> None:
     if not isinstance(block, dict):
         raise invalid_request(f"{path}: must be a content block object, got {_kind(block)}")
     kind = block.get("type")
     if kind == "text":
         _require_str(block, "text", path)
+        # `citations` on a text block of an earlier answer are annotations of that text: the
+        # text is kept, the citations (which a local model never produces) are not forwarded.
     elif kind == "image":
-        _check_image_source(block.get("source"), f"{path}.source")
+        _check_image_source(block.get("source"), f"{path}.source", image_urls)
     elif kind == "document":
         _check_document_source(block.get("source"), f"{path}.source")
+        _refuse_citations(block, path)
+    elif kind == "search_result":
+        _check_search_result(block, path)
     elif kind == "tool_use":
         _require_str(block, "id", path)
         _require_str(block, "name", path)
         if not isinstance(block.get("input"), dict):
             raise invalid_request(f"{path}.input: must be an object, got {_kind(block.get('input'))}")
+        check_json_depth(block["input"], f"{path}.input")
     elif kind == "tool_result":
         _require_str(block, "tool_use_id", path)
         content = block.get("content")
@@ -202,7 +284,7 @@ def _check_block(block: Any, path: str, role: str) -> None:
             if not isinstance(content, list):
                 raise invalid_request(f"{path}.content: must be a string or a list of blocks")
             for k, inner in enumerate(content):
-                _check_block(inner, f"{path}.content.{k}", role)
+                _check_block(inner, f"{path}.content.{k}", role, image_urls)
         if "is_error" in block and not isinstance(block["is_error"], bool):
             raise invalid_request(f"{path}.is_error: must be a boolean")
     elif kind == "thinking":
@@ -211,14 +293,54 @@ def _check_block(block: Any, path: str, role: str) -> None:
         _require_str(block, "data", path)
     elif kind is None:
         raise invalid_request(f"{path}.type: Field required")
+    elif kind in SERVER_TOOL_BLOCKS:
+        raise invalid_request(
+            f"{path}.type: {kind!r} blocks come from Anthropic's server tools, which this gateway does not run"
+        )
     else:
         raise invalid_request(
             f"{path}.type: unsupported content block type {kind!r} "
-            "(supported: text, image, document, tool_use, tool_result, thinking, redacted_thinking)"
+            "(supported: text, image, document, search_result, tool_use, tool_result, thinking, redacted_thinking)"
         )
 
 
-def _check_image_source(source: Any, path: str) -> None:
+SERVER_TOOL_BLOCKS = frozenset(
+    {
+        "server_tool_use",
+        "web_search_tool_result",
+        "web_fetch_tool_result",
+        "code_execution_tool_result",
+        "bash_code_execution_tool_result",
+        "text_editor_code_execution_tool_result",
+        "mcp_tool_use",
+        "mcp_tool_result",
+        "container_upload",
+    }
+)
+
+
+def _refuse_citations(block: dict[str, Any], path: str) -> None:
+    citations = block.get("citations")
+    if isinstance(citations, dict) and citations.get("enabled"):
+        raise invalid_request(
+            f"{path}.citations: citations are not available on this gateway (a local model cannot cite "
+            "passages); send the block without citations.enabled"
+        )
+
+
+def _check_search_result(block: dict[str, Any], path: str) -> None:
+    _require_str(block, "source", path)
+    _require_str(block, "title", path)
+    content = block.get("content")
+    if not isinstance(content, list):
+        raise invalid_request(f"{path}.content: must be a list of text blocks")
+    for k, inner in enumerate(content):
+        if not isinstance(inner, dict) or inner.get("type") != "text" or not isinstance(inner.get("text"), str):
+            raise invalid_request(f'{path}.content.{k}: must be a {{"type": "text", "text": ...}} block')
+    _refuse_citations(block, path)
+
+
+def _check_image_source(source: Any, path: str, image_urls: bool) -> None:
     if not isinstance(source, dict):
         raise invalid_request(f"{path}: Field required (an object with type base64 or url)")
     kind = source.get("type")
@@ -229,6 +351,13 @@ def _check_image_source(source: Any, path: str) -> None:
         _require_str(source, "data", path)
     elif kind == "url":
         _require_str(source, "url", path)
+        if not image_urls:
+            # llama-server would fetch the URL itself, from the inference box (issue 22, 13).
+            raise invalid_request(
+                f"{path}: image URLs are not fetched by this gateway; send the image as "
+                '{"type": "base64", "media_type": ..., "data": ...}, or ask its operator to set '
+                "[server] fetch_image_urls = true"
+            )
     else:
         raise invalid_request(f'{path}.type: must be "base64" or "url", got {kind!r}')
 
@@ -243,6 +372,10 @@ def _check_document_source(source: Any, path: str) -> None:
         content = source.get("content")
         if not isinstance(content, (str, list)):
             raise invalid_request(f"{path}.content: must be a string or a list of text blocks")
+        if isinstance(content, list):
+            for k, inner in enumerate(content):
+                if not isinstance(inner, dict) or inner.get("type") != "text" or not isinstance(inner.get("text"), str):
+                    raise invalid_request(f'{path}.content.{k}: must be a {{"type": "text", "text": ...}} block')
     elif kind in ("base64", "url", "file"):
         raise invalid_request(
             f"{path}.type: {kind!r} documents (PDF) are not supported by this gateway; send the text as a text source"
@@ -268,6 +401,13 @@ def _tools(value: Any) -> list[dict[str, Any]] | None:
             raise invalid_request(f"{path}.input_schema: Field required (a JSON Schema object)")
         if "description" in tool and not isinstance(tool["description"], str):
             raise invalid_request(f"{path}.description: must be a string")
+        strict = tool.get("strict")
+        if strict is not None and not isinstance(strict, bool):
+            raise invalid_request(f"{path}.strict: must be a boolean")
+        where = f"{path}.input_schema (tool {tool['name']!r})"
+        check_schema_bounds(tool["input_schema"], where)
+        if strict:
+            check_grammar_schema(tool["input_schema"], where)
     return value or None
 
 

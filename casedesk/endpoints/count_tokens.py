@@ -13,7 +13,8 @@ from typing import Any
 import orjson
 
 from casedesk.anthropic.errors import ApiError
-from casedesk.anthropic.schema import parse_messages_request, request_json
+from casedesk.endpoints.model_facts import has_later_system_turn, takes_mid_system_turns
+from casedesk.endpoints.request_body import parsed_request
 from casedesk.http.server import Request, ResponseWriter
 from casedesk.ops.accesslog import RequestRecord
 from casedesk.serving import DeploymentState
@@ -24,13 +25,15 @@ from casedesk.upstream.relay import open_with_failover
 async def handle_count_tokens(
     deployment: DeploymentState, request: Request, writer: ResponseWriter, record: RequestRecord
 ) -> None:
-    deployment.authorize(request.headers)
-    parsed = parse_messages_request(request_json(request.headers, request.body), count_only=True)
+    record.tenant = deployment.authorize(request.headers, request.client)
+    parsed = await parsed_request(deployment, request, count_only=True)
     model = deployment.model(parsed.model)
     record.model, record.tag = parsed.model, model.tag
-    chat = {**to_chat_request(parsed, stream=False), "model": model.tag}
     timeout = deployment.settings.upstream_read_timeout
-    async with model.lease():  # a managed model is loaded if needed (ondemand; issue 10)
+    async with model.lease():  # a managed model is loaded if needed (README, "Models on demand")
+        # The very body the Messages endpoint would send (folded system turns included).
+        fold = has_later_system_turn(parsed.messages) and not await takes_mid_system_turns(model, timeout)
+        chat = {**to_chat_request(parsed, stream=False, fold_system=fold), "model": model.tag}
         templated = await _call(model.balancer, "/apply-template", chat, timeout)
         prompt = templated.get("prompt")
         if not isinstance(prompt, str):

@@ -1,29 +1,35 @@
 """HttpProtocol: one asyncio.Protocol per client connection, driving h11 as the server.
 
-h11 owns the connection state machine and the message heads; this module owns the socket:
+h11 owns the message heads and the response's state machine; this module owns the socket:
 limits, timeouts, keep-alive, flow control, and the response writer handlers use. It knows
 HTTP and nothing of Anthropic: the application renders its own errors, and gives this layer an
-`ErrorRenderer` for the ones it finds itself (413, 431, 408, 400, 529 at the connection cap).
-The shape follows uvicorn's h11 protocol (one class per connection, one dispatch loop).
+`ErrorRenderer` for the ones it finds itself (413, 431, 408, 400, 403, 505, 529 at the cap).
+The shape follows uvicorn's h11 protocol: the connection (`HttpProtocol`, its `Phase`) apart
+from the request in flight (`RequestCycle`). docs/design.md "The request cycle" walks it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import fcntl
 import http
+import ipaddress
 import logging
 import os
+import re
+import resource
 import socket
 import struct
 import termios
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Protocol, cast
+from dataclasses import dataclass, replace
 
 import h11
 
+from casedesk.http.flow import FlowListener, StreamProtocol, peer_name
 from casedesk.http.headers import join_headers
+from casedesk.http.request_body import BodyError, ChunkedBodyReader, Progress
 
 log = logging.getLogger("casedesk.http")
 
@@ -42,6 +48,12 @@ class ServerLimits:
     # discard before closing (see HttpProtocol._linger).
     linger_seconds: float = 5.0
     linger_bytes: int = 64 * 1024 * 1024
+    # issue 22: hostile clients.
+    max_connections_per_ip: int = 0  # 0: half of max_connections
+    allowed_hosts: tuple[str, ...] = ()  # Host names a loopback listener accepts beyond loopback ones
+
+    def per_ip_cap(self) -> int:
+        return self.max_connections_per_ip or max(1, self.max_connections // 2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,9 +84,22 @@ class Request:
 
 
 Handler = Callable[[Request, "ResponseWriter"], Awaitable[None]]
-# Asked about a request whose client waits for `100 Continue` before sending the body: an
-# answer refuses it now, unread (unknown path, bad key…); None lets the body come.
+# Asked about every request that has a body, once its head is in: an answer refuses it now,
+# its body unread (unknown path, bad key…); None lets the body come. A client waiting for
+# `100 Continue` gets it only after this said None.
 HeadCheck = Callable[[Request], ErrorResponse | None]
+# The body limit of one request, decided from its head (a path may allow more than
+# ServerLimits.max_body_bytes: the Message Batches create, issue 18).
+BodyLimit = Callable[[Request], int]
+
+# The end of a request head: h11 accepts bare LF line ends too, so this does.
+_HEAD_END = re.compile(rb"\n\r?\n")
+# Chunk lines parsed before the loop is given back (request_body.ChunkedBodyReader.step):
+# about a millisecond of work, whatever the chunks' sizes.
+_CHUNK_LINES_PER_STEP = 2048
+# Descriptors kept for everything that is not a client connection (listeners, logs, managed
+# servers' pipes); each client connection may hold an upstream one as well.
+_FD_RESERVE = 64
 
 
 def frame_chunk(data: bytes) -> bytes:
@@ -95,13 +120,61 @@ def new_request_id() -> str:
     return "req_" + os.urandom(12).hex()
 
 
+class Phase(enum.Enum):
+    """Where a connection is; each phase has its own deadline (HttpProtocol._enter)."""
+
+    IDLE = "idle"  # nothing of a request yet: fresh (header_timeout) or kept alive (keepalive_timeout)
+    HEAD = "head"  # part of a request head is in (header_timeout)
+    BODY = "body"  # the head is in, its body is coming (body_timeout)
+    HANDLING = "handling"  # a handler answers (the write watchdog: write_timeout)
+    DRAINING = "draining"  # answered; our buffer is over its high-water mark: the next request waits
+    LINGERING = "lingering"  # answered before the request was read: discard what comes, then close
+    CLOSED = "closed"
+
+
 class ConnectionTracker:
-    """The open connections of one listening server: the connection cap and shutdown use it."""
+    """The open connections of one listening server: the caps and shutdown use it."""
 
     def __init__(self) -> None:
         self.open: set[HttpProtocol] = set()
+        # Connections in Phase.IDLE, longest idle first (dicts keep insertion order).
+        self.idle: dict[HttpProtocol, None] = {}
+        self.per_ip: dict[str, int] = {}
         self.idle_changed = asyncio.Event()
         self.write_timeouts = 0  # requests ended because the client stopped reading
+        self.draining = False  # shutting down: every answer says `connection: close`
+
+    def make_room(self, ip: str, limits: ServerLimits) -> tuple[HttpProtocol | None, str | None]:
+        """Room for one more connection from `ip`: (an idle connection to close first, or
+        None) when there is some, else (None, why not). Longest idle goes first (nginx's
+        reusable connections): an idle keep-alive connection costs its client one reconnect."""
+        if self.per_ip.get(ip, 0) >= limits.per_ip_cap():
+            victim = next((p for p in self.idle if p.ip == ip), None)
+            if victim is None:
+                return None, "too many open connections from your address; retry shortly"
+            return victim, None
+        if len(self.open) >= limits.max_connections:
+            victim = next(iter(self.idle), None)
+            if victim is None:
+                return None, "too many open connections to this gateway; retry shortly"
+            return victim, None
+        return None, None
+
+    def add(self, protocol: HttpProtocol) -> None:
+        self.open.add(protocol)
+        self.per_ip[protocol.ip] = self.per_ip.get(protocol.ip, 0) + 1
+
+    def remove(self, protocol: HttpProtocol) -> None:
+        """Forget a connection (idempotent: once when it is evicted, again when it is lost)."""
+        self.idle.pop(protocol, None)
+        if protocol in self.open:
+            self.open.discard(protocol)
+            left = self.per_ip[protocol.ip] - 1
+            if left:
+                self.per_ip[protocol.ip] = left
+            else:
+                del self.per_ip[protocol.ip]
+        self.idle_changed.set()
 
 
 class ResponseWriter:
@@ -149,6 +222,8 @@ class ResponseWriter:
         self.started = True
         self.status = status
         headers.append(("request-id", self.request_id))
+        if self._protocol.tracker.draining and ("connection", "close") not in headers:
+            headers.append(("connection", "close"))  # shutting down: no next request here
         return h11.Response(status_code=status, headers=headers, reason=_reason(status))
 
     def send(
@@ -211,20 +286,50 @@ class ResponseWriter:
         self._held_head = b""
 
     def set_flow_listener(self, listener: FlowListener | None) -> None:
-        """Tell `listener` when the client stops and starts reading (back-pressure upstream)."""
-        self._protocol.flow_listener = listener
+        """Tell `listener` when the client stops and starts reading (back-pressure upstream);
+        told at once if the client's socket is already full."""
+        self._protocol.flow.set_listener(listener)
 
 
-class FlowListener(Protocol):
-    """What a relay does when the client's socket fills up and drains again."""
+class RequestCycle:
+    """One request on a connection, from its head to its answer (uvicorn's RequestResponseCycle).
 
-    def pause(self) -> None: ...
+    It gathers the body (in one buffer: `body`, or `chunked` for a chunked one) and runs the
+    handler as a task; the connection starts the next cycle when this one is done.
+    """
 
-    def resume(self) -> None: ...
+    __slots__ = ("request", "body", "body_left", "chunked", "writer", "task")
+
+    def __init__(self, protocol: HttpProtocol, request: Request, content_length: int, chunked: bool) -> None:
+        self.request = request
+        self.body = bytearray()
+        self.body_left = content_length  # Content-Length bytes not yet handed to h11
+        self.chunked = ChunkedBodyReader(protocol.max_body) if chunked else None
+        self.writer = ResponseWriter(protocol, request.request_id, head_only=request.method == "HEAD")
+        self.task: asyncio.Task[None] | None = None
+
+    async def run(self, handler: Handler, render_error: ErrorRenderer, protocol: HttpProtocol) -> None:
+        request, writer = self.request, self.writer
+        try:
+            await handler(request, writer)
+            if not writer.started:
+                raise RuntimeError(f"handler for {request.path} sent no response")
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            # The application renders its own errors: this is the last resort for a bug.
+            log.exception("handler failed for %s %s", request.method, request.path)
+            if not writer.started and not protocol.closed:
+                writer.send_error(render_error(500, "internal error in the gateway; see its log"))
+            elif not writer.finished:
+                protocol.close()  # a half-sent body cannot be ended in the application's format
+        finally:
+            self.task = None
+            protocol.cycle_done()
 
 
-class HttpProtocol(asyncio.Protocol):
-    """One client connection: parse with h11, run one handler task per request, keep alive."""
+class HttpProtocol(StreamProtocol):
+    """One client connection: read requests one at a time, answer each in a RequestCycle."""
 
     def __init__(
         self,
@@ -233,65 +338,83 @@ class HttpProtocol(asyncio.Protocol):
         tracker: ConnectionTracker,
         render_error: ErrorRenderer,
         check_head: HeadCheck | None = None,
+        body_limit: BodyLimit | None = None,
     ) -> None:
+        super().__init__()
         self._handler = handler
-        self._limits = limits
-        self._tracker = tracker
+        self.limits = limits
+        self.tracker = tracker
+        self._body_limit = body_limit
+        self._max_body = limits.max_body_bytes  # this request's, once its head is read
         self._render_error = render_error
         self._check_head = check_head
         self._loop = asyncio.get_running_loop()
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
-        self.transport: asyncio.Transport | None = None
         self.client = ""
+        self.ip = ""
         self.closed = False
-        self.flow_listener: FlowListener | None = None
-        self._reading_paused = False
-        self._timer: asyncio.TimerHandle | None = None
-        self._request: Request | None = None
-        self._body: list[bytes] = []
-        self._body_size = 0
-        self._task: asyncio.Task[None] | None = None
-        self.writer: ResponseWriter | None = None
-        self._linger_left = -1  # bytes still to discard before closing; -1: not lingering
+        self.phase = Phase.IDLE
+        self._timer: asyncio.TimerHandle | None = None  # the current phase's deadline
+        self._inbuf = bytearray()  # received, not yet handed to h11 or a body reader
+        self._scanned = 0  # bytes of _inbuf already searched for the head's end
+        self._stepping = False  # a chunked body's next step is scheduled (reading waits)
+        self._loopback_listener = False
+        self.cycle: RequestCycle | None = None
+        self._linger_left = 0  # bytes still to discard, while LINGERING
         # The write watchdog: what the client has acknowledged, and when that last grew.
         self.bytes_written = 0
-        self._fd = -1
         self._acked = -1
         self._progress_at = 0.0
-        self._write_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def max_body(self) -> int:
+        """The body limit of the request being read (BodyLimit may raise it for a path)."""
+        return self._max_body
+
+    @property
+    def writer(self) -> ResponseWriter | None:
+        """The writer of the answer a handler is writing, if one is."""
+        return self.cycle.writer if self.cycle is not None and self.phase is Phase.HANDLING else None
 
     # -- asyncio callbacks -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports do not subclass asyncio.Transport: a cast, not a check.
-        self.transport = cast(asyncio.Transport, transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._fd = sock.fileno()
+        super().connection_made(transport)
+        self.client = peer_name(transport)
         peer = transport.get_extra_info("peername")
-        self.client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
-        self._tracker.open.add(self)
-        if len(self._tracker.open) > self._limits.max_connections:
-            log.warning("connection cap %d reached; refusing %s", self._limits.max_connections, self.client)
-            # No request has been read, so h11 cannot frame this answer: it is written by hand.
-            error = self._render_error(529, "too many open connections to this gateway; retry shortly")
-            head = [b"HTTP/1.1 529 Overloaded", b"content-type: " + error.content_type.encode("latin-1")]
-            head += [f"{name}: {value}".encode("latin-1") for name, value in error.headers]
-            head += [b"connection: close", b"content-length: %d" % len(error.body), b"", b""]
-            self.write(b"\r\n".join(head) + error.body)
-            self._linger()
+        self.ip = str(peer[0]) if isinstance(peer, tuple) else self.client
+        self._loopback_listener = _is_loopback_listener(transport.get_extra_info("sockname"))
+        victim, refusal = self.tracker.make_room(self.ip, self.limits)
+        if victim is not None:
+            victim.evict()
+        self.tracker.add(self)
+        if refusal is not None:
+            log.warning("connection cap reached (%s); refusing %s", refusal, self.client)
+            self._refuse_connection(refusal)
             return
-        self._arm_timer(self._limits.header_timeout)
+        self._enter(Phase.IDLE, self.limits.header_timeout)
+
+    def _refuse_connection(self, message: str) -> None:
+        # No request has been read, so h11 cannot frame this answer: it is written by hand.
+        error = self._render_error(529, message)
+        head = [b"HTTP/1.1 529 Overloaded", b"content-type: " + error.content_type.encode("latin-1")]
+        head += [f"{name}: {value}".encode("latin-1") for name, value in error.headers]
+        head += [b"connection: close", b"content-length: %d" % len(error.body), b"", b""]
+        self.write(b"\r\n".join(head) + error.body)
+        self._linger()
+
+    def evict(self) -> None:
+        """Close this idle connection to make room for a new one."""
+        log.info("closing idle connection %s to make room", self.client)
+        self.tracker.remove(self)
+        self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._cancel_timer()
-        self._stop_write_watchdog()
-        self._tracker.open.discard(self)
-        self._tracker.idle_changed.set()
-        if self._task is not None:
-            self._task.cancel()
+        self._enter(Phase.CLOSED)
+        self.tracker.remove(self)
+        if self.cycle is not None and self.cycle.task is not None:
+            self.cycle.task.cancel()
 
     def eof_received(self) -> bool | None:
         # A client that closes its side is gone: close, which cancels any running handler so
@@ -299,19 +422,16 @@ class HttpProtocol(asyncio.Protocol):
         return None
 
     def data_received(self, data: bytes) -> None:
-        if self._linger_left >= 0:
+        if self.phase is Phase.LINGERING:
             self._discard(data)
             return
-        self.conn.receive_data(data)
-        self._handle_events()
-
-    def pause_writing(self) -> None:
-        if self.flow_listener is not None:
-            self.flow_listener.pause()
+        self._inbuf += data
+        self._process()
 
     def resume_writing(self) -> None:
-        if self.flow_listener is not None:
-            self.flow_listener.resume()
+        super().resume_writing()
+        if self.phase is Phase.DRAINING:
+            self._next_request()
 
     # -- writing -------------------------------------------------------------------------
 
@@ -324,83 +444,216 @@ class HttpProtocol(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
-    # -- the dispatch loop -------------------------------------------------------------------
+    # -- phases ----------------------------------------------------------------------------
 
-    def _handle_events(self) -> None:
-        while not self.closed and self._linger_left < 0:
-            try:
-                event = self.conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                self._reject(exc.error_status_hint, f"malformed HTTP request: {exc}")
-                return
-            if event is h11.NEED_DATA:
-                return
-            if event is h11.PAUSED:
-                # A pipelined request waits until the current response is complete.
-                if not self._reading_paused and self.transport is not None:
-                    self.transport.pause_reading()
-                    self._reading_paused = True
-                return
-            if isinstance(event, h11.Data):
-                self._body_size += len(event.data)
-                if self._body_size > self._limits.max_body_bytes:
-                    self._reject_too_large()
-                    return
-                self._body.append(event.data)
-            elif isinstance(event, h11.Request):
-                self._on_request_head(event)
-            elif isinstance(event, h11.EndOfMessage):
-                self._dispatch()
-            elif isinstance(event, h11.ConnectionClosed):
-                self.close()
-                return
+    def _enter(self, phase: Phase, deadline: float | None = None) -> None:
+        """Move to `phase`; its timer (if any) fires `_on_timeout` after `deadline` seconds."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.phase is Phase.IDLE and phase is not Phase.IDLE:
+            self.tracker.idle.pop(self, None)
+        self.phase = phase
+        if phase is Phase.IDLE and not self.closed:
+            self.tracker.idle[self] = None
+        if deadline is not None and not self.closed:
+            self._timer = self._loop.call_later(deadline, self._on_timeout)
+
+    def _on_timeout(self) -> None:
+        self._timer = None
+        phase = self.phase
+        if phase is Phase.BODY:
+            self._reject(408, "timed out waiting for the request body")
+        elif phase in (Phase.HANDLING, Phase.DRAINING):
+            self._watch_writes()
+        else:  # idle too long, a head too slow, or lingering done
+            self.close()
+
+    # -- reading requests ------------------------------------------------------------------
+
+    def _process(self) -> None:
+        """Read what has arrived as far as the phase allows, then decide whether to read on."""
+        while not self.closed:
+            phase = self.phase
+            if phase is Phase.IDLE:
+                if not self._skip_empty_lines():
+                    break
+                self._enter(Phase.HEAD, self.limits.header_timeout)
+            elif phase is Phase.HEAD:
+                if not self._read_head():
+                    break
+            elif phase is Phase.BODY:
+                if not self._read_body():
+                    break
+            else:
+                break
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        """Read on only while the bytes can be used: never ahead of a request in progress
+        (a pipelined request waits, unread, until the previous answer is written out), and
+        not while a chunked body's step waits for its turn."""
+        if self.closed or self.phase is Phase.LINGERING:
+            return
+        busy = self.phase in (Phase.HANDLING, Phase.DRAINING) and bool(self._inbuf)
+        if busy or self._stepping:
+            self.flow.pause_reading()
+        else:
+            self.flow.resume_reading()
+
+    def _skip_empty_lines(self) -> bool:
+        """RFC 9112 §2.2: empty lines before a request line are ignored (old clients send a
+        CRLF after a body). True when something else is waiting."""
+        inbuf = self._inbuf
+        if inbuf and inbuf[0] in (13, 10):  # CR, LF
+            self._inbuf = inbuf = inbuf.lstrip(b"\r\n")
+        return bool(inbuf)
+
+    def _read_head(self) -> bool:
+        inbuf = self._inbuf
+        found = _HEAD_END.search(inbuf, max(0, self._scanned - 2))
+        end = found.end() if found is not None else len(inbuf)
+        if end > self.limits.max_header_bytes:
+            self._reject_headers_too_large()
+            return False
+        if found is None:
+            self._scanned = len(inbuf)
+            return False
+        # h11 is given exactly one head: the body is read by this module, so that bytes after
+        # this request never wait inside h11 where a reader cannot bound them.
+        self.conn.receive_data(bytes(inbuf[:end]))
+        del inbuf[:end]
+        self._scanned = 0
+        try:
+            event = self.conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            self._reject(exc.error_status_hint, f"malformed HTTP request: {exc}")
+            return False
+        if not isinstance(event, h11.Request):  # cannot happen: a whole head was given
+            self._reject(400, "malformed HTTP request")
+            return False
+        self._on_request_head(event)
+        return True
+
+    def _reject_headers_too_large(self) -> None:
+        self._reject(
+            431,
+            f"request headers too large (limits: {self.limits.max_header_bytes} bytes, "
+            f"{self.limits.max_header_count} fields)",
+        )
 
     def _on_request_head(self, head: h11.Request) -> None:
-        self._body = []
-        self._body_size = 0
-        # h11 bounds only a head that arrives in pieces; one that arrives whole is checked here.
-        size = len(head.target) + sum(len(name) + len(value) + 4 for name, value in head.headers)
-        if size > self._limits.max_header_bytes or len(head.headers) > self._limits.max_header_count:
+        limits = self.limits
+        if head.http_version not in (b"1.0", b"1.1"):
+            version = head.http_version.decode("ascii", "replace")
+            self._reject(505, f"HTTP/{version} is not supported: this gateway speaks HTTP/1.1")
+            return
+        if len(head.headers) > limits.max_header_count:
+            self._reject_headers_too_large()
+            return
+        headers = join_headers(head.headers)
+        if "content-length" in headers and "transfer-encoding" in headers:
+            # RFC 9112 §6.1: a request that carries both may be a smuggling attempt.
+            self._reject(400, "a request may not carry both Content-Length and Transfer-Encoding")
+            return
+        authority, path, query = _split_target(head.target.decode("latin-1"))
+        if "origin" in headers:
+            self._reject(403, "requests from web pages are refused: this gateway is not for browsers (Origin)")
+            return
+        host = authority if authority is not None else headers.get("host", "")
+        if self._loopback_listener and not _allowed_host(host, limits.allowed_hosts):
             self._reject(
-                431,
-                f"request headers too large (limits: {self._limits.max_header_bytes} bytes, "
-                f"{self._limits.max_header_count} fields)",
+                403,
+                f"Host {host[:100]!r} is not a loopback name or address: this gateway listens on "
+                "loopback only; list the name in [server] allowed_hosts to reach it by that name",
             )
             return
-        for name, value in head.headers:
-            if name == b"content-length" and int(value) > self._limits.max_body_bytes:
-                self._reject_too_large()
-                return
-        path, _, query = head.target.decode("latin-1").partition("?")
-        request = self._request = Request(
+        chunked = "transfer-encoding" in headers  # h11 accepts only chunked
+        request = Request(
             method=head.method.decode("ascii", "replace"),
             path=path,
             query=query,
-            headers=join_headers(head.headers),
+            headers=headers,
             body=b"",
             client=self.client,
             request_id=new_request_id(),
         )
-        if self.conn.they_are_waiting_for_100_continue:
-            # The client holds its body back until told to send it (curl does, for bodies
-            # over 1 MB). h11: a server must answer 100 before it blocks on the body; and a
-            # request the application would refuse anyway is refused now, its body unread.
-            refusal = self._check_head(request) if self._check_head is not None else None
+        self._max_body = self._body_limit(request) if self._body_limit is not None else limits.max_body_bytes
+        content_length = int(headers.get("content-length", "0") or 0)  # h11 checked it is a number
+        if content_length > self._max_body:
+            self._reject_too_large()
+            return
+        self.cycle = RequestCycle(self, request, content_length, chunked)
+        if (chunked or content_length) and self._check_head is not None:
+            # A request the application would refuse anyway (unknown path, missing or wrong
+            # key) is refused now, its body unread: a client without a key cannot make this
+            # process read, hold or parse a body.
+            refusal = self._check_head(request)
             if refusal is not None:
                 self._answer_unread(refusal, request.request_id)
                 return
+        if self.conn.they_are_waiting_for_100_continue:
+            # The client holds its body back until told to send it (curl does, for bodies
+            # over 1 MB); h11: a server must answer 100 before it blocks on the body.
             self.write(self.conn.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")))
-        self._arm_timer(self._limits.body_timeout)
+        self._enter(Phase.BODY, limits.body_timeout)
+
+    def _read_body(self) -> bool:
+        cycle = self.cycle
+        assert cycle is not None
+        conn = self.conn
+        reader = cycle.chunked
+        if reader is not None:
+            if self._inbuf:
+                reader.feed(self._inbuf)
+                self._inbuf = bytearray()
+            try:
+                progress = reader.step(_CHUNK_LINES_PER_STEP)
+            except BodyError as exc:
+                self._reject(exc.status, str(exc))
+                return False
+            if progress is Progress.NEED_DATA:
+                return False
+            if progress is Progress.BUDGET_SPENT:
+                self._stepping = True
+                self._loop.call_soon(self._next_step)
+                return False
+            self._inbuf = bytearray(reader.leftover())
+            cycle.body = reader.body
+            cycle.chunked = None
+            conn.receive_data(b"0\r\n\r\n")  # h11 reaches the end of the body it framed
+        elif cycle.body_left and self._inbuf:
+            take = min(cycle.body_left, len(self._inbuf))
+            conn.receive_data(bytes(self._inbuf[:take]))
+            del self._inbuf[:take]
+            cycle.body_left -= take
+        while True:
+            event = conn.next_event()
+            if isinstance(event, h11.Data):
+                cycle.body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                self._dispatch()
+                return True
+            else:  # NEED_DATA
+                return False
+
+    def _next_step(self) -> None:
+        self._stepping = False
+        if self.phase is Phase.BODY:
+            self._process()
 
     def _reject_too_large(self) -> None:
-        self._reject(413, f"request body is larger than the limit of {self._limits.max_body_bytes} bytes")
+        self._reject(413, f"request body is larger than the limit of {self._max_body} bytes")
 
     def _reject(self, status: int, message: str) -> None:
         """Answer a request we will not handle, then close: the rest of its bytes are unread."""
         self._answer_unread(self._render_error(status, message))
 
     def _answer_unread(self, response: ErrorResponse, request_id: str | None = None) -> None:
-        if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE) and self._task is None:
+        if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE) and self.phase not in (
+            Phase.HANDLING,
+            Phase.DRAINING,
+        ):
             try:
                 writer = ResponseWriter(self, request_id or new_request_id(), head_only=False)
                 writer.send_error(response, close=True)
@@ -423,11 +676,11 @@ class HttpProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        self._linger_left = self._limits.linger_bytes
-        self._arm_timer(self._limits.linger_seconds)
-        if self._reading_paused:
-            self._reading_paused = False
-            transport.resume_reading()
+        self.cycle = None
+        self._inbuf = bytearray()
+        self._linger_left = self.limits.linger_bytes
+        self._enter(Phase.LINGERING, self.limits.linger_seconds)
+        self.flow.resume_reading()
         try:
             transport.write_eof()  # after what is buffered
         except (NotImplementedError, OSError, RuntimeError):
@@ -436,96 +689,51 @@ class HttpProtocol(asyncio.Protocol):
     def _discard(self, data: bytes) -> None:
         self._linger_left -= len(data)
         if self._linger_left < 0:
-            self._linger_left = 0
             self.close()
 
+    # -- the cycle ---------------------------------------------------------------------------
+
     def _dispatch(self) -> None:
-        request = self._request
-        assert request is not None
-        self._cancel_timer()
-        request.body = b"".join(self._body)
-        self._body = []
-        self._request = None
-        self.writer = ResponseWriter(self, request.request_id, head_only=request.method == "HEAD")
-        self._task = self._loop.create_task(self._run(request, self.writer))
-        self._start_write_watchdog()
+        cycle = self.cycle
+        assert cycle is not None
+        cycle.request.body = bytes(cycle.body)
+        cycle.body = bytearray()
+        self._acked = -1  # the write watchdog's first tick only takes the measure
+        self._progress_at = self._loop.time()
+        self._enter(Phase.HANDLING, self._write_tick())
+        cycle.task = self._loop.create_task(cycle.run(self._handler, self._render_error, self))
 
-    async def _run(self, request: Request, writer: ResponseWriter) -> None:
-        try:
-            await self._handler(request, writer)
-            if not writer.started:
-                raise RuntimeError(f"handler for {request.path} sent no response")
-        except asyncio.CancelledError:
-            pass
-        except Exception:
-            # The application renders its own errors: this is the last resort for a bug.
-            log.exception("handler failed for %s %s", request.method, request.path)
-            if not writer.started and not self.closed:
-                writer.send_error(self._render_error(500, "internal error in the gateway; see its log"))
-            elif not writer.finished:
-                self.close()  # a half-sent body cannot be ended in the application's format
-        finally:
-            self._stop_write_watchdog()
-            self._task = None
-            self.writer = None
-            self.flow_listener = None
-            self._tracker.idle_changed.set()
-            self._cycle_done()
-
-    def _cycle_done(self) -> None:
-        if self.closed:
+    def cycle_done(self) -> None:
+        """The handler is done: keep the connection for the next request, or close it."""
+        self.flow.set_listener(None)
+        self.tracker.idle_changed.set()
+        if self.closed or self.phase is not Phase.HANDLING:
             return
+        self.cycle = None
         if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
             self.conn.start_next_cycle()
-            self._arm_timer(self._limits.keepalive_timeout)
-            if self._reading_paused and self.transport is not None:
-                self._reading_paused = False
-                self.transport.resume_reading()
-            self._handle_events()
+            if self.flow.writing_paused:
+                # The answer waits in our buffer: the next request is read once it has left
+                # (nginx and uvicorn do the same), or the watchdog cuts a client that takes none.
+                self._enter(Phase.DRAINING, self._write_tick())
+                self._update_reading()
+            else:
+                self._next_request()
         else:
             self.close()
 
-    # -- timers --------------------------------------------------------------------------------
-
-    def _arm_timer(self, seconds: float) -> None:
-        self._cancel_timer()
-        self._timer = self._loop.call_later(seconds, self._on_timeout)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _on_timeout(self) -> None:
-        """Idle keep-alive, a client too slow sending its request, or lingering done: drop it."""
-        self._timer = None
-        if self._linger_left >= 0:
-            self.close()
-        elif self._task is None:
-            if self.conn.their_state is h11.SEND_BODY or (
-                self.conn.their_state is h11.IDLE and self.conn.they_are_waiting_for_100_continue
-            ):
-                self._reject(408, "timed out waiting for the request body")
-            else:
-                self.close()
+    def _next_request(self) -> None:
+        self._enter(Phase.IDLE, self.limits.keepalive_timeout)
+        self._process()
 
     # -- the write watchdog: a client that stops reading -----------------------------------
 
-    def _start_write_watchdog(self) -> None:
-        self._acked = -1  # the first tick only takes the measure
-        self._progress_at = self._loop.time()
-        self._write_timer = self._loop.call_later(self._write_tick(), self._watch_writes)
-
-    def _stop_write_watchdog(self) -> None:
-        if self._write_timer is not None:
-            self._write_timer.cancel()
-            self._write_timer = None
-
     def _write_tick(self) -> float:
-        return min(max(self._limits.write_timeout / 4, 0.05), 5.0)
+        return min(max(self.limits.write_timeout / 4, 0.05), 5.0)
 
     def _watch_writes(self) -> None:
-        """A periodic check while a handler runs, never per write: has the client taken more?
+        """A periodic check while a handler runs or an answer drains, never per write: has
+        the client taken more?
 
         Waiting for `pause_writing` is not enough: a socket's send buffer autotunes to
         megabytes, minutes of tokens at a model's pace. So progress is what the client's TCP
@@ -534,7 +742,6 @@ class HttpProtocol(asyncio.Protocol):
         for it ends the request: the connection is aborted, which cancels the handler, which
         closes its upstream (llama-server frees the slot) and its admission slot.
         """
-        self._write_timer = None
         if self.closed or self.transport is None:
             return
         now = self._loop.time()
@@ -543,17 +750,17 @@ class HttpProtocol(asyncio.Protocol):
         if pending == 0 or acked > self._acked:
             self._acked = acked
             self._progress_at = now
-        elif now - self._progress_at >= self._limits.write_timeout:
+        elif now - self._progress_at >= self.limits.write_timeout:
             log.warning(
-                "client %s took no data for %g s (%d bytes waiting): request ended",
+                "client %s took no data for %g s (%d bytes waiting): connection cut",
                 self.client,
-                self._limits.write_timeout,
+                self.limits.write_timeout,
                 pending,
             )
-            self._tracker.write_timeouts += 1
+            self.tracker.write_timeouts += 1
             self.transport.abort()
             return
-        self._write_timer = self._loop.call_later(self._write_tick(), self._watch_writes)
+        self._timer = self._loop.call_later(self._write_tick(), self._on_timeout)
 
     def _unacknowledged(self) -> int:
         """Bytes written and not yet acknowledged: ours still buffered, plus the kernel's send
@@ -561,19 +768,90 @@ class HttpProtocol(asyncio.Protocol):
         is missing only our buffer counts, i.e. progress is seen once the kernel's is full."""
         assert self.transport is not None
         pending = self.transport.get_write_buffer_size()
-        if self._fd >= 0:
+        if self.fd >= 0:
             try:
-                pending += struct.unpack("i", fcntl.ioctl(self._fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+                pending += struct.unpack("i", fcntl.ioctl(self.fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
             except OSError:
-                self._fd = -1
+                self.fd = -1
         return pending
 
     def shutdown_if_idle(self) -> bool:
-        """Close this connection now if no request is in progress (graceful shutdown)."""
-        if self._task is None and self.conn.their_state is h11.IDLE and self._linger_left < 0:
+        """Graceful shutdown: close this connection now if no request is in progress; from
+        the first call on, every answer on any connection says `connection: close`."""
+        self.tracker.draining = True
+        if self.phase in (Phase.IDLE, Phase.HEAD):
             self.close()
             return True
         return False
+
+
+def _split_target(target: str) -> tuple[str | None, str, str]:
+    """(authority of an absolute-form target or None, path, query). RFC 9112 §3.2.2: a
+    server MUST accept the absolute form, and its authority stands for the Host header."""
+    authority: str | None = None
+    lowered = target[:8].lower()
+    if lowered.startswith(("http://", "https://")):
+        rest = target[target.index("//") + 2 :]
+        cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+        authority, target = rest[:cut], rest[cut:]
+        if not target.startswith("/"):
+            target = "/" + target
+    path, _, query = target.partition("?")
+    return authority, path, query
+
+
+def _is_loopback_listener(sockname: object) -> bool:
+    if not isinstance(sockname, tuple):
+        return False  # a Unix socket: no DNS name can lead to it
+    try:
+        return ipaddress.ip_address(str(sockname[0]).split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _allowed_host(host: str, allowed: tuple[str, ...]) -> bool:
+    """Is `host` (a Host header: name or address, maybe a port) one a loopback listener may
+    answer? A DNS-rebinding page reaches it under the page's own name, a name in the public
+    DNS that its author controls: never a loopback name or address, nor a name without a dot
+    (no one can register one; only the operator's own hosts file or search domain resolves
+    it). Ollama's fix for CVE-2024-28224 is the same kind of rule."""
+    if not host:
+        return True  # HTTP/1.0 without Host: no browser sends that
+    name = host.strip().lower()
+    if name.startswith("["):
+        name = name[1 : name.find("]")] if "]" in name else name[1:]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    name = name.rstrip(".")
+    if "." not in name or name.endswith(".localhost"):
+        return True  # localhost, the machine's short name, x.localhost (RFC 6761 §6.3)
+    try:
+        if ipaddress.ip_address(name).is_loopback:
+            return True
+    except ValueError:
+        pass
+    return "*" in allowed or name in (entry.lower().rstrip(".") for entry in allowed)
+
+
+def connection_cap(configured: int, open_files: int) -> int:
+    """The most client connections the open-file limit allows: each may hold an upstream
+    connection too, and some descriptors serve everything else."""
+    return max(1, min(configured, (open_files - _FD_RESERVE) // 2))
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard one (nginx's `worker_rlimit_nofile`); the
+    soft limit now in force. A shell's default soft limit (1024) is below what a gateway
+    needs, and the hard one is the administrator's real bound."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or target <= soft:
+        return soft if soft != resource.RLIM_INFINITY else 1 << 30
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        return soft
+    return target
 
 
 async def start_server(
@@ -585,14 +863,28 @@ async def start_server(
     host: str | None = None,
     port: int | None = None,
     sock: socket.socket | None = None,
+    body_limit: BodyLimit | None = None,
 ) -> asyncio.Server:
     """Listen on host:port (or an already bound socket, e.g. from systemd) and serve.
 
     `render_error` gives the application's format to errors this layer finds itself;
-    `check_head`, if given, may refuse a request before its client sends the body.
+    `check_head`, if given, may refuse a request before its client sends the body;
+    `body_limit`, if given, decides each request's body limit from its head.
     """
+    open_files = raise_open_file_limit()
+    cap = connection_cap(limits.max_connections, open_files)
+    if cap < limits.max_connections:
+        log.warning(
+            "open-file limit %d allows %d client connections: max_connections lowered from %d",
+            open_files,
+            cap,
+            limits.max_connections,
+        )
+        limits = replace(limits, max_connections=cap)
+    else:
+        log.info("open-file limit %d; max_connections %d", open_files, cap)
     loop = asyncio.get_running_loop()
-    factory = lambda: HttpProtocol(handler, limits, tracker, render_error, check_head)  # noqa: E731
+    factory = lambda: HttpProtocol(handler, limits, tracker, render_error, check_head, body_limit)  # noqa: E731
     if sock is not None:
         return await loop.create_server(factory, sock=sock, backlog=2048)
     return await loop.create_server(factory, host=host, port=port or 0, backlog=2048, reuse_address=True)

@@ -1,17 +1,22 @@
 """The access log: one JSON line per request, to stdout or a file.
 
 Never keys or message contents: only what an operator needs to follow traffic and costs.
+The lines go through a LineSink (ops/logsink.py): a reader that stalls never blocks the
+gateway, it loses lines instead (counted). Values a client chose (the model name, the path)
+are cut and escaped (`printable`).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import IO
 
 import orjson
+
+from casedesk.ops.logsink import LineSink, printable
 
 
 @dataclass(slots=True)
@@ -33,17 +38,24 @@ class RequestRecord:
     output_tokens: int = 0
     ttft: float | None = None  # seconds from the request to its first token
     upstream: str = ""
+    repaired_tool_calls: int = 0  # tool calls read from JSON text (translate/repair.py; issue 19)
+    tenant: str = ""  # issue 17: the tenant it was accounted to ("" anonymous)
+    limit: str = ""  # issue 17: the bucket that refused it with a 429 ("requests", …)
+    # A Message Batches item (issue 18): its batch and custom_id; "" for every other request.
+    batch_id: str = ""
+    custom_id: str = ""
 
     def line(self, now: float) -> bytes:
+        batch = {"batch_id": self.batch_id, "custom_id": self.custom_id} if self.batch_id else {}
         return (
             orjson.dumps(
                 {
                     "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
                     "request_id": self.request_id,
-                    "method": self.method,
-                    "path": self.path,
-                    "deployment": self.deployment,
-                    "model": self.model,
+                    "method": printable(self.method, 32),
+                    "path": printable(self.path, 1024),
+                    "deployment": printable(self.deployment),
+                    "model": printable(self.model),
                     "tag": self.tag,
                     "status": self.status,
                     "stream": self.stream,
@@ -53,7 +65,9 @@ class RequestRecord:
                     "ttft_ms": round(self.ttft * 1000, 2) if self.ttft is not None else None,
                     "duration_ms": round((now - self.started) * 1000, 2),
                     "upstream": self.upstream,
-                    "client": self.client,
+                    "client": printable(self.client),
+                    "tenant": self.tenant,
+                    **batch,
                 }
             )
             + b"\n"
@@ -65,18 +79,33 @@ class AccessLog:
 
     def __init__(self, target: str) -> None:
         self.target = target
-        self._file: IO[bytes] | None = None
+        self._fd = -1
+        self._sink: LineSink | None = None
         if target == "-":
-            self._file = sys.stdout.buffer
+            self._fd = os.dup(_stdout_fd())  # our own descriptor: no lock shared with print()
         elif target:
-            self._file = open(target, "ab", buffering=0)  # noqa: SIM115 (kept open for the process)
+            self._fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        if self._fd >= 0:
+            self._sink = LineSink(self._fd, "access log")
+
+    @property
+    def dropped(self) -> int:
+        """Lines lost to a reader that did not keep up (or a failed write)."""
+        return self._sink.dropped if self._sink is not None else 0
 
     def write(self, record: RequestRecord) -> None:
-        if self._file is not None:
-            self._file.write(record.line(time.monotonic()))
-            if self.target == "-":
-                self._file.flush()
+        if self._sink is not None:
+            self._sink.write(record.line(time.monotonic()))
 
     def close(self) -> None:
-        if self._file is not None and self.target not in ("", "-"):
-            self._file.close()
+        if self._sink is not None:
+            self._sink.close()
+            os.close(self._fd)
+            self._sink, self._fd = None, -1
+
+
+def _stdout_fd() -> int:
+    try:
+        return sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by an object without one (a test's capture)
+        return 1

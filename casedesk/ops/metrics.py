@@ -9,6 +9,8 @@ from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 
+from casedesk.ops.accesslog import RequestRecord
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -47,10 +49,17 @@ class Metrics:
         self.ttft: dict[Labels, Histogram] = {}
         self.inter_token: dict[Labels, Histogram] = {}
         self.duration: dict[Labels, Histogram] = {}
+        self.repaired_tool_calls: defaultdict[Labels, int] = defaultdict(int)
         self.gauges: list[tuple[str, str, Callable[[], Iterable[tuple[Labels, float]]]]] = []
         self.counters: list[tuple[str, str, Callable[[], float]]] = []
         self.read_counters: list[tuple[str, str, Callable[[], Iterable[tuple[Labels, float]]]]] = []
         self.read_histograms: list[tuple[str, str, Callable[[], Iterable[tuple[Labels, Histogram]]]]] = []
+        # issue 17: usage per tenant (label values from the config only: tenant names, tags)
+        self.tenant_requests: defaultdict[Labels, int] = defaultdict(int)
+        self.tenant_input_tokens: defaultdict[Labels, int] = defaultdict(int)  # uncached
+        self.tenant_cached_tokens: defaultdict[Labels, int] = defaultdict(int)
+        self.tenant_output_tokens: defaultdict[Labels, int] = defaultdict(int)
+        self.tenant_rate_limited: defaultdict[Labels, int] = defaultdict(int)
 
     def gauge(self, name: str, help_text: str, read: Callable[[], Iterable[tuple[Labels, float]]]) -> None:
         self.gauges.append((name, help_text, read))
@@ -81,6 +90,7 @@ class Metrics:
         ttft: float | None = None,
         upstream: str = "",
         cached_tokens: int = 0,
+        repaired_tool_calls: int = 0,
     ) -> None:
         """One finished request (model "" when the request named none that exists)."""
         labels: Labels = (("deployment", deployment), ("model", model))
@@ -94,11 +104,27 @@ class Metrics:
             self.input_tokens[labels] += input_tokens
         if output_tokens:
             self.output_tokens[labels] += output_tokens
+        if repaired_tool_calls:
+            self.repaired_tool_calls[labels] += repaired_tool_calls
         if ttft is not None:
             self.ttft.setdefault(labels, Histogram(LATENCY_BUCKETS)).observe(ttft)
             if output_tokens > 1:
                 gap = (duration - ttft) / (output_tokens - 1)
                 self.inter_token.setdefault(labels, Histogram(GAP_BUCKETS)).observe(gap)
+
+    def record_tenant(self, record: RequestRecord) -> None:
+        """One finished request of a named tenant (issue 17)."""
+        labels: Labels = (("tenant", record.tenant), ("deployment", record.deployment), ("model", record.tag))
+        self.tenant_requests[(*labels, ("status", str(record.status)))] += 1
+        uncached = record.input_tokens - record.cached_tokens
+        if uncached:
+            self.tenant_input_tokens[labels] += uncached
+        if record.cached_tokens:
+            self.tenant_cached_tokens[labels] += record.cached_tokens
+        if record.output_tokens:
+            self.tenant_output_tokens[labels] += record.output_tokens
+        if record.status == 429 and record.limit:
+            self.tenant_rate_limited[(("tenant", record.tenant), ("limit", record.limit))] += 1
 
     def render(self) -> bytes:
         out: list[str] = []
@@ -117,6 +143,32 @@ class Metrics:
             "Prompt tokens each upstream served from its prompt cache.",
             self.cached_prompt_tokens,
         )
+        _counter(
+            out,
+            "casedesk_repaired_tool_calls_total",
+            "Tool calls the model wrote as JSON text, answered as tool_use blocks.",
+            self.repaired_tool_calls,
+        )
+        for name, help_text, values in (
+            ("casedesk_tenant_requests_total", "Requests per tenant, by status.", self.tenant_requests),
+            (
+                "casedesk_tenant_input_tokens_total",
+                "Uncached input tokens per tenant (what its input_tokens_per_minute counts).",
+                self.tenant_input_tokens,
+            ),
+            (
+                "casedesk_tenant_cached_input_tokens_total",
+                "Input tokens served from the prompt cache, per tenant.",
+                self.tenant_cached_tokens,
+            ),
+            ("casedesk_tenant_output_tokens_total", "Output tokens per tenant.", self.tenant_output_tokens),
+            (
+                "casedesk_tenant_rate_limited_total",
+                "429s per tenant, by the limit that refused.",
+                self.tenant_rate_limited,
+            ),
+        ):
+            _counter(out, name, help_text, values)
         _histograms(out, "casedesk_time_to_first_token_seconds", "Request received to first token sent.", self.ttft)
         _histograms(
             out, "casedesk_inter_token_seconds", "Mean gap between tokens, one sample per stream.", self.inter_token

@@ -1,7 +1,7 @@
 """llama-server error answers → Anthropic errors with a real status.
 
-llama-server's error body is `{"error": {"code", "message", "type", ...}}` (shared/protocol.md
-§2); a context overflow also carries `n_prompt_tokens` and `n_ctx`.
+llama-server's error body is `{"error": {"code", "message", "type", ...}}` (docs/llama-server-facts.md
+§4); a context overflow also carries `n_prompt_tokens` and `n_ctx`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Anthropic Messages request → llama-server `POST /v1/chat/completions` body.
 
-Pure: dicts in, dict out, no I/O. The mapping is shared/protocol.md §3; each rule is pinned
+Pure: dicts in, dict out, no I/O. The mapping is docs/anthropic-api.md §2; each rule is pinned
 by a test in tests/test_translate_request.py.
 """
 
@@ -13,10 +13,21 @@ import orjson
 from casedesk.anthropic.schema import MessagesRequest
 
 
-def to_chat_request(request: MessagesRequest, *, stream: bool) -> dict[str, Any]:
+# Anthropic's effort levels → the `reasoning_effort` values chat templates know (gpt-oss:
+# low, medium, high). A template without the variable ignores it.
+REASONING_EFFORT = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}
+SYSTEM_OPEN, SYSTEM_CLOSE = "<system>\n", "\n</system>"
+
+
+def to_chat_request(request: MessagesRequest, *, stream: bool, fold_system: bool = False) -> dict[str, Any]:
+    """`fold_system`: the model's template refuses a system turn after the first one
+    (endpoints/model_facts.py finds out), so such turns go into the next user turn."""
+    messages = to_chat_messages(request)
+    if fold_system:
+        messages = fold_system_turns(messages)
     body: dict[str, Any] = {
         "model": request.model,
-        "messages": to_chat_messages(request),
+        "messages": messages,
         "max_tokens": request.max_tokens,
     }
     for key in ("temperature", "top_p", "top_k"):
@@ -30,8 +41,23 @@ def to_chat_request(request: MessagesRequest, *, stream: bool) -> dict[str, Any]
         # `__verbose.stopping_word` (checked on llama-server 11434). Asked only when needed:
         # that object also repeats the prompt.
         body["verbose"] = True
-    if request.tools:
+    forced = forced_strict_tools(request)
+    if forced:
+        # llama-server's "required" grammar lets the model write text before its call, and a
+        # template without tool syntax gets no call at all: a forced call of strict tools is
+        # asked as a JSON answer instead, which the grammar holds to the tools' schemas from
+        # the first token, whatever the template; the answer's text becomes the tool_use
+        # block (translate/repair.py). docs/llama-server-facts.md §11.
+        body["messages"] = _with_tool_instructions(body["messages"], forced)
+        body["response_format"] = {"type": "json_schema", "json_schema": {"schema": forced_call_schema(forced)}}
+    elif request.tools:
         body.update(_tools(request))
+    if request.output_schema is not None:
+        # llama-server turns the schema into a grammar (common/json-schema-to-grammar.cpp);
+        # anthropic/json_schema.py refused what that grammar would not enforce.
+        body["response_format"] = {"type": "json_schema", "json_schema": {"schema": request.output_schema}}
+    if request.effort is not None:
+        body["reasoning_effort"] = REASONING_EFFORT[request.effort]
     if request.thinking == "disabled":
         body["chat_template_kwargs"] = {"enable_thinking": False}
     elif request.wants_thinking:
@@ -68,6 +94,99 @@ def to_chat_messages(request: MessagesRequest) -> list[dict[str, Any]]:
         else:
             out.extend(_user(content))
     return out
+
+
+def repairable_tools(request: MessagesRequest) -> frozenset[str]:
+    """The tools whose calls may be read from the answer's text (translate/repair.py): those
+    of a forced strict call (the grammar held the text to their schemas), or, when tools may
+    be called, the ones that are not strict (a strict tool's input must be grammar-held)."""
+    forced = forced_strict_tools(request)
+    if forced:
+        return frozenset(t["name"] for t in forced)
+    if not request.tools or (request.tool_choice or {}).get("type") == "none" or request.output_schema is not None:
+        return frozenset()
+    return frozenset(t["name"] for t in request.tools if not t.get("strict"))
+
+
+def forced_strict_tools(request: MessagesRequest) -> list[dict[str, Any]]:
+    """The tools a forced call (tool_choice any or tool) may use, when all are strict."""
+    choice = request.tool_choice or {"type": "auto"}
+    if not request.tools or choice["type"] not in ("any", "tool") or request.output_schema is not None:
+        return []
+    tools = request.tools if choice["type"] == "any" else [t for t in request.tools if t["name"] == choice["name"]]
+    return tools if tools and all(t.get("strict") is True for t in tools) else []
+
+
+def forced_call_schema(tools: list[dict[str, Any]]) -> dict[str, Any]:
+    """One call of one of `tools`: `{"name": ..., "arguments": {...}}`."""
+    calls = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": t["name"]}, "arguments": t["input_schema"]},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for t in tools
+    ]
+    return calls[0] if len(calls) == 1 else {"anyOf": calls}
+
+
+def _with_tool_instructions(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    listing = "\n".join(
+        orjson.dumps(
+            {"name": t["name"], "description": t.get("description", ""), "parameters": t["input_schema"]}
+        ).decode()
+        for t in tools
+    )
+    text = (
+        "Call one of these tools. Answer with only a JSON object "
+        '{"name": <tool name>, "arguments": <its arguments>}:\n' + listing
+    )
+    if messages and messages[0]["role"] == "system" and isinstance(messages[0]["content"], str):
+        return [{"role": "system", "content": messages[0]["content"] + "\n\n" + text}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
+
+
+def fold_system_turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every system message but a leading one, moved into the next user message as tagged
+    text (or the last one, when none follows): for templates that refuse a system turn
+    anywhere but first, as Gemma 3's and Qwen's do (`raise_exception`)."""
+    out: list[dict[str, Any]] = []
+    pending: list[str] = []
+    for i, message in enumerate(messages):
+        if message["role"] == "system" and i > 0:
+            pending.append(SYSTEM_OPEN + _text_of(message["content"]) + SYSTEM_CLOSE)
+            continue
+        if message["role"] == "user" and pending:
+            message = {**message, "content": _prefixed(message["content"], "\n\n".join(pending) + "\n\n")}
+            pending = []
+        out.append(message)
+    if pending:
+        tail = "\n\n".join(pending)
+        last_user = next((j for j in range(len(out) - 1, -1, -1) if out[j]["role"] == "user"), None)
+        if last_user is None or any(m["role"] == "assistant" for m in out[last_user + 1 :]):
+            out.append({"role": "user", "content": tail})
+        else:
+            out[last_user] = {**out[last_user], "content": _suffixed(out[last_user]["content"], "\n\n" + tail)}
+    return out
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return "\n".join(p["text"] for p in content if p.get("type") == "text")
+
+
+def _prefixed(content: Any, text: str) -> Any:
+    if isinstance(content, str):
+        return text + content
+    return [{"type": "text", "text": text}, *content]
+
+
+def _suffixed(content: Any, text: str) -> Any:
+    if isinstance(content, str):
+        return content + text
+    return [*content, {"type": "text", "text": text}]
 
 
 def _assistant(blocks: list[dict[str, Any]]) -> dict[str, Any]:
@@ -151,6 +270,10 @@ def _part(block: dict[str, Any]) -> dict[str, Any] | None:
         return {"type": "image_url", "image_url": {"url": url}}
     if kind == "document":
         return {"type": "text", "text": _document_text(block)}
+    if kind == "search_result":
+        # A search result the client ran itself: its title, source and passages as text.
+        passages = "\n".join(b["text"] for b in block["content"])
+        return {"type": "text", "text": f"{block['title']}\n{block['source']}\n\n{passages}"}
     return None  # thinking blocks in a user turn have no meaning: dropped
 
 
@@ -160,7 +283,7 @@ def _document_text(block: dict[str, Any]) -> str:
         text = source["data"]
     else:
         inner = source["content"]
-        text = inner if isinstance(inner, str) else "\n".join(b.get("text", "") for b in inner if isinstance(b, dict))
+        text = inner if isinstance(inner, str) else "\n".join(b["text"] for b in inner)
     title = block.get("title")
     return f"{title}\n\n{text}" if isinstance(title, str) and title else text
 

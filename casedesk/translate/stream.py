@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from casedesk.http.sse import encode_event
+from casedesk.translate.repair import looks_like_json_start, tool_call_in_text
 from casedesk.translate.response import (
     matched_stop_sequence,
     new_message_id,
@@ -53,6 +54,10 @@ class StreamTranslator:
         "cut",
         "_deltas",
         "final_usage",
+        "max_tokens",
+        "repair_tools",
+        "_held",
+        "repaired",
     )
 
     def __init__(
@@ -62,6 +67,8 @@ class StreamTranslator:
         wants_thinking: bool,
         single_tool_use: bool = False,
         message_id: str | None = None,
+        max_tokens: int | None = None,
+        repair_tools: frozenset[str] = frozenset(),
     ) -> None:
         self.model = model
         self.message_id = message_id or new_message_id()
@@ -87,6 +94,13 @@ class StreamTranslator:
         self.cut = False
         self._deltas = 0  # chunks carrying a delta: the output token count if cut short
         self.final_usage: dict[str, int] = {}  # the usage message_delta reported
+        # A "length" finish before max_tokens means the context window was full.
+        self.max_tokens = max_tokens
+        # Tools offered: an answer whose whole text is one JSON tool call becomes a tool_use
+        # block (translate/repair.py). Text that may be one is held until it is clear.
+        self.repair_tools = repair_tools
+        self._held: list[str] | None = [] if repair_tools else None
+        self.repaired = False  # the answer was such a repaired call (counted in a metric)
 
     # -- input ----------------------------------------------------------------------------
 
@@ -112,13 +126,13 @@ class StreamTranslator:
                 self._deltas += 1
                 reasoning = delta.get("reasoning_content")
                 if reasoning:
-                    out += self._reasoning(reasoning)
+                    out += self._release() + self._reasoning(reasoning)
                 text = delta.get("content")
                 if text:
-                    out += self._text(text)
+                    out += self._maybe_held(text)
                 calls = delta.get("tool_calls")
                 if calls:
-                    out += self._tool_calls(calls)
+                    out += self._release() + self._tool_calls(calls)
             reason = choice.get("finish_reason")
             if reason:
                 self._finish_reason = reason
@@ -128,6 +142,21 @@ class StreamTranslator:
         if usage:
             self._usage = usage
         return out
+
+    def _maybe_held(self, text: str) -> bytes:
+        """Text, unless it may still turn out to be a JSON tool call: then it waits."""
+        held = self._held
+        if held is None:
+            return self._text(text)
+        held.append(text)
+        if looks_like_json_start("".join(held)):
+            return b""
+        return self._release()
+
+    def _release(self) -> bytes:
+        """Held text goes out as text; from now on text is never held again."""
+        held, self._held = self._held, None
+        return self._text("".join(held)) if held else b""
 
     def _text(self, text: str) -> bytes:
         out = b""
@@ -237,6 +266,16 @@ class StreamTranslator:
         return encode_event(b"message_start", {"type": "message_start", "message": message})
 
     @property
+    def prompt_usage(self) -> tuple[int, int]:
+        """(uncached, cached) prompt tokens, known from message_start on (tenants' ITPM)."""
+        return self._input_tokens, self._cached_tokens
+
+    @property
+    def generated(self) -> int:
+        """Output tokens streamed so far (chunks with a delta): what a cut stream used."""
+        return self._deltas
+
+    @property
     def has_content(self) -> bool:
         """True once a content block (with the first token) has been emitted."""
         return self._index >= 0
@@ -253,6 +292,15 @@ class StreamTranslator:
             return b""
         self.finished = True
         out = b"" if self.started else self._message_start()
+        held, self._held = self._held, None
+        if held:
+            call = tool_call_in_text("".join(held), self.repair_tools)
+            if call is not None and not self.has_tool_use:
+                name, arguments = call
+                out += self._tool_calls([{"index": 0, "function": {"name": name, "arguments": arguments}}])
+                self.repaired = True
+            else:
+                out += self._text("".join(held))
         out += self._close()
         final = usage_of(usage or self._usage)
         if not (usage or self._usage):
@@ -266,6 +314,14 @@ class StreamTranslator:
             stop_reason = "stop_sequence"
         else:
             stop_reason = stop_reason_of(self._finish_reason, self.has_tool_use)
+            if (
+                stop_reason == "max_tokens"
+                and self.max_tokens is not None
+                and final["output_tokens"] < self.max_tokens
+                and not self.cut
+            ):
+                # llama-server ends with "length" when the slot's context is full too.
+                stop_reason = "model_context_window_exceeded"
         out += encode_event(
             b"message_delta",
             {

@@ -55,6 +55,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         f"""
 [server]
 listen = "127.0.0.1:{gateway_port}"
+state_dir = "{config.parent / "state"}"
 
 [deployments.{DEPLOYMENT}]
 max_concurrency = 4

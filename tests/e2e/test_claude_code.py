@@ -261,7 +261,7 @@ async def test_claude_code_compacts_on_casedesks_prompt_too_long_error(
     claude: Path, box: FakeBox, tmp_path: Path
 ) -> None:
     """The exact text `prompt is too long: N tokens > M maximum` is what Claude Code reads to
-    compact a conversation that outgrew the model's window (shared/protocol.md §4)."""
+    compact a conversation that outgrew the model's window (docs/anthropic-api.md §3)."""
     project, home = tmp_path / "project", tmp_path / "home"
     project.mkdir()
     home.mkdir()

@@ -142,7 +142,7 @@ def test_a_prompt_longer_than_the_context_is_a_clear_400(client: anthropic.Anthr
     huge = "word " * (SLOT_CONTEXT + 2000)
     with pytest.raises(anthropic.BadRequestError) as caught:
         client.messages.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": huge}])
-    # The exact text Claude Code matches to compact its conversation (shared/protocol.md §4).
+    # The exact text Claude Code matches to compact its conversation (docs/anthropic-api.md §3).
     found = re.search(r"prompt is too long: (\d+) tokens > (\d+) maximum", str(caught.value))
     assert found, str(caught.value)
     assert int(found[1]) > SLOT_CONTEXT and int(found[2]) == SLOT_CONTEXT

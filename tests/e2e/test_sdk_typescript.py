@@ -56,3 +56,11 @@ def test_typescript_count_tokens_models_and_errors(observed: dict[str, Any]) -> 
     assert observed["counted"] == usage["input_tokens"] + (usage.get("cache_read_input_tokens") or 0)
     assert observed["models"] == [MODEL]
     assert observed["notFound"] == {"status": 404, "type": "not_found_error"}
+
+
+def test_typescript_batch_create_and_results(observed: dict[str, Any]) -> None:
+    batch = observed["batch"]
+    assert batch["id"].startswith("msgbatch_") and batch["status"] == "ended"
+    assert batch["counts"]["succeeded"] == 3
+    assert sorted(r["custom_id"] for r in batch["results"]) == ["ts-a", "ts-b", "ts-c"]
+    assert all(r["type"] == "succeeded" and r["text"] for r in batch["results"])

@@ -32,6 +32,23 @@ try {
   notFound = { status: err.status, type: err.error?.error?.type };
 }
 
+// Message Batches (issue 18): create, wait until ended, read the results.
+const batch = await client.messages.batches.create({
+  requests: ["a", "b", "c"].map((id) => ({
+    custom_id: `ts-${id}`,
+    params: { model, max_tokens: 8, messages: [{ role: "user", content: `Say ${id}.` }] },
+  })),
+});
+let ended = batch;
+for (let i = 0; i < 600 && ended.processing_status !== "ended"; i++) {
+  await new Promise((resolve) => setTimeout(resolve, 100));
+  ended = await client.messages.batches.retrieve(batch.id);
+}
+const results = [];
+for await (const entry of await client.messages.batches.results(batch.id)) {
+  results.push({ custom_id: entry.custom_id, type: entry.result.type, text: entry.result.message ? text(entry.result.message) : null });
+}
+
 console.log(JSON.stringify({
   plain: { id: plain.id, model: plain.model, text: text(plain), stop_reason: plain.stop_reason, usage: plain.usage },
   streamed: { text: text(streamed), deltas: deltas.length, stop_reason: streamed.stop_reason, usage: streamed.usage },
@@ -39,4 +56,5 @@ console.log(JSON.stringify({
   counted: counted.input_tokens,
   models,
   notFound,
+  batch: { id: batch.id, status: ended.processing_status, counts: ended.request_counts, results },
 }));

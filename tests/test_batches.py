@@ -1,0 +1,378 @@
+"""The Message Batches API on real sockets, in front of tests/fake_llama.py: the official Python
+SDK's calls, Anthropic's shapes, validation that names the index, owners, and the scheduling
+that leaves interactive requests their slot."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx
+import orjson
+import pytest
+
+from tests.conftest import GatewayFactory, RunningGateway, gateway_config
+from tests.fake_llama import FakeLlamaServer, Reply
+
+HEADERS = {"anthropic-version": "2023-06-01", "x-api-key": "k"}
+BATCH_KEYS = {
+    "id",
+    "type",
+    "processing_status",
+    "request_counts",
+    "ended_at",
+    "created_at",
+    "expires_at",
+    "archived_at",
+    "cancel_initiated_at",
+    "results_url",
+}
+
+
+def params(text: str = "hi", **extra: Any) -> dict[str, Any]:
+    return {"model": "m", "max_tokens": 16, "messages": [{"role": "user", "content": text}], **extra}
+
+
+def requests_of(n: int, prefix: str = "r") -> list[dict[str, Any]]:
+    return [{"custom_id": f"{prefix}-{i}", "params": params(f"question {i}")} for i in range(n)]
+
+
+async def until(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def started(
+    start_gateway: GatewayFactory, fake: FakeLlamaServer, tmp_path: Path, **overrides: Any
+) -> RunningGateway:
+    server = {"state_dir": str(tmp_path / "state"), **overrides.pop("server", {})}
+    return await start_gateway(gateway_config([fake.url], server=server, **overrides))
+
+
+SdkFactory = Callable[..., anthropic.AsyncAnthropic]
+
+
+@pytest.fixture
+async def sdk() -> AsyncIterator[SdkFactory]:
+    """`sdk(gateway, key="k")`: an SDK client, closed before the test's loop is."""
+    clients: list[anthropic.AsyncAnthropic] = []
+
+    def make(gateway: RunningGateway, key: str = "k") -> anthropic.AsyncAnthropic:
+        clients.append(anthropic.AsyncAnthropic(base_url=gateway.base_url(), api_key=key, max_retries=0))
+        return clients[-1]
+
+    yield make
+    for client in clients:
+        await client.close()
+
+
+async def ended(client: anthropic.AsyncAnthropic, batch_id: str, timeout: float = 15.0) -> Any:
+    async def done() -> bool:
+        return (await client.messages.batches.retrieve(batch_id)).processing_status == "ended"
+
+    await until(done, timeout)
+    return await client.messages.batches.retrieve(batch_id)
+
+
+async def test_sdk_creates_a_batch_and_reads_every_result_once(
+    start_gateway: GatewayFactory, tmp_path: Path, sdk: SdkFactory
+) -> None:
+    async with FakeLlamaServer() as fake:
+        gateway = await started(start_gateway, fake, tmp_path)
+        client = sdk(gateway)
+        batch = await client.messages.batches.create(requests=requests_of(12))  # type: ignore[arg-type]
+        assert batch.id.startswith("msgbatch_") and batch.type == "message_batch"
+        assert batch.processing_status == "in_progress" and batch.results_url is None
+        assert batch.request_counts.processing == 12
+        done = await ended(client, batch.id)
+        assert done.request_counts.succeeded == 12 and done.request_counts.processing == 0
+        assert done.results_url == f"{gateway.base_url()}/v1/messages/batches/{batch.id}/results"
+        assert done.ended_at is not None and done.expires_at > done.created_at
+        seen = []
+        async for entry in await client.messages.batches.results(batch.id):
+            assert entry.result.type == "succeeded"
+            assert entry.result.message.content[0].text == "Hello world!"  # type: ignore[union-attr]
+            assert entry.result.message.model == "m"  # type: ignore[union-attr]
+            seen.append(entry.custom_id)
+        assert sorted(seen) == sorted(f"r-{i}" for i in range(12))
+        # The exact keys of Anthropic's objects, and well-formed JSON Lines.
+        async with httpx.AsyncClient(headers=HEADERS) as raw:
+            got = (await raw.get(f"{gateway.base_url()}/v1/messages/batches/{batch.id}")).json()
+            assert set(got) == BATCH_KEYS and got["created_at"].endswith("Z")
+            lines = (await raw.get(got["results_url"])).content.split(b"\n")
+            assert lines[-1] == b"" and all(set(orjson.loads(line)) == {"custom_id", "result"} for line in lines[:-1])
+        # Each item went through /v1/chat/completions as a /v1/messages request would.
+        assert len(fake.chat_requests()) == 12
+
+
+async def test_an_item_the_model_refuses_is_errored_with_the_anthropic_error(
+    start_gateway: GatewayFactory, tmp_path: Path, sdk: SdkFactory
+) -> None:
+    async with FakeLlamaServer(n_ctx=200) as fake:
+        gateway = await started(start_gateway, fake, tmp_path)
+        client = sdk(gateway)
+        batch = await client.messages.batches.create(
+            requests=[
+                {"custom_id": "short", "params": params("hi")},  # type: ignore[list-item]
+                {"custom_id": "long", "params": params("word " * 2000)},  # type: ignore[list-item]
+            ]
+        )
+        done = await ended(client, batch.id)
+        assert (done.request_counts.succeeded, done.request_counts.errored) == (1, 1)
+        results = {r.custom_id: r.result async for r in await client.messages.batches.results(batch.id)}
+        assert results["short"].type == "succeeded"
+        error = results["long"]
+        assert error.type == "errored"
+        assert error.error.type == "error" and error.error.error.type == "invalid_request_error"  # type: ignore[union-attr]
+        assert "prompt is too long" in error.error.error.message  # type: ignore[union-attr]
+
+
+async def test_list_pages_newest_first(start_gateway: GatewayFactory, tmp_path: Path, sdk: SdkFactory) -> None:
+    async with FakeLlamaServer() as fake:
+        gateway = await started(start_gateway, fake, tmp_path)
+        client = sdk(gateway)
+        ids = [(await client.messages.batches.create(requests=requests_of(1))).id for _ in range(5)]  # type: ignore[arg-type]
+        newest_first = ids[::-1]
+        first = await client.messages.batches.list(limit=2)
+        assert [b.id for b in first.data] == newest_first[:2] and first.has_more
+        assert first.first_id == newest_first[0] and first.last_id == newest_first[1]
+        assert [b.id async for b in await client.messages.batches.list(limit=2)] == newest_first  # the SDK pages on
+        async with httpx.AsyncClient(headers=HEADERS) as raw:
+            url = f"{gateway.base_url()}/v1/messages/batches"
+            after = (await raw.get(url, params={"limit": 2, "after_id": newest_first[3]})).json()
+            assert [b["id"] for b in after["data"]] == newest_first[4:] and not after["has_more"]
+            before = (await raw.get(url, params={"limit": 2, "before_id": newest_first[3]})).json()
+            assert [b["id"] for b in before["data"]] == newest_first[1:3] and before["has_more"]
+            bad = await raw.get(url, params={"limit": 0})
+            assert bad.status_code == 400 and "limit" in bad.json()["error"]["message"]
+
+
+async def test_cancel_ends_waiting_items_canceled_and_delete_only_when_ended(
+    start_gateway: GatewayFactory, tmp_path: Path, sdk: SdkFactory
+) -> None:
+    async with FakeLlamaServer(Reply(token_delay=0.1)) as fake:
+        gateway = await started(start_gateway, fake, tmp_path, deployment={"batch_max_concurrency": 1})
+        client = sdk(gateway)
+        batch = await client.messages.batches.create(requests=requests_of(10))  # type: ignore[arg-type]
+        await until(lambda: asyncio.sleep(0, bool(fake.chat_requests())))
+        with pytest.raises(anthropic.ConflictError) as refused:
+            await client.messages.batches.delete(batch.id)
+        assert refused.value.status_code == 409 and refused.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+        canceling = await client.messages.batches.cancel(batch.id)
+        assert canceling.processing_status in ("canceling", "ended") and canceling.cancel_initiated_at is not None
+        done = await ended(client, batch.id)
+        counts = done.request_counts
+        assert counts.succeeded >= 1 and counts.canceled >= 8 and counts.succeeded + counts.canceled == 10
+        kinds = [r.result.type async for r in await client.messages.batches.results(batch.id)]
+        assert sorted(kinds) == sorted(["succeeded"] * counts.succeeded + ["canceled"] * counts.canceled)
+        deleted = await client.messages.batches.delete(batch.id)
+        assert (deleted.id, deleted.type) == (batch.id, "message_batch_deleted")
+        with pytest.raises(anthropic.NotFoundError):
+            await client.messages.batches.retrieve(batch.id)
+
+
+async def test_bad_input_is_a_400_that_names_the_index(
+    start_gateway: GatewayFactory, tmp_path: Path, sdk: SdkFactory
+) -> None:
+    async with FakeLlamaServer() as fake:
+        gateway = await started(
+            start_gateway, fake, tmp_path, server={"max_body_bytes": 64 * 1024, "max_batch_bytes": 4 * 1024 * 1024}
+        )
+        url = f"{gateway.base_url()}/v1/messages/batches"
+
+        def with_item(index: int, item: dict[str, Any], n: int = 20) -> dict[str, Any]:
+            items = requests_of(n)
+            items[index] = item
+            return {"requests": items}
+
+        no_max_tokens = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        cases = [
+            (
+                with_item(17, {"custom_id": "x", "params": no_max_tokens}),
+                "requests[17].params.max_tokens: Field required",
+            ),
+            (with_item(3, {"custom_id": "r-1", "params": params()}), "requests[3].custom_id: 'r-1' is already"),
+            (with_item(5, {"custom_id": "s", "params": params(stream=True)}), "requests[5].params.stream:"),
+            (with_item(2, {"custom_id": "has space", "params": params()}), "requests[2].custom_id: must be 1 to 64"),
+            (with_item(4, {"custom_id": "x" * 65, "params": params()}), "requests[4].custom_id:"),
+            (
+                with_item(6, {"custom_id": "m", "params": params(model="nope")}),
+                "requests[6].params.model: model 'nope'",
+            ),
+            (
+                with_item(1, {"custom_id": "t", "params": params(temperature=3)}),
+                "requests[1].params.temperature: must be a number",
+            ),
+            ({"requests": [{"custom_id": f"c{i}"} for i in range(100_001)]}, "requests: at most 100,000 requests"),
+            ({"requests": []}, "requests: must be a non-empty list"),
+            ({}, "requests: Field required"),
+        ]
+        async with httpx.AsyncClient(headers=HEADERS, timeout=30) as raw:
+            for body, message in cases:
+                answer = await raw.post(url, content=orjson.dumps(body))
+                assert answer.status_code == 400, (message, answer.text)
+                error = answer.json()
+                assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+                assert error["error"]["message"].startswith(message), error
+            # Nothing of a refused batch was kept.
+            assert (await raw.get(url)).json()["data"] == []
+            # The batch path's own body limit: larger than max_body_bytes is fine there, not elsewhere.
+            big = {"requests": requests_of(2000)}
+            assert 64 * 1024 < len(orjson.dumps(big)) < 4 * 1024 * 1024
+            assert (await raw.post(url, content=orjson.dumps(big))).status_code == 200
+            too_big_message = await raw.post(f"{gateway.base_url()}/v1/messages", content=orjson.dumps(big))
+            assert too_big_message.status_code == 413
+            huge = b'{"requests": [' + b" " * (5 * 1024 * 1024) + b"]}"
+            over = await raw.post(url, content=huge)
+            assert over.status_code == 413 and over.json()["error"]["type"] == "request_too_large"
+
+
+async def test_only_the_key_that_created_a_batch_sees_it(
+    start_gateway: GatewayFactory, tmp_path: Path, sdk: SdkFactory
+) -> None:
+    keys = ["alice-key", "bob-key"]
+    hashes = [hashlib.sha256(k.encode()).hexdigest() for k in keys]
+    async with FakeLlamaServer() as fake:
+        gateway = await started(start_gateway, fake, tmp_path, deployment={"api_keys_sha256": hashes})
+        alice, bob = sdk(gateway, "alice-key"), sdk(gateway, "bob-key")
+        batch = await alice.messages.batches.create(requests=requests_of(1))  # type: ignore[arg-type]
+        await ended(alice, batch.id)
+        for call in (
+            bob.messages.batches.retrieve,
+            bob.messages.batches.cancel,
+            bob.messages.batches.delete,
+            bob.messages.batches.results,
+        ):
+            with pytest.raises(anthropic.NotFoundError):
+                await call(batch.id)
+        assert (await bob.messages.batches.list()).data == []
+        assert [b.id for b in (await alice.messages.batches.list()).data] == [batch.id]
+
+
+async def test_an_interactive_request_waits_only_for_the_slot_that_frees_first(
+    start_gateway: GatewayFactory, tmp_path: Path, sdk: SdkFactory
+) -> None:
+    """max_concurrency 2, batch_max_concurrency 1: while the batch saturates its one slot, an
+    interactive request starts at once; a second one queued behind a busy slot gets the batch
+    item's slot when it frees, before any further batch item."""
+    item_seconds = 0.6
+    async with FakeLlamaServer(Reply(tokens=["a", "b"], token_delay=item_seconds / 2)) as fake:
+        gateway = await started(
+            start_gateway,
+            fake,
+            tmp_path,
+            server={"access_log": str(tmp_path / "access.log")},
+            deployment={"max_concurrency": 2, "batch_max_concurrency": 1},
+        )
+        client = sdk(gateway)
+        batch = await client.messages.batches.create(requests=requests_of(6))  # type: ignore[arg-type]
+        await until(lambda: asyncio.sleep(0, len(fake.chat_requests()) == 1))
+
+        async def interactive(text: str) -> float:
+            begun = time.monotonic()
+            await client.messages.create(**params(text))
+            return time.monotonic() - begun
+
+        first = asyncio.ensure_future(interactive("interactive one"))
+        await until(lambda: asyncio.sleep(0, len(fake.chat_requests()) == 2))
+        second = await interactive("interactive two")  # both slots busy: it queues
+        assert await first < item_seconds * 1.6
+        assert second < item_seconds * 2.2  # waited for one slot to free, never for a batch item to start
+        assert (await ended(client, batch.id)).request_counts.succeeded == 6
+        texts = [r.body["messages"][-1]["content"] for r in fake.chat_requests()]
+        # The queued interactive request went upstream before any batch item after the first.
+        assert texts[:3] == ["question 0", "interactive one", "interactive two"]
+        # Each item has its access-log line, naming its batch and custom_id.
+        lines = [orjson.loads(line) for line in (tmp_path / "access.log").read_bytes().splitlines()]
+        items = [line for line in lines if line.get("batch_id") == batch.id]
+        assert sorted(line["custom_id"] for line in items) == sorted(f"r-{i}" for i in range(6))
+        assert all(line["status"] == 200 and line["output_tokens"] == 2 for line in items)
+
+
+async def test_metrics_count_batches_and_items(start_gateway: GatewayFactory, tmp_path: Path, sdk: SdkFactory) -> None:
+    async with FakeLlamaServer() as fake:
+        gateway = await started(start_gateway, fake, tmp_path)
+        client = sdk(gateway)
+        batch = await client.messages.batches.create(requests=requests_of(3))  # type: ignore[arg-type]
+        await ended(client, batch.id)
+        async with httpx.AsyncClient() as raw:
+
+            async def shown() -> bool:
+                text = (await raw.get(f"{gateway.url}/metrics")).text
+                return 'casedesk_batches{processing_status="ended"} 1' in text and (
+                    'casedesk_batch_items{result="succeeded"} 3' in text
+                )
+
+            await until(shown, timeout=5)
+            text = (await raw.get(f"{gateway.url}/metrics")).text
+            assert 'casedesk_batch_items_waiting{deployment="dep"} 0' in text
+            assert 'casedesk_batch_items_running{deployment="dep"} 0' in text
+            assert 'casedesk_requests_total{deployment="dep",model="m",status="200"} 3' in text
+
+
+async def test_a_restart_runs_what_was_left_and_keeps_what_was_written(
+    start_gateway: GatewayFactory, tmp_path: Path, sdk: SdkFactory
+) -> None:
+    async with FakeLlamaServer(Reply(token_delay=0.05)) as fake:
+        gateway = await started(start_gateway, fake, tmp_path, deployment={"batch_max_concurrency": 2})
+        client = sdk(gateway)
+        batch = await client.messages.batches.create(requests=requests_of(20))  # type: ignore[arg-type]
+
+        async def some_done() -> bool:
+            return (await client.messages.batches.retrieve(batch.id)).request_counts.succeeded >= 3
+
+        await until(some_done)
+        gateway.force.set()
+        await gateway.shutdown()
+        again = await started(start_gateway, fake, tmp_path)
+        client = sdk(again)
+        done = await ended(client, batch.id)
+        assert done.request_counts.succeeded == 20
+        ids = [r.custom_id async for r in await client.messages.batches.results(batch.id)]
+        assert sorted(ids) == sorted(f"r-{i}" for i in range(20))
+
+
+async def test_an_item_whose_upstream_failed_waits_and_runs_again(
+    start_gateway: GatewayFactory, tmp_path: Path, sdk: SdkFactory
+) -> None:
+    """A server fault the request did not cause (here llama-server's 500) is not the item's
+    result: the item is tried again after a pause, and succeeds."""
+    async with FakeLlamaServer() as fake:
+        fake.replies.append(Reply(status=500, error_message="scripted crash"))
+        gateway = await started(start_gateway, fake, tmp_path, deployment={"batch_max_concurrency": 1})
+        client = sdk(gateway)
+        batch = await client.messages.batches.create(requests=requests_of(1))  # type: ignore[arg-type]
+        done = await ended(client, batch.id)
+        assert done.request_counts.succeeded == 1 and done.request_counts.errored == 0
+        assert len(fake.chat_requests()) == 2
+
+
+async def test_items_that_share_a_prefix_go_where_it_is_cached(
+    start_gateway: GatewayFactory, tmp_path: Path, sdk: SdkFactory
+) -> None:
+    """balance = "prefix" routes batch items as it routes interactive requests: one system
+    prompt, many questions, one after another, all on the upstream that holds that prompt.
+    (Items running at once are parallel branches of one prefix to the balancer, which may
+    give a second, idler upstream one prefill of it: upstream/affinity.py.)"""
+    system = "You are a careful classifier of customer feedback. " * 40
+    async with FakeLlamaServer() as one, FakeLlamaServer() as two:
+        gateway = await start_gateway(
+            gateway_config(
+                [one.url, two.url],
+                server={"state_dir": str(tmp_path / "state")},
+                deployment={"max_concurrency": 4, "batch_max_concurrency": 1},
+            )
+        )
+        client = sdk(gateway)
+        items = [{"custom_id": f"f-{i}", "params": params(f"feedback {i}", system=system)} for i in range(8)]
+        batch = await client.messages.batches.create(requests=items)  # type: ignore[arg-type]
+        assert (await ended(client, batch.id)).request_counts.succeeded == 8
+        served = sorted([len(one.chat_requests()), len(two.chat_requests())])
+        assert served == [0, 8]
