@@ -177,7 +177,8 @@ class Gateway:
             record.status = error.status
             respond_with_error(writer, error)
         except asyncio.CancelledError:
-            record.status = writer.status or 499  # the client went away (nginx's code for it)
+            # The client went away (nginx's code for it), also in the middle of a 200 stream.
+            record.status = writer.status if writer.finished else 499
             raise
         except Exception:
             log.exception("handler failed for %s %s", request.method, request.path)

@@ -1,5 +1,6 @@
-"""The upstream pool over real sockets: cancellation at every point of `acquire`, the
-retry on a socket the server had closed, and `Exchange` closing exactly once."""
+"""The upstream pool: its one deciding function (`_assign`) on a fake clock, then over real
+sockets: cancellation at every point of `acquire`, the retry on a socket the server had
+closed, `Exchange` closing exactly once, one h11 connection per socket across its cycles."""
 
 from __future__ import annotations
 
@@ -8,10 +9,76 @@ from typing import Any
 
 import pytest
 
-from casedesk.upstream.client import call_json, open_exchange
-from casedesk.upstream.pool import UpstreamPool
+from casedesk.upstream.client import MAX_ERROR_BODY, call_json, open_exchange
+from casedesk.upstream.pool import ConnectionState, UpstreamConnection, UpstreamError, UpstreamPool, _Waiter
 from tests.fake_llama import FakeLlamaServer
 from tests.support.wait import until
+
+
+# -- _assign, the pool's one decision, on a fake clock (no sockets) -----------------------------
+
+State = ConnectionState
+
+
+def connection(pool: UpstreamPool, state: ConnectionState, idle_since: float = 0.0) -> UpstreamConnection:
+    conn = UpstreamConnection(asyncio.get_running_loop(), pool._lost)
+    conn.state, conn.idle_since = state, idle_since
+    pool._connections.append(conn)
+    return conn
+
+
+def waiting(pool: UpstreamPool, fresh: bool = False) -> _Waiter:
+    waiter = _Waiter(asyncio.get_running_loop().create_future(), fresh)
+    pool._queue.append(waiter)
+    return waiter
+
+
+async def test_assign_hands_the_newest_idle_connection_and_opens_below_the_cap() -> None:
+    pool = UpstreamPool("127.0.0.1", 1, max_connections=3)
+    old, new = connection(pool, State.IDLE, 1.0), connection(pool, State.IDLE, 2.0)
+    first, second, third, fourth = waiting(pool), waiting(pool), waiting(pool), waiting(pool)
+    todo = pool._assign(now=2.5)
+    assert todo.close == []
+    handed = dict((id(w), c) for w, c in todo.hand)
+    assert handed[id(first)] is new and handed[id(second)] is old
+    assert handed[id(third)].state is State.CONNECTING and id(fourth) not in handed  # the cap
+    assert [c.state for c in pool._connections] == [State.HELD, State.HELD, State.CONNECTING]
+    assert list(pool._queue) == [fourth] and pool.in_flight == 3
+
+
+async def test_assign_closes_spent_and_expired_connections_and_forgets_closed_ones() -> None:
+    pool = UpstreamPool("127.0.0.1", 1, max_connections=4)
+    spent = connection(pool, State.SPENT)
+    closed = connection(pool, State.CLOSED)
+    expired = connection(pool, State.IDLE, idle_since=0.0)  # keep-alive 5 s, retired 1 s early
+    fresh = connection(pool, State.IDLE, idle_since=0.5)
+    todo = pool._assign(now=4.0)
+    assert todo.close == [spent, expired] and todo.hand == []
+    assert pool._connections == [fresh] and closed not in pool._connections
+
+
+async def test_assign_makes_room_for_a_fresh_connection_by_closing_the_oldest_idle_one() -> None:
+    pool = UpstreamPool("127.0.0.1", 1, max_connections=2)
+    oldest, newest = connection(pool, State.IDLE, 1.0), connection(pool, State.IDLE, 2.0)
+    retry = waiting(pool, fresh=True)
+    todo = pool._assign(now=2.0)
+    assert todo.close == [oldest] and oldest.state is State.SPENT
+    [(waiter, conn)] = todo.hand
+    assert waiter is retry and conn.state is State.CONNECTING and conn is not newest
+    assert pool._connections == [newest, conn]
+
+
+async def test_assign_lets_requests_wait_while_every_connection_is_held() -> None:
+    pool = UpstreamPool("127.0.0.1", 1, max_connections=1)
+    connection(pool, State.AWAITING_HEAD)
+    plain, retry = waiting(pool), waiting(pool, fresh=True)
+    assert pool._assign(now=0.0).hand == []
+    assert list(pool._queue) == [plain, retry]
+    plain.future.cancel()  # cancelled while waiting: dropped, the next one still waits
+    assert pool._assign(now=0.0).hand == [] and list(pool._queue) == [retry]
+
+
+# -- over real sockets ----------------------------------------------------------------------------
 
 
 async def served(pool: UpstreamPool) -> None:
@@ -135,3 +202,58 @@ async def test_an_exchange_closes_once_and_can_be_aborted(fake: FakeLlamaServer)
     await until(lambda: fake.open_connections == 0)
     await served(pool)
     pool.close()
+
+
+async def test_one_h11_connection_carries_a_socket_through_its_cycles(fake: FakeLlamaServer) -> None:
+    pool = UpstreamPool("127.0.0.1", fake.port, max_connections=1)
+    for _ in range(3):
+        await served(pool)
+    [conn] = pool._connections
+    assert conn.state is ConnectionState.IDLE and conn.requests_sent == 3 and fake.connections_accepted == 1
+    pool.close()
+    await until(lambda: fake.open_connections == 0)
+
+
+async def test_an_answer_that_says_close_spends_its_socket(fake: FakeLlamaServer) -> None:
+    pool = UpstreamPool("127.0.0.1", fake.port, max_connections=2)
+    exchange = await open_exchange(pool, "GET", "/no-such-path", None, 5.0)  # 404: `Connection: close`
+    assert exchange.head.status == 404
+    await exchange.read_body(MAX_ERROR_BODY)
+    assert exchange.conn.state is ConnectionState.SPENT
+    exchange.close()
+    assert (pool.in_flight, pool.open_connections) == (0, 0)
+    await served(pool)
+    assert pool.connections_opened == 2
+    pool.close()
+
+
+async def test_an_error_body_larger_than_its_bound_fails_and_closes_the_socket() -> None:
+    """A 500 whose body never ends is not buffered (issue 22 item 5): past the bound it fails."""
+    sent = 0
+    closed = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: %d\r\n\r\n" % (64 << 20))
+        try:
+            for _ in range(64):
+                writer.write(b"x" * (1 << 20))
+                await writer.drain()
+                sent += 1 << 20
+        except ConnectionError:
+            pass
+        closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    pool = UpstreamPool("127.0.0.1", server.sockets[0].getsockname()[1])
+    exchange = await open_exchange(pool, "GET", "/", None, 5.0)
+    with pytest.raises(UpstreamError, match="larger than 65536 bytes"):
+        await exchange.read_body(MAX_ERROR_BODY)
+    exchange.close()
+    await asyncio.wait_for(closed.wait(), 5)
+    assert sent < 32 << 20  # cut at the bound: what is left in socket buffers at most
+    pool.close()
+    server.close()
+    await server.wait_closed()

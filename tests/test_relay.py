@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import anthropic
@@ -468,3 +469,150 @@ async def test_concurrent_requests_over_connections_the_upstream_keeps_closing(s
 
         answers = await asyncio.wait_for(asyncio.gather(*(ask() for _ in range(60))), 20)
         assert answers == ["Hello world!"] * 60
+
+
+class RacingUpstream(asyncio.Protocol):
+    """Answers a chat request's head in the very callback that closes the gateway's client:
+    the client's cancellation lands as the upstream head arrives (issue 22 item 9)."""
+
+    def __init__(self, leave: Callable[[], None], hops: int) -> None:
+        self.leave = leave
+        self.hops = hops  # loop turns between the client's close and the head (where the race is)
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.answered = False
+        self.closed = asyncio.Event()
+        self.tokens_sent = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if self.answered or b"\r\n\r\n" not in self.buffer:
+            return
+        head, _, body = self.buffer.partition(b"\r\n\r\n")
+        if head.startswith(b"GET /health "):
+            assert self.transport is not None
+            self.transport.write(b'HTTP/1.1 200 OK\r\nContent-Length: 15\r\nConnection: close\r\n\r\n{"status":"ok"}')
+            self.transport.close()
+            return
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        if len(body) < length:
+            return
+        self.answered = True
+        self.leave()  # the client goes...
+        self.answer(self.hops)
+
+    def answer(self, hops: int) -> None:
+        if hops:
+            asyncio.get_running_loop().call_soon(self.answer, hops - 1)
+            return
+        assert self.transport is not None  # ...as the head and the first token leave
+        token = b'data: {"choices":[{"index":0,"delta":{"content":"t"}}]}\n\n'
+        self.transport.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"%x\r\n%b\r\n" % (len(token), token)
+        )
+        asyncio.get_running_loop().create_task(self.more(token))
+
+    async def more(self, token: bytes) -> None:
+        while not self.closed.is_set() and self.tokens_sent < 300:
+            await asyncio.sleep(0.01)
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(b"%x\r\n%b\r\n" % (len(token), token))
+                self.tokens_sent += 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed.set()
+
+
+async def test_a_client_that_leaves_as_the_upstream_head_arrives_frees_the_upstream(
+    start_gateway: GatewayFactory,
+) -> None:
+    """Issue 22 item 9: on Python 3.11 `asyncio.wait_for` swallowed the cancellation that
+    landed with the head, and the whole answer was generated for nobody (a slot held)."""
+    for trial in range(12):
+        chat = await leave_as_the_head_arrives(start_gateway, hops=trial % 4)
+        await asyncio.wait_for(chat.closed.wait(), 2.5)  # closed within the watchdog's second
+        assert chat.tokens_sent < 150, f"trial {trial}: the answer ran on for a client that was gone"
+
+
+async def leave_as_the_head_arrives(start_gateway: GatewayFactory, hops: int) -> RacingUpstream:
+    """One streamed request whose client leaves as the upstream head arrives; its upstream."""
+    client: list[asyncio.StreamWriter] = []
+    upstreams: list[RacingUpstream] = []
+
+    def racing() -> RacingUpstream:
+        upstreams.append(RacingUpstream(lambda: client[0].transport.abort(), hops))
+        return upstreams[-1]
+
+    server = await asyncio.get_running_loop().create_server(racing, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    gw = await start_gateway(gateway_config([f"http://127.0.0.1:{port}"]))
+    _reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    client.append(writer)
+    body = orjson.dumps({"model": "m", "max_tokens": 500, "messages": ASK, "stream": True})
+    writer.write(
+        b"POST /proxy/dep/anthropic/v1/messages HTTP/1.1\r\nhost: x\r\nanthropic-version: 2023-06-01\r\n"
+        b"content-length: %d\r\n\r\n%b" % (len(body), body)
+    )
+    chat: RacingUpstream = await wait_for_value(lambda: next((u for u in upstreams if u.answered), None))
+    server.close()
+    return chat
+
+
+async def wait_for_value(get: Callable[[], Any], timeout: float = 5.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while (value := get()) is None:
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+    return value
+
+
+async def test_a_stream_whose_client_leaves_is_logged_499_with_the_tokens_it_was_sent(
+    fake: FakeLlamaServer, start_gateway: GatewayFactory, tmp_path: Any
+) -> None:
+    """Issue 22 item 11: it was `status 200, output_tokens 0`."""
+    log_path = tmp_path / "access.log"
+    gw = await start_gateway(gateway_config([fake.url], server={"access_log": str(log_path)}))
+    fake.replies.append(Reply(tokens=[f"t{i}" for i in range(1000)], token_delay=0.005, prompt_tokens=7))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    body = orjson.dumps({"model": "m", "max_tokens": 5000, "messages": ASK, "stream": True})
+    writer.write(
+        b"POST /proxy/dep/anthropic/v1/messages HTTP/1.1\r\nhost: x\r\nanthropic-version: 2023-06-01\r\n"
+        b"content-length: %d\r\n\r\n%b" % (len(body), body)
+    )
+    seen = b""
+    while seen.count(b"event: content_block_delta") < 10:
+        seen += await reader.read(4096)
+    writer.close()
+    record = fake.chat_requests()[-1]
+    assert await fake.wait_until(lambda: record.aborted)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        lines = [orjson.loads(line) for line in log_path.read_bytes().splitlines()] if log_path.exists() else []
+        chats = [line for line in lines if line["path"].endswith("/messages")]
+        if chats:
+            break
+        await asyncio.sleep(0.01)
+    [line] = chats
+    record_tokens = line["output_tokens"]
+    sent = seen.count(b"event: content_block_delta")
+    assert line["status"] == 499 and line["input_tokens"] == 7
+    assert sent <= record_tokens < 1000  # what it was sent, at least; not what it never got
+    _, _, metrics = await http_get(gw.port, "/metrics")
+    text = metrics.decode()
+    assert 'casedesk_requests_total{deployment="dep",model="m",status="499"} 1' in text
+    assert f'casedesk_output_tokens_total{{deployment="dep",model="m"}} {record_tokens}' in text
+
+
+async def http_get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET %b HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n" % path.encode())
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return int(lines[0].split(" ")[1]), headers, body

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import Any, cast
 
 import orjson
 
-from casedesk.anthropic.errors import ApiError
 from casedesk.anthropic.schema import MessagesRequest
 from casedesk.endpoints.model_facts import has_later_system_turn, takes_mid_system_turns
 from casedesk.endpoints.request_body import chat_payload, parsed_request, sized_work
@@ -30,7 +30,7 @@ from casedesk.translate.request import repairable_tools, to_chat_request
 from casedesk.translate.response import MessageAccumulator, new_message_id
 from casedesk.translate.stream import StreamTranslator
 from casedesk.upstream.affinity import RouteKey, route_key
-from casedesk.upstream.relay import AnswerRelay
+from casedesk.upstream.relay import AnswerRelay, answer_limit
 
 log = logging.getLogger("casedesk.messages")
 
@@ -95,7 +95,7 @@ async def _answer(
     # model.lease(): a managed model is loaded if needed and kept running until the end
     # (README, "Models on demand"). The wait for a load happens here, inside the handler.
     async with deployment.admission.slot(charge.tenant), model.lease() as lease:
-        answer = await _prepare(deployment, model, parsed, size, charge, lease)
+        answer = await _prepare(deployment, model, parsed, size, charge, lease, lambda: writer.disconnected)
         try:
             if parsed.stream:
                 await _stream(answer, writer, record, charge.headers)
@@ -157,7 +157,13 @@ class _Answer:
 
 
 async def _prepare(
-    deployment: DeploymentState, model: ModelState, parsed: MessagesRequest, size: int, charge: Charge, lease: Lease
+    deployment: DeploymentState,
+    model: ModelState,
+    parsed: MessagesRequest,
+    size: int,
+    charge: Charge,
+    lease: Lease,
+    client_gone: Callable[[], bool] | None = None,
 ) -> _Answer:
     timeout = deployment.settings.upstream_read_timeout
     fold = has_later_system_turn(parsed.messages) and not await takes_mid_system_turns(model, timeout)
@@ -165,7 +171,15 @@ async def _prepare(
     slot = await lease.pin(key)
     if slot is not None:  # the slot that holds (or was just given) this prompt's cache (issue 20)
         payload = b'{"id_slot":%d,' % slot + payload[1:]  # orjson's object: "{" then its members
-    return _Answer(AnswerRelay(model.balancer, timeout, key), payload, parsed, charge)
+    relay = AnswerRelay(
+        model.balancer,
+        timeout,
+        key,
+        client_gone=client_gone,
+        # A non-streamed answer is held whole: no more than max_tokens can make.
+        answer_limit=None if parsed.stream else answer_limit(parsed.max_tokens),
+    )
+    return _Answer(relay, payload, parsed, charge)
 
 
 def _charge_end(charge: Charge, translator: StreamTranslator | None) -> None:
@@ -202,29 +216,33 @@ async def _stream(
         record.ttft = time.monotonic() - record.started
 
     writer.set_flow_listener(relay)
-    translator, error = await relay.run(answer.payload, answer.new_translator, start, writer.write, first_token)
+    try:
+        outcome = await relay.run(answer.payload, answer.new_translator, start, writer.write, first_token)
+    finally:
+        _count(record, answer)  # also when the client left: what it was sent
     start()
-    if error is not None:
-        log.warning("stream from %s failed: %s", relay.upstream, error)
-        writer.write(ApiError(502, f"upstream failed mid-stream: {error}").sse_event())
-    else:
-        writer.write(translator.finish())
+    if outcome.error is not None:
+        log.warning("stream from %s failed: %s", relay.upstream, outcome.error.message)
+        writer.write(outcome.error.sse_event())
     writer.end()
-    _count(record, translator)
 
 
 async def _whole(answer: _Answer, record: RequestRecord) -> dict[str, Any]:
     accumulator = MessageAccumulator()  # fed only once an attempt's answer began: never twice
-    translator, error = await answer.relay.run(answer.payload, answer.new_translator, answer.begun, accumulator.feed)
-    if error is not None:
-        raise ApiError(502, f"upstream failed: {error}")
-    accumulator.feed(translator.finish())
-    _count(record, translator)
+    try:
+        outcome = await answer.relay.run(answer.payload, answer.new_translator, answer.begun, accumulator.feed)
+    finally:
+        _count(record, answer)
+    outcome.raise_error()
     return accumulator.message
 
 
-def _count(record: RequestRecord, translator: StreamTranslator) -> None:
-    usage = translator.final_usage
+def _count(record: RequestRecord, answer: _Answer) -> None:
+    """The usage of the answer the client got (the relay's last attempt), however it ended."""
+    usage = answer.relay.usage()  # (the relay's closing events made it, or it counts the cut)
+    if not answer.made:
+        return
+    translator = answer.made[-1]
     record.repaired_tool_calls = int(translator.repaired)
     record.input_tokens = usage.get("input_tokens", 0) + usage.get("cache_read_input_tokens", 0)
     record.cached_tokens = usage.get("cache_read_input_tokens", 0)

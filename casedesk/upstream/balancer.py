@@ -145,6 +145,9 @@ class Balancer:
             try:
                 status, _ = await call_json(state.probe, "GET", "/health", None, timeout)
             except UpstreamError as exc:
+                if exc.local:  # this process is out of descriptors: says nothing of the upstream
+                    log.warning("health check of %s skipped: %s", state.pool.authority, exc)
+                    continue
                 status, reason = 0, str(exc)
             else:
                 reason = f"/health answered {status}"

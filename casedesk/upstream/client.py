@@ -1,21 +1,40 @@
 """llama-server calls over a pool: one request/response exchange at a time.
 
 An Exchange is a request whose response head has arrived. Its body is then either read whole
-(`read_body`) or relayed piece by piece (`relay`) with a stall watchdog. `close()` decides the
-socket's fate: back to the pool only after a clean end, otherwise closed at once, which is
-also how llama-server learns to stop generating for a client that went away.
+(`read_body`, bounded) or relayed piece by piece (`relay`) with a stall watchdog. `close()`
+decides the socket's fate: back to the pool only after a clean end, otherwise closed at once,
+which is also how llama-server learns to stop generating for a client that went away.
+
+Deadlines are timers that fail the connection (as the stall watchdog does), never
+`asyncio.wait_for`: on Python 3.11 wait_for can swallow a cancellation that lands as the
+awaited answer arrives, and the request would then run on for a client that is gone.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import TypeVar
 
 import orjson
 
 from casedesk.upstream.pool import ResponseHead, UpstreamConnection, UpstreamError, UpstreamPool
 
-MAX_UPSTREAM_BODY = 256 * 1024 * 1024
+T = TypeVar("T")
+
+MAX_UPSTREAM_BODY = 256 * 1024 * 1024  # a whole answer (apply-template of a huge prompt, tokenize)
+MAX_ERROR_BODY = 64 * 1024  # an error answer needs kilobytes; its first 300 bytes are shown
+
+
+async def _within(future: asyncio.Future[T], seconds: float, conn: UpstreamConnection, message: str) -> T:
+    """`future`'s result, or UpstreamError(message) (the socket closed) after `seconds`."""
+    handle = asyncio.get_running_loop().call_later(seconds, lambda: conn.fail(UpstreamError(message)))
+    try:
+        return await future
+    finally:
+        handle.cancel()
+        # A failed future holds its exception, whose traceback holds this frame: let go of it.
+        del future
 
 
 class Exchange:
@@ -30,11 +49,10 @@ class Exchange:
         self._paused = False
         self._closed = False
 
-    async def read_body(self) -> bytes:
-        try:
-            body = await asyncio.wait_for(self.conn.read_body(MAX_UPSTREAM_BODY), self.read_timeout)
-        except asyncio.TimeoutError:
-            raise UpstreamError(f"upstream sent no complete answer within {self.read_timeout:g} s") from None
+    async def read_body(self, limit: int = MAX_UPSTREAM_BODY) -> bytes:
+        """The whole body; UpstreamError past `limit` bytes or `read_timeout` seconds."""
+        message = f"upstream sent no complete answer within {self.read_timeout:g} s"
+        body = await _within(self.conn.read_body(limit), self.read_timeout, self.conn, message)
         self._finished = True
         return body
 
@@ -45,20 +63,25 @@ class Exchange:
         except orjson.JSONDecodeError:
             raise UpstreamError(f"upstream answered with non-JSON: {body[:200]!r}") from None
 
-    async def relay(self, sink: Callable[[bytes], None]) -> None:
+    async def relay(self, sink: Callable[[bytes], None], gone: Callable[[], bool] | None = None) -> None:
         """Hand body pieces to `sink` as they arrive, until the body ends.
 
         Raises UpstreamError when the upstream dies, garbles the framing, or sends nothing for
         `read_timeout` seconds while we are reading (pauses for a slow client do not count).
+        `gone()` true (the client left) at a watchdog tick also ends the relay, in case the
+        cancellation that should have ended it was lost.
         """
         loop = asyncio.get_running_loop()
         conn = self.conn
         done = conn.stream_body(sink)
         conn.last_data_at = loop.time()
-        interval = max(0.05, min(self.read_timeout / 4, 5.0))
+        interval = max(0.05, min(self.read_timeout / 4, 1.0))
 
         def watchdog() -> None:
-            if done.done():
+            if not conn.relaying:
+                return
+            if gone is not None and gone():
+                conn.fail(UpstreamError("the client went away", local=True))
                 return
             if not self._paused and loop.time() - conn.last_data_at > self.read_timeout:
                 conn.fail(UpstreamError(f"upstream stalled: no bytes for {self.read_timeout:g} s"))
@@ -70,6 +93,7 @@ class Exchange:
             await done
         finally:
             handle[0].cancel()
+            del done
         self._finished = True
 
     def pause(self) -> None:
@@ -108,14 +132,11 @@ async def open_exchange(
     A reused keep-alive socket that the server had already closed fails before any byte comes
     back; the request is then sent once more on a fresh connection, invisibly to the caller.
     """
+    message = f"upstream sent no response within {read_timeout:g} s"
     for attempt in (0, 1):
         conn = await pool.acquire(fresh=attempt == 1)
         try:
-            head_future = conn.send_request(method, path, pool.authority, body)
-            try:
-                head = await asyncio.wait_for(head_future, read_timeout)
-            except asyncio.TimeoutError:
-                raise UpstreamError(f"upstream sent no response within {read_timeout:g} s") from None
+            head = await _within(conn.send_request(method, path, pool.authority, body), read_timeout, conn, message)
         except UpstreamError as exc:
             pool.release(conn, reusable=False)
             if exc.retryable and attempt == 0:

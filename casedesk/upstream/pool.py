@@ -6,35 +6,46 @@ after every stream, after an error status, after 100 requests and when idle for 
 (docs/llama-server-facts.md §4–5): a socket that carried a stream is never pooled, and idle
 ones are retired a little before the timeout; a request that still meets a closed socket is
 sent once more on a fresh one (client.open_exchange).
+
+Each socket has one `h11.Connection` for its whole life: a clean end of a response starts
+h11's next cycle, and a socket h11 says must close is spent. Its `ConnectionState` says what
+it is doing; the pool keeps the connection objects (a new one is handed out while it opens)
+and decides in one function, `_assign`, which returns what to do.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
+import errno
 import re
-import socket
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import cast
+from dataclasses import dataclass, field
 
 import h11
 
 from casedesk.http.chunked import ChunkedDecoder, ChunkedError
+from casedesk.http.flow import StreamProtocol
 from casedesk.http.headers import join_headers
 
 _KEEP_ALIVE = re.compile(r"(timeout|max)\s*=\s*(\d+)")
 _IDLE_MARGIN = 1.0  # retire idle sockets this long before the server's keep-alive timeout
+# Out of descriptors or buffers in this process: the gateway's failure, never the upstream's.
+_LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class UpstreamError(Exception):
     """The upstream failed at the transport level (refused, reset, closed, garbled)."""
 
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
+    def __init__(self, message: str, *, retryable: bool = False, local: bool = False) -> None:
         super().__init__(message)
         # True when the server provably did not see the request (nothing came back on a
         # reused socket it had already closed): safe to send again.
         self.retryable = retryable
+        # True when this process, not the upstream, failed (no file descriptor left to
+        # connect with): the upstream's health is not touched.
+        self.local = local
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,29 +56,44 @@ class ResponseHead:
     chunked: bool
 
 
-class UpstreamConnection(asyncio.Protocol):
+class ConnectionState(enum.Enum):
+    """What one upstream socket is doing. The body states say what arriving bytes are."""
+
+    CONNECTING = "connecting"  # handed to a request, its socket being opened
+    IDLE = "idle"  # open and free, in the pool
+    HELD = "held"  # a caller holds it, nothing in flight (just handed out, or its answer ended)
+    AWAITING_HEAD = "awaiting head"
+    HEAD_RECEIVED = "head received"  # the body waits in h11 until the caller says how to read it
+    READING_BODY = "reading body"  # through h11, into a bounded buffer (whole answers)
+    RELAYING = "relaying"  # through h11, piece by piece to a sink (a body not chunked)
+    RELAYING_CHUNKED = "relaying chunked"  # de-chunked by hand to a sink: the per-token path
+    SPENT = "spent"  # can carry no other request (failed, cut, or h11 says close): to be closed
+    CLOSED = "closed"  # the socket is gone
+
+
+_CHUNKED = ConnectionState.RELAYING_CHUNKED
+_HEAD_RECEIVED = ConnectionState.HEAD_RECEIVED
+_BODY_STATES = frozenset({ConnectionState.READING_BODY, ConnectionState.RELAYING})
+_IN_FLIGHT = frozenset({ConnectionState.AWAITING_HEAD, ConnectionState.HEAD_RECEIVED, *_BODY_STATES, _CHUNKED})
+
+
+class UpstreamConnection(StreamProtocol):
     """One socket. `send_request()` sends and returns the head; then `read_body()` or `stream_body()`."""
 
-    # receive modes
-    _IDLE, _HEAD, _HELD, _BODY_H11, _BODY_CHUNKED = range(5)
-
     def __init__(self, loop: asyncio.AbstractEventLoop, on_lost: Callable[[UpstreamConnection], None]) -> None:
+        super().__init__()
         self._loop = loop
         self._on_lost = on_lost
-        self.transport: asyncio.Transport | None = None
-        self.closed = False
+        self.state = ConnectionState.CONNECTING
         self.requests_sent = 0
-        self.max_requests = 100
+        self.max_requests = 100  # the server's Keep-Alive `max`
         self.keepalive_timeout = 5.0
         self.idle_since = 0.0
         self.last_data_at = 0.0
         self.received_any = False
-        self._mode = self._IDLE
-        self._h11: h11.Connection | None = None
-        # One future per phase; at most one is pending at a time.
-        self._head_future: asyncio.Future[ResponseHead] | None = None
-        self._body_future: asyncio.Future[bytes] | None = None
-        self._stream_future: asyncio.Future[None] | None = None
+        self._h11 = h11.Connection(h11.CLIENT)
+        # The future of the phase in progress (head, whole body, or relayed body).
+        self._future: asyncio.Future[ResponseHead] | asyncio.Future[bytes] | asyncio.Future[None] | None = None
         self._head: ResponseHead | None = None
         self._decoder: ChunkedDecoder | None = None
         self._sink: Callable[[bytes], None] | None = None
@@ -78,29 +104,29 @@ class UpstreamConnection(asyncio.Protocol):
     # -- asyncio callbacks -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports do not subclass asyncio.Transport: a cast, not a check.
-        self.transport = cast(asyncio.Transport, transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().connection_made(transport)
+        if self.state is ConnectionState.CONNECTING:
+            self.state = ConnectionState.HELD
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if self._mode == self._BODY_CHUNKED and self._decoder is not None and self._decoder.done:
+        state = self.state
+        if state is _CHUNKED and self._decoder is not None and self._decoder.done:
             pass
-        elif self._mode != self._IDLE:
+        elif state in _IN_FLIGHT:
             reason = f"upstream closed the connection ({exc})" if exc else "upstream closed the connection"
             self._fail(UpstreamError(reason, retryable=not self.received_any and self.requests_sent > 1))
+        self.state = ConnectionState.CLOSED
         self._on_lost(self)
 
     def eof_received(self) -> bool | None:
-        if self._mode == self._HEAD and not self.received_any:
+        state = self.state
+        if state is ConnectionState.AWAITING_HEAD and not self.received_any:
             # Closed before answering: on a reused socket the server never saw the request.
             self._fail(
                 UpstreamError("upstream closed the connection before answering", retryable=self.requests_sent > 1)
             )
             return None
-        if self._h11 is not None and self._mode in (self._HEAD, self._BODY_H11):
+        if state is ConnectionState.AWAITING_HEAD or state in _BODY_STATES:
             # Close-delimited bodies end here; h11 turns EOF into the end of the message.
             self._h11.receive_data(b"")
             self._pump()
@@ -109,27 +135,27 @@ class UpstreamConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_data_at = self._loop.time()
         self.received_any = True
-        mode = self._mode
-        if mode == self._BODY_CHUNKED:
+        state = self.state
+        if state is _CHUNKED:
             # The per-token hot path: de-chunk by hand, hand the bytes on.
             assert self._decoder is not None and self._sink is not None
             try:
                 body = self._decoder.feed(data)
             except ChunkedError as exc:
-                self._fail(UpstreamError(f"upstream broke chunked framing: {exc}"))
-                self.abort()
+                self.fail(UpstreamError(f"upstream broke chunked framing: {exc}"))
                 return
+            decoder = self._decoder
             if body:
                 self._sink(body)
-            if self._decoder.done:
+            if decoder.done and self.state is _CHUNKED:  # (the sink may have cut it short)
                 self._finish_body()
             return
-        if self._h11 is None:
+        if state not in _IN_FLIGHT:
             # Bytes nobody asked for: the connection is out of step; never reuse it.
             self.abort()
             return
         self._h11.receive_data(data)
-        if mode != self._HELD:
+        if state is not _HEAD_RECEIVED:
             self._pump()
 
     # -- requests ------------------------------------------------------------------------
@@ -139,71 +165,73 @@ class UpstreamConnection(asyncio.Protocol):
     ) -> asyncio.Future[ResponseHead]:
         """Write the request and return a future for its ResponseHead."""
         future: asyncio.Future[ResponseHead] = self._loop.create_future()
-        if self.closed or self.transport is None or self.transport.is_closing():
+        transport = self.transport
+        if self.state is not ConnectionState.HELD or transport is None or transport.is_closing():
             # Closed by the server since it was last checked: it never saw this request.
             future.set_exception(UpstreamError("upstream closed the connection before the request", retryable=True))
             return future
-        self._h11 = h11.Connection(h11.CLIENT)
         headers = [("host", host), ("accept", "*/*")]
         if body is not None:
             headers += [("content-type", content_type), ("content-length", str(len(body)))]
-        data = self._h11.send(h11.Request(method=method, target=target, headers=headers))
+        conn = self._h11
+        data = conn.send(h11.Request(method=method, target=target, headers=headers))
         if body:
-            data += self._h11.send(h11.Data(data=body))
-        data += self._h11.send(h11.EndOfMessage())
+            data += conn.send(h11.Data(data=body))
+        data += conn.send(h11.EndOfMessage())
         self.requests_sent += 1
         self.received_any = False
         self._head = None
-        self._mode = self._HEAD
-        self._head_future, self._body_future, self._stream_future = future, None, None
-        self.transport.write(data)
+        self.state = ConnectionState.AWAITING_HEAD
+        self._future = future
+        transport.write(data)
         return future
 
     def read_body(self, limit: int) -> asyncio.Future[bytes]:
-        """Collect the whole body (errors, non-streamed answers)."""
+        """Collect the whole body (errors, non-streamed answers); more than `limit` bytes fail."""
+        assert self.state is _HEAD_RECEIVED
         self._body_parts = []
         self._body_limit = limit
         self._body_size = 0
         self._sink = None
-        self._mode = self._BODY_H11
-        future = self._body_future = self._loop.create_future()
+        self.state = ConnectionState.READING_BODY
+        future: asyncio.Future[bytes] = self._loop.create_future()
+        self._future = future
         self._pump()
         return future
 
     def stream_body(self, sink: Callable[[bytes], None]) -> asyncio.Future[None]:
         """Hand each piece of body to `sink` as it arrives; the future ends with the body."""
-        assert self._head is not None and self._h11 is not None
+        assert self.state is _HEAD_RECEIVED and self._head is not None
         self._sink = sink
-        future = self._stream_future = self._loop.create_future()
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._future = future
         if self._head.chunked:
+            # h11 never sees this body: the socket cannot start another cycle (and
+            # llama-server closes it after the stream anyway).
             self._decoder = ChunkedDecoder()
             pending, _closed = self._h11.trailing_data
-            self._mode = self._BODY_CHUNKED
+            self.state = _CHUNKED
             if pending:
                 self.data_received(pending)
         else:
-            self._body_limit = 1 << 62
-            self._mode = self._BODY_H11
+            self.state = ConnectionState.RELAYING
             self._pump()
         return future
 
     def _pump(self) -> None:
         conn = self._h11
-        assert conn is not None
-        while True:
+        while self.state in _IN_FLIGHT:  # (a sink may cut the answer short)
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
-                self._fail(UpstreamError(f"upstream sent malformed HTTP: {exc}"))
-                self.abort()
+                self.fail(UpstreamError(f"upstream sent malformed HTTP: {exc}"))
                 return
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 return
             if isinstance(event, h11.Response):
                 self._head = _head_of(event, self)
-                self._mode = self._HELD  # h11 buffers the body until the caller picks a mode
-                if self._head_future is not None and not self._head_future.done():
-                    self._head_future.set_result(self._head)
+                self.state = _HEAD_RECEIVED  # h11 buffers the body until the caller picks a way
+                self._resolve(self._head)
                 return
             if isinstance(event, h11.Data):
                 if self._sink is not None:
@@ -211,8 +239,7 @@ class UpstreamConnection(asyncio.Protocol):
                 else:
                     self._body_size += len(event.data)
                     if self._body_size > self._body_limit:
-                        self._fail(UpstreamError("upstream response body too large"))
-                        self.abort()
+                        self.fail(UpstreamError(f"upstream response body larger than {self._body_limit} bytes"))
                         return
                     self._body_parts.append(bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
@@ -224,54 +251,56 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _finish_body(self) -> None:
         head = self._head
-        # llama-server closes the connection after every chunked (streamed) answer, whatever its
-        # Keep-Alive header says (docs/llama-server-facts.md §4): never offer that socket again.
-        reusable = (
-            head is not None
-            and head.keep_alive
-            and not head.chunked
-            and self._h11 is not None
-            and self._h11.their_state is h11.DONE
-        )
         body = b"".join(self._body_parts)
-        self._mode = self._IDLE
-        self._h11 = None
         self._decoder = None
         self._sink = None
         self._body_parts = []
-        if not reusable:
-            self.max_requests = 0  # mark spent
-        if self._body_future is not None and not self._body_future.done():
-            self._body_future.set_result(body)
-        if self._stream_future is not None and not self._stream_future.done():
-            self._stream_future.set_result(None)
+        # llama-server closes the connection after every chunked (streamed) answer, whatever its
+        # Keep-Alive header says (docs/llama-server-facts.md §4): never offer that socket again.
+        if head is None or head.chunked or self.requests_sent >= self.max_requests or not self._next_cycle():
+            self.state = ConnectionState.SPENT
+        else:
+            self.state = ConnectionState.HELD
+        self._resolve(body)
 
-    def _fail(self, error: Exception) -> None:
-        self._mode = self._IDLE
-        self.max_requests = 0
-        for future in (self._head_future, self._body_future, self._stream_future):
-            if future is not None and not future.done():
-                future.set_exception(error)
-                # The failure may be read by nobody (the caller was cancelled): do not warn.
-                future.exception()
+    def _next_cycle(self) -> bool:
+        conn = self._h11
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()
+            return True
+        return False  # MUST_CLOSE (Connection: close, HTTP/1.0) or a body h11 did not see
+
+    def _resolve(self, result: object) -> None:
+        # The connection lets go of the future before resolving it: an exception raised
+        # through it must not keep this connection, or the request's frames, alive.
+        future, self._future = self._future, None
+        if future is not None and not future.done():
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def _fail(self, error: UpstreamError) -> None:
+        if self.state is not ConnectionState.CLOSED:
+            self.state = ConnectionState.SPENT
+        future, self._future = self._future, None
+        if future is not None and not future.done():
+            future.set_exception(error)
+            # The failure may be read by nobody (the caller was cancelled): do not warn.
+            future.exception()
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def reusable(self, now: float) -> bool:
-        return (
-            not self.closed
-            and self._mode == self._IDLE
-            and self.requests_sent < self.max_requests
-            and now - self.idle_since < self.keepalive_timeout - _IDLE_MARGIN
-        )
+    @property
+    def relaying(self) -> bool:
+        return self.state is _CHUNKED or self.state is ConnectionState.RELAYING
+
+    def expired(self, now: float) -> bool:
+        """Idle so long that the server may close it under us (its keep-alive timeout)."""
+        return now - self.idle_since >= self.keepalive_timeout - _IDLE_MARGIN
 
     def pause_reading(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.pause_reading()
+        self.flow.pause_reading()
 
     def resume_reading(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.resume_reading()
+        self.flow.resume_reading()
 
     def fail(self, error: UpstreamError) -> None:
         """Give up on the response in progress with `error`, and close the socket at once."""
@@ -280,14 +309,16 @@ class UpstreamConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         """Close now, dropping unsent bytes: used for streams cut short (frees the slot)."""
-        self.max_requests = 0
-        if self.transport is not None and not self.closed:
-            self.transport.abort()
+        if self.state is not ConnectionState.CLOSED:
+            self._fail(UpstreamError("the gateway closed the connection"))  # ends what waits
+            if self.transport is not None:
+                self.transport.abort()
 
     def close(self) -> None:
-        self.max_requests = 0
-        if self.transport is not None and not self.closed:
-            self.transport.close()
+        if self.state is not ConnectionState.CLOSED:
+            self.state = ConnectionState.SPENT
+            if self.transport is not None:
+                self.transport.close()
 
 
 def _head_of(event: h11.Response, conn: UpstreamConnection) -> ResponseHead:
@@ -304,18 +335,27 @@ def _head_of(event: h11.Response, conn: UpstreamConnection) -> ResponseHead:
 
 @dataclass(slots=True)
 class _Waiter:
-    """A request for a connection: gets an idle socket, or None (a slot to open one in)."""
+    """A request for a connection: handed an idle one, or a new one to open."""
 
-    future: asyncio.Future[UpstreamConnection | None]
+    future: asyncio.Future[UpstreamConnection]
     fresh: bool  # no idle socket: the retry after meeting one the server had closed
+
+
+@dataclass(slots=True)
+class Assignment:
+    """What `_assign` decided: connections to close, and who gets which connection."""
+
+    close: list[UpstreamConnection] = field(default_factory=list)
+    hand: list[tuple[_Waiter, UpstreamConnection]] = field(default_factory=list)
 
 
 class UpstreamPool:
     """At most `max_connections` sockets to one upstream; idle ones reused newest-first.
 
     Every event (a request arrives, a socket is given back, a connect fails, a socket closes,
-    a waiting request is cancelled) updates the counts and calls `_assign`, the one place
-    that decides who gets what, as httpcore's `_assign_requests_to_connections` does.
+    a waiting request is cancelled) calls `_assign`, the one place that decides who gets what,
+    as httpcore's `_assign_requests_to_connections` does; like it, `_assign` does no I/O and
+    returns what to do, which `_run` does.
     """
 
     def __init__(self, host: str, port: int, max_connections: int = 32, connect_timeout: float = 5.0) -> None:
@@ -324,18 +364,18 @@ class UpstreamPool:
         self.authority = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
         self.max_connections = max_connections
         self.connect_timeout = connect_timeout
-        self._idle: list[UpstreamConnection] = []
-        self._in_use = 0  # slots held by callers: a socket in use or one being opened
+        self._connections: list[UpstreamConnection] = []  # every live one, oldest first
         self._queue: deque[_Waiter] = deque()
         self.connections_opened = 0
 
     @property
     def in_flight(self) -> int:
-        return self._in_use
+        """Connections held by callers (a request in flight, or a socket being opened)."""
+        return sum(1 for c in self._connections if c.state is not ConnectionState.IDLE)
 
     @property
     def open_connections(self) -> int:
-        return self._in_use + len(self._idle)
+        return len(self._connections)
 
     @property
     def queued(self) -> int:
@@ -343,90 +383,124 @@ class UpstreamPool:
 
     async def acquire(self, fresh: bool = False) -> UpstreamConnection:
         """A connection to send one request on; release() it after. Cancellation-safe."""
-        waiter = _Waiter(asyncio.get_running_loop().create_future(), fresh)
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(loop.create_future(), fresh)
         self._queue.append(waiter)
-        self._assign()
+        self._run(self._assign(loop.time()))
         try:
             conn = await waiter.future  # already done when a socket or a slot was free
         except asyncio.CancelledError:
             if waiter.future.cancelled():
                 if waiter in self._queue:
                     self._queue.remove(waiter)
-            else:  # handed a socket or a slot as the cancellation landed: give it back
-                handed = waiter.future.result()
-                if handed is not None:
-                    self.release(handed)
-                else:
-                    self._in_use -= 1
-            self._assign()
+                self._run(self._assign(loop.time()))
+            else:  # handed a connection as the cancellation landed: give it back
+                self.release(waiter.future.result())
             raise
-        return conn if conn is not None else await self._open()
+        if conn.state is ConnectionState.CONNECTING:
+            await self._connect(conn)
+        return conn
 
-    async def _open(self) -> UpstreamConnection:
-        """Open a socket in a slot already taken; the slot is given back if that fails."""
+    async def _connect(self, conn: UpstreamConnection) -> None:
+        """Open the socket of a new connection; on failure it leaves the pool."""
         loop = asyncio.get_running_loop()
         try:
-            _transport, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: UpstreamConnection(loop, self._lost), self.host, self.port),
-                self.connect_timeout,
-            )
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+            # cancellation that lands as the connection completes.
+            async with asyncio.timeout(self.connect_timeout):
+                await loop.create_connection(lambda: conn, self.host, self.port)
         except BaseException as exc:
-            self._in_use -= 1
-            self._assign()
-            if isinstance(exc, asyncio.TimeoutError):
+            conn.state = ConnectionState.CLOSED
+            if conn.transport is not None:
+                conn.transport.abort()
+            self._run(self._assign(loop.time()))
+            if isinstance(exc, TimeoutError):
                 raise UpstreamError(
                     f"connecting to {self.authority} timed out after {self.connect_timeout:g} s"
                 ) from None
             if isinstance(exc, OSError):
-                raise UpstreamError(f"cannot connect to {self.authority}: {exc.strerror or exc}") from None
+                local = exc.errno in _LOCAL_ERRNOS
+                where = "this gateway " if local else ""
+                raise UpstreamError(
+                    f"{where}cannot connect to {self.authority}: {exc.strerror or exc}", local=local
+                ) from None
             raise
         self.connections_opened += 1
-        return conn
 
     def release(self, conn: UpstreamConnection, reusable: bool = True) -> None:
         """Give a connection back: kept for reuse only if its last response ended cleanly."""
-        self._in_use -= 1
-        now = asyncio.get_running_loop().time()
-        conn.idle_since = now
-        if reusable and conn.reusable(now):
-            self._idle.append(conn)
-        elif reusable:
-            conn.close()
-        else:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if conn.state is ConnectionState.CONNECTING:
+            conn.state = ConnectionState.CLOSED  # handed out but never opened
+        elif not reusable:
             conn.abort()  # cut short: llama-server learns at once that nobody reads it
-        self._assign()
+        elif conn.state is ConnectionState.HELD:
+            conn.state = ConnectionState.IDLE
+            conn.idle_since = now
+        else:
+            conn.close()
+        self._run(self._assign(now))
 
     def _lost(self, conn: UpstreamConnection) -> None:
-        if conn in self._idle:  # closed by the server while idle (its keep-alive timeout)
-            self._assign()
+        if conn in self._connections:
+            self._run(self._assign(asyncio.get_running_loop().time()))
 
-    def _assign(self) -> None:
-        """Drop idle sockets that cannot be used any more; then serve waiting requests in
-        order: an idle socket, else a free slot, else (a fresh one wanted and the pool
-        full) close the oldest idle socket to make room; else they keep waiting."""
-        now = asyncio.get_running_loop().time()
-        idle = self._idle
-        for stale in [c for c in idle if not c.reusable(now)]:
-            idle.remove(stale)
-            stale.close()
+    def _assign(self, now: float) -> Assignment:
+        """Drop closed connections and close spent and expired idle ones; then serve waiting
+        requests in order: an idle connection (the newest), else a new one while below the
+        cap, else (a fresh one wanted and the pool full) close the oldest idle one to make
+        room for a new one; else they keep waiting. No I/O: returns what to do."""
+        todo = Assignment()
+        live: list[UpstreamConnection] = []
+        for conn in self._connections:
+            state = conn.state
+            if state is ConnectionState.CLOSED:
+                continue
+            if state is ConnectionState.SPENT or (state is ConnectionState.IDLE and conn.expired(now)):
+                todo.close.append(conn)
+                continue
+            live.append(conn)
+        self._connections = live
         queue = self._queue
         while queue:
             waiter = queue[0]
             if waiter.future.done():  # cancelled while waiting
                 queue.popleft()
                 continue
-            conn: UpstreamConnection | None = None
+            idle = [c for c in live if c.state is ConnectionState.IDLE]
             if idle and not waiter.fresh:
-                conn = idle.pop()
-            elif self._in_use + len(idle) >= self.max_connections:
-                if not idle:
-                    return
-                idle.pop(0).close()
+                conn = idle[-1]
+            elif len(live) < self.max_connections:
+                conn = self._new_connection()
+                live.append(conn)
+            elif idle:
+                oldest = idle[0]
+                oldest.state = ConnectionState.SPENT
+                live.remove(oldest)
+                todo.close.append(oldest)
+                conn = self._new_connection()
+                live.append(conn)
+            else:
+                break
             queue.popleft()
-            self._in_use += 1
+            if conn.state is ConnectionState.IDLE:
+                conn.state = ConnectionState.HELD
+            todo.hand.append((waiter, conn))
+        return todo
+
+    def _new_connection(self) -> UpstreamConnection:
+        return UpstreamConnection(asyncio.get_running_loop(), self._lost)
+
+    @staticmethod
+    def _run(todo: Assignment) -> None:
+        for conn in todo.close:
+            conn.close()
+        for waiter, conn in todo.hand:
             waiter.future.set_result(conn)
 
     def close(self) -> None:
-        for conn in self._idle:
-            conn.close()
-        self._idle.clear()
+        for conn in self._connections:
+            if conn.state is ConnectionState.IDLE:
+                conn.close()
+        self._connections = [c for c in self._connections if c.state is not ConnectionState.SPENT]

@@ -5,10 +5,17 @@ balancer's next candidate, each upstream at most once, and the client never lear
 a refused or reset connection, a 5xx the request did not cause, a head followed by death
 before the first token. From the first event on, a failure is the end of the answer.
 
-Health: only transport failures (refused, reset, closed early, stalled, garbled) and server
-faults (a 5xx the request did not cause) take an upstream out. An error the request caused
-(a 4xx, or llama-server's 500 "image input is not supported" that translate/errors.py maps to
-a 400) is the client's answer and leaves the upstream's health alone.
+Every attempt ends in one `Outcome` (its `Fault` and what the client hears); failover reads
+it, and `_judge` applies it to the upstream's health, in one place. Only transport failures
+(refused, reset, closed early, stalled, garbled) and server faults (a 5xx the request did not
+cause) take an upstream out. An error the request caused (a 4xx, or llama-server's 500 "image
+input is not supported" that translate/errors.py maps to a 400), an error llama-server reports
+inside its stream, and an answer CaseDesk cannot use (chunks of the wrong shape, more than
+`max_tokens` can produce) are the client's answer and leave the upstream's health alone; so
+does this gateway's own failure (no file descriptor left to connect with: a 529).
+
+Failures are values here, not exceptions kept in variables: an exception held by a frame its
+traceback passes through would keep that frame, and the request's payload, alive in a cycle.
 
 This is where upstream/ meets translate/: llama-server's error answers become Anthropic errors
 (translate/errors.py) and chunks become events (translate/stream.py).
@@ -16,18 +23,21 @@ This is where upstream/ meets translate/: llama-server's error answers become An
 
 from __future__ import annotations
 
+import asyncio
+import enum
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import orjson
 
-from casedesk.anthropic.errors import ApiError
+from casedesk.anthropic.errors import ApiError, overloaded
 from casedesk.http.sse import SseDecoder
 from casedesk.translate.errors import stream_error_message, upstream_error
 from casedesk.translate.stream import StreamTranslator
 from casedesk.upstream.affinity import RouteKey
 from casedesk.upstream.balancer import Balancer, UpstreamState
-from casedesk.upstream.client import Exchange, open_exchange
+from casedesk.upstream.client import MAX_ERROR_BODY, Exchange, open_exchange
 from casedesk.upstream.pool import UpstreamError
 
 log = logging.getLogger("casedesk.relay")
@@ -35,54 +45,83 @@ log = logging.getLogger("casedesk.relay")
 CHAT_PATH = "/v1/chat/completions"
 
 
-class _ServerFault(Exception):
-    """A non-200 answer the request did not cause: worth trying the next upstream."""
-
-    def __init__(self, error: ApiError) -> None:
-        super().__init__(error.message)
-        self.error = error
+def answer_limit(max_tokens: int) -> int:
+    """The most event bytes an answer of `max_tokens` tokens can make: a bound for answers
+    held whole (non-streamed), generous (a token's event is about 100 bytes)."""
+    return (1 << 20) + 512 * max_tokens
 
 
-async def _attempt(
-    balancer: Balancer,
-    state: UpstreamState,
-    method: str,
-    path: str,
-    body: bytes | None,
-    read_timeout: float,
-    route_key: RouteKey | None = None,
-) -> Exchange:
-    """Send to one upstream; its 200 exchange. Raises UpstreamError (transport), _ServerFault,
-    or the ApiError of an answer the request caused; health is updated accordingly, and a 200
-    tells the balancer where this prompt's cache now is."""
+class Fault(enum.Enum):
+    """Whose doing the end of an attempt was: what failover and health go by."""
+
+    NONE = "none"  # a complete answer
+    REQUEST = "request"  # an error the request caused: the client's answer, the upstream is fine
+    ANSWER = "answer"  # a 200 whose answer is an error or unusable: the client's answer
+    SERVER = "server"  # a 5xx the request did not cause: the next upstream
+    TRANSPORT = "transport"  # refused, reset, closed early, stalled, garbled: the next upstream
+    GATEWAY = "gateway"  # this process failed (out of file descriptors): no one else's fault
+
+
+_UPSTREAM_AT_FAULT = frozenset({Fault.SERVER, Fault.TRANSPORT})
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one attempt ended. `error` is what the client hears (None: the answer is complete);
+    `began`: the client had seen the answer's first event, so nothing can be retried."""
+
+    fault: Fault
+    error: ApiError | None = None
+    began: bool = False
+
+    @property
+    def retry(self) -> bool:
+        return not self.began and self.fault in _UPSTREAM_AT_FAULT
+
+    def raise_error(self) -> None:
+        """Raise a copy of `error`: the outcome may be held by a frame the raise passes through."""
+        error = self.error
+        if error is not None:
+            raise ApiError(error.status, error.message, error.error_type, error.headers)
+
+
+COMPLETE = Outcome(Fault.NONE)
+
+
+def _judge(balancer: Balancer, state: UpstreamState, outcome: Outcome) -> None:
+    """The one place an attempt moves its upstream's health."""
+    if outcome.fault in _UPSTREAM_AT_FAULT:
+        balancer.failed(state)
+    elif outcome.fault is not Fault.GATEWAY:
+        balancer.succeeded(state)  # it answered (rightly, when the request was at fault)
+
+
+def _transport(error: UpstreamError) -> Outcome:
+    if error.local:
+        return Outcome(Fault.GATEWAY, overloaded(f"the gateway is overloaded: {error}"))
+    return Outcome(Fault.TRANSPORT, ApiError(502, f"no upstream could be reached: {error}"))
+
+
+async def _open(
+    state: UpstreamState, method: str, path: str, body: bytes | None, read_timeout: float
+) -> Exchange | Outcome:
+    """Send to one upstream: its 200 exchange, or the outcome of any other answer."""
     try:
         exchange = await open_exchange(state.pool, method, path, body, read_timeout)
-    except UpstreamError:
-        balancer.failed(state)
-        raise
+    except UpstreamError as exc:
+        return _transport(exc)
     if exchange.head.status == 200:
-        balancer.succeeded(state)
-        balancer.served(route_key, state)
         return exchange
+    status = exchange.head.status
     try:
-        error = upstream_error(exchange.head.status, await exchange.read_body(), state.pool.authority)
-    except UpstreamError:
-        balancer.failed(state)
-        raise
+        raw = await exchange.read_body(MAX_ERROR_BODY)
+    except UpstreamError as exc:  # an error it cannot even send (too large, cut): its fault
+        message = f"upstream {state.pool.authority} failed (HTTP {status}) and its error could not be read: {exc}"
+        return Outcome(Fault.SERVER, ApiError(502, message))
     finally:
         exchange.close()
-    if error.status >= 500:
-        balancer.failed(state)
-        raise _ServerFault(error)
-    balancer.succeeded(state)  # it answered, and rightly: the request was at fault
-    raise error
-
-
-def _final(error: Exception | None) -> ApiError:
-    """What the client hears when every candidate failed: the last server's own error, or 502."""
-    if isinstance(error, _ServerFault):
-        return error.error
-    return ApiError(502, f"no upstream could be reached: {error}")
+    error = upstream_error(status, raw, state.pool.authority)
+    return Outcome(Fault.SERVER if error.status >= 500 else Fault.REQUEST, error)
 
 
 async def open_with_failover(
@@ -91,29 +130,48 @@ async def open_with_failover(
     """A 200 exchange for `method path` with `body` from the best upstream that gives one,
     each tried at most once; otherwise raises the ApiError to send (the last server fault's,
     the request's own error at once, or 502 when none could be reached)."""
-    last: Exception | None = None
+    last = Outcome(Fault.TRANSPORT, ApiError(502, "no upstream to try"))
     for state in balancer.candidates():
-        try:
-            return await _attempt(balancer, state, method, path, body, read_timeout)
-        except (UpstreamError, _ServerFault) as exc:
-            last = exc
-    raise _final(last)
+        opened = await _open(state, method, path, body, read_timeout)
+        if isinstance(opened, Exchange):
+            _judge(balancer, state, COMPLETE)
+            return opened
+        _judge(balancer, state, opened)
+        last = opened
+        if not opened.retry:
+            break
+    last.raise_error()
+    raise AssertionError("unreachable")
 
 
 class AnswerRelay:
     """Relays one chat answer from the balancer's best upstream, through a StreamTranslator.
 
     `write` receives the answer's events as bytes, those of one upstream read joined in one
-    call; `start` runs once, before the first write. Also the client socket's FlowListener: a
-    client that stops reading pauses the upstream.
+    call, the closing events (`StreamTranslator.finish`) included; `start` runs once, before
+    the first write. Also the client socket's FlowListener: a client that stops reading
+    pauses the upstream. `client_gone()` true stops the relay even if the cancellation that
+    should have stopped it was lost (Python 3.11's `wait_for` can swallow one).
+    `answer_limit`: the most event bytes to take (non-streamed answers are held whole).
     """
 
-    def __init__(self, balancer: Balancer, read_timeout: float, route_key: RouteKey | None = None) -> None:
+    def __init__(
+        self,
+        balancer: Balancer,
+        read_timeout: float,
+        route_key: RouteKey | None = None,
+        *,
+        client_gone: Callable[[], bool] | None = None,
+        answer_limit: int | None = None,
+    ) -> None:
         self.balancer = balancer
         self.read_timeout = read_timeout
         self.route_key = route_key  # where the prompt's cache most likely is (upstream/affinity.py)
         self.upstream = ""  # the authority of the upstream last tried (for the access log)
+        self.client_gone = client_gone
+        self.answer_limit = answer_limit
         self._current: _Attempt | None = None
+        self._translator: StreamTranslator | None = None  # the last attempt's
 
     async def run(
         self,
@@ -122,45 +180,76 @@ class AnswerRelay:
         start: Callable[[], None],
         write: Callable[[bytes], None],
         on_first_token: Callable[[], None] | None = None,
-    ) -> tuple[StreamTranslator, str | None]:
+    ) -> Outcome:
         """Relay the answer to `payload` (a llama-server chat request, streamed).
 
         new_translator: a fresh StreamTranslator for each attempt (a failed one said nothing).
         start: called once, before the first write (e.g. commit the response head).
         write: the answer's events, as bytes.
         on_first_token: called once, just before the first token is written.
-        Returns the translator that made the answer and what went wrong after its first event
-        (None: the answer is complete). Raises ApiError when no attempt's answer began.
+        Returns the outcome of the attempt that answered: complete (`error` None), or ended
+        early after its first event (`error`: the event to end the stream with). Raises the
+        ApiError to answer when no attempt's answer began.
         """
-        last: Exception | None = None
+        last = Outcome(Fault.TRANSPORT, ApiError(502, "no upstream to try"))
         for state in self.balancer.candidates(self.route_key):
             self.upstream = state.pool.authority
             with self.balancer.serving(self.route_key, state):
-                try:
-                    exchange = await _attempt(
-                        self.balancer, state, "POST", CHAT_PATH, payload, self.read_timeout, self.route_key
-                    )
-                except (UpstreamError, _ServerFault) as exc:
-                    last = exc
-                    continue
-                translator = new_translator()
-                attempt = self._current = _Attempt(exchange, translator, start, write, on_first_token)
-                try:
-                    await attempt.run()
-                finally:
-                    self._current = None
-                    exchange.close()
-            if attempt.error is None:
-                return translator, None
-            if attempt.transport_failed:
-                self.balancer.failed(state)
-            if translator.started:
-                return translator, attempt.error
-            if not attempt.transport_failed:  # llama-server reported an error: its answer
-                raise ApiError(502, f"upstream {self.upstream} failed: {attempt.error}")
-            log.warning("upstream %s failed before the answer began: %s", self.upstream, attempt.error)
-            last = UpstreamError(attempt.error)
-        raise _final(last)
+                outcome = await self._attempt(state, payload, new_translator, start, write, on_first_token)
+            _judge(self.balancer, state, outcome)
+            if outcome.fault is Fault.NONE or outcome.began:
+                return outcome
+            last = outcome
+            if not outcome.retry:
+                break
+            assert outcome.error is not None
+            log.warning("upstream %s failed before the answer began: %s", self.upstream, outcome.error.message)
+        last.raise_error()
+        raise AssertionError("unreachable")
+
+    async def _attempt(
+        self,
+        state: UpstreamState,
+        payload: bytes,
+        new_translator: Callable[[], StreamTranslator],
+        start: Callable[[], None],
+        write: Callable[[bytes], None],
+        on_first_token: Callable[[], None] | None,
+    ) -> Outcome:
+        self._stop_if_client_gone()
+        opened = await _open(state, "POST", CHAT_PATH, payload, self.read_timeout)
+        if isinstance(opened, Outcome):
+            return opened
+        try:
+            self._stop_if_client_gone()
+            self.balancer.served(self.route_key, state)
+            translator = self._translator = new_translator()
+            attempt = self._current = _Attempt(
+                opened, translator, start, write, on_first_token, self.answer_limit, state.pool.authority
+            )
+            outcome = await attempt.run(self.client_gone)
+            self._stop_if_client_gone()
+            return outcome
+        finally:
+            self._current = None
+            opened.close()
+
+    def _stop_if_client_gone(self) -> None:
+        if self.client_gone is not None and self.client_gone():
+            raise asyncio.CancelledError("the client went away")
+
+    def usage(self) -> dict[str, int]:
+        """The usage of the last attempt's answer so far (its tokens counted when it was cut
+        short); {} when none began."""
+        translator = self._translator
+        if translator is None or not translator.started:
+            return {}
+        if not translator.finished:
+            try:
+                translator.finish()  # only for its count: the client is gone or has its error
+            except Exception:  # an unusable usage chunk: counted as nothing
+                return {}
+        return translator.final_usage
 
     # FlowListener: the client's socket is full / drained again.
     def pause(self) -> None:
@@ -185,12 +274,15 @@ class _Attempt:
         "start",
         "write",
         "on_first_token",
+        "upstream",
         "pending",
         "begun",
         "waiting",
-        "done",
-        "error",
-        "transport_failed",
+        "complete",
+        "fault",
+        "message",
+        "limit",
+        "taken",
     )
 
     def __init__(
@@ -200,51 +292,80 @@ class _Attempt:
         start: Callable[[], None],
         write: Callable[[bytes], None],
         on_first_token: Callable[[], None] | None,
+        limit: int | None,
+        upstream: str,
     ) -> None:
         self.exchange = exchange
         self.translator = translator
         self.start = start
-        self.write = write
+        self.write = write if limit is None else self._bounded(write)
         self.on_first_token = on_first_token
+        self.upstream = upstream
         self.pending: list[bytes] = []
         self.begun = False  # `start` has run
         self.waiting = True  # for the first token to be written
-        self.done = False
-        self.error: str | None = None
-        self.transport_failed = False
+        self.complete = False  # [DONE], or cut short on purpose
+        self.fault: Fault | None = None  # what ended it early, once known
+        self.message = ""
+        self.limit = limit or 0
+        self.taken = 0
 
-    async def run(self) -> None:
-        """Relay until the stream ends; afterwards `error` says what went wrong, if anything."""
+    async def run(self, client_gone: Callable[[], bool] | None) -> Outcome:
+        """Relay until the stream ends; the outcome says how it ended."""
         decoder = SseDecoder(self.on_data, self.on_error)
         feed = decoder.feed
         flush = self.flush
 
         def feed_then_flush(body: bytes) -> None:
-            feed(body)
-            flush()
+            try:
+                feed(body)
+                flush()
+            except Exception:
+                # No upstream answer, however wrong, may reach the client as Python's words.
+                log.warning("upstream %s sent an answer that cannot be translated: %.200r", self.upstream, body)
+                log.debug("the translation failed", exc_info=True)
+                self.end(Fault.ANSWER, "upstream sent a chunk of an unexpected shape")
 
         try:
-            await self.exchange.relay(feed_then_flush)
+            await self.exchange.relay(feed_then_flush, client_gone)
         except UpstreamError as exc:
-            if not self.translator.cut:
-                self.fail(self.error or str(exc), transport=self.error is None)
-        flush()
-        if self.error is None and not self.done:
-            self.fail("upstream ended the stream before the answer was complete", transport=True)
+            if self.fault is None and not self.complete:
+                self.end(Fault.GATEWAY if exc.local else Fault.TRANSPORT, str(exc))
+        if self.fault is None and not self.complete:
+            self.end(Fault.TRANSPORT, "upstream ended the stream before the answer was complete")
+        if self.fault is None:
+            try:
+                self.pending.append(self.translator.finish())
+                flush()
+            except Exception:
+                log.warning("upstream %s ended with a usage CaseDesk cannot read", self.upstream)
+                log.debug("the translation failed", exc_info=True)
+                self.pending.clear()
+                self.fault, self.message = Fault.ANSWER, "upstream sent a final chunk of an unexpected shape"
+        if self.fault is None:
+            return COMPLETE
+        began = self.begun  # the client (or the accumulator) has had events: no retry
+        if began:
+            error = ApiError(502, f"upstream failed mid-stream: {self.message}")
+        elif self.fault is Fault.TRANSPORT:
+            error = ApiError(502, f"no upstream could be reached: {self.message}")
+        else:
+            error = ApiError(502, f"upstream {self.upstream} failed: {self.message}")
+        return Outcome(self.fault, error, began)
 
     def on_data(self, payload: bytes) -> None:
-        if self.done:
+        if self.complete or self.fault is not None:
             return
         if payload == b"[DONE]":
-            self.done = True
+            self.complete = True
             return
         try:
             chunk = orjson.loads(payload)
         except orjson.JSONDecodeError:
-            self.fail(f"upstream sent a malformed event: {payload[:100]!r}", transport=True)
+            self.end(Fault.TRANSPORT, f"upstream sent a malformed event: {payload[:100]!r}")
             return
         if not isinstance(chunk, dict) or "error" in chunk:
-            self.fail(stream_error_message(payload))
+            self.end(Fault.ANSWER, stream_error_message(payload))
             return
         out = self.translator.feed(chunk)
         if out:
@@ -254,7 +375,7 @@ class _Attempt:
                 # the rest of this read (a fast upstream's first read may hold hundreds).
                 self.flush()
         if self.translator.cut:
-            self.done = True
+            self.complete = True
             self.exchange.abort()  # the answer is complete; llama-server stops here
 
     def flush(self) -> None:
@@ -268,6 +389,18 @@ class _Attempt:
             self.write(pending[0] if len(pending) == 1 else b"".join(pending))
             pending.clear()
 
+    def _bounded(self, write: Callable[[bytes], None]) -> Callable[[bytes], None]:
+        """`write`, ending the answer once it would take more than `limit` bytes."""
+
+        def bounded(data: bytes) -> None:
+            self.taken += len(data)
+            if self.taken > self.limit:
+                self.end(Fault.ANSWER, f"upstream sent more than max_tokens allows (over {self.limit} bytes)")
+                return
+            write(data)
+
+        return bounded
+
     def _before_first_writes(self) -> None:
         if not self.begun:
             self.begun = True
@@ -278,11 +411,12 @@ class _Attempt:
                 self.on_first_token()
 
     def on_error(self, payload: bytes) -> None:
-        self.fail(stream_error_message(payload))
+        self.end(Fault.ANSWER, stream_error_message(payload))
 
-    def fail(self, message: str, *, transport: bool = False) -> None:
-        if self.error is None:
-            self.error = message
-            self.transport_failed = transport
-        self.done = True  # the rest of this read is not relayed
+    def end(self, fault: Fault, message: str) -> None:
+        """The answer ends early: the first reason counts; the rest of this read is dropped."""
+        if self.fault is None and not self.complete:
+            self.fault = fault
+            self.message = message
+        self.pending.clear()
         self.exchange.abort()
