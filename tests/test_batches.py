@@ -7,12 +7,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import anthropic
-import httpx
 import orjson
 import pytest
 
@@ -32,6 +35,46 @@ BATCH_KEYS = {
     "cancel_initiated_at",
     "results_url",
 }
+
+
+@dataclass
+class Answer:
+    status_code: int
+    content: bytes
+
+    @property
+    def text(self) -> str:
+        return self.content.decode()
+
+    def json(self) -> Any:
+        return orjson.loads(self.content)
+
+
+class Raw:
+    """Plain HTTP calls (urllib on a thread) for what the SDK does not show: exact bodies."""
+
+    def __init__(self, headers: dict[str, str] | None = None) -> None:
+        self.headers = headers or {}
+
+    async def __aenter__(self) -> Raw:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        return None
+
+    async def get(self, url: str, params: dict[str, Any] | None = None) -> Answer:
+        return await asyncio.to_thread(self._call, "GET", url + ("?" + urlencode(params) if params else ""), None)
+
+    async def post(self, url: str, content: bytes) -> Answer:
+        return await asyncio.to_thread(self._call, "POST", url, content)
+
+    def _call(self, method: str, url: str, body: bytes | None) -> Answer:
+        request = urllib.request.Request(url, data=body, method=method, headers=self.headers)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                return Answer(answer.status, answer.read())
+        except urllib.error.HTTPError as error:
+            return Answer(error.code, error.read())
 
 
 def params(text: str = "hi", **extra: Any) -> dict[str, Any]:
@@ -103,7 +146,7 @@ async def test_sdk_creates_a_batch_and_reads_every_result_once(
             seen.append(entry.custom_id)
         assert sorted(seen) == sorted(f"r-{i}" for i in range(12))
         # The exact keys of Anthropic's objects, and well-formed JSON Lines.
-        async with httpx.AsyncClient(headers=HEADERS) as raw:
+        async with Raw(HEADERS) as raw:
             got = (await raw.get(f"{gateway.base_url()}/v1/messages/batches/{batch.id}")).json()
             assert set(got) == BATCH_KEYS and got["created_at"].endswith("Z")
             lines = (await raw.get(got["results_url"])).content.split(b"\n")
@@ -144,7 +187,7 @@ async def test_list_pages_newest_first(start_gateway: GatewayFactory, tmp_path: 
         assert [b.id for b in first.data] == newest_first[:2] and first.has_more
         assert first.first_id == newest_first[0] and first.last_id == newest_first[1]
         assert [b.id async for b in await client.messages.batches.list(limit=2)] == newest_first  # the SDK pages on
-        async with httpx.AsyncClient(headers=HEADERS) as raw:
+        async with Raw(HEADERS) as raw:
             url = f"{gateway.base_url()}/v1/messages/batches"
             after = (await raw.get(url, params={"limit": 2, "after_id": newest_first[3]})).json()
             assert [b["id"] for b in after["data"]] == newest_first[4:] and not after["has_more"]
@@ -214,7 +257,7 @@ async def test_bad_input_is_a_400_that_names_the_index(
             ({"requests": []}, "requests: must be a non-empty list"),
             ({}, "requests: Field required"),
         ]
-        async with httpx.AsyncClient(headers=HEADERS, timeout=30) as raw:
+        async with Raw(HEADERS) as raw:
             for body, message in cases:
                 answer = await raw.post(url, content=orjson.dumps(body))
                 assert answer.status_code == 400, (message, answer.text)
@@ -302,7 +345,7 @@ async def test_metrics_count_batches_and_items(start_gateway: GatewayFactory, tm
         client = sdk(gateway)
         batch = await client.messages.batches.create(requests=requests_of(3))  # type: ignore[arg-type]
         await ended(client, batch.id)
-        async with httpx.AsyncClient() as raw:
+        async with Raw() as raw:
 
             async def shown() -> bool:
                 text = (await raw.get(f"{gateway.url}/metrics")).text

@@ -130,9 +130,11 @@ class BatchRunner:
     async def _finish_cancel(self, row: BatchRow) -> None:
         await self._close(row, "canceled", CANCELED)
 
-    def deleted(self, row: BatchRow) -> None:
+    async def deleted(self, row: BatchRow) -> None:
+        """An ended batch was deleted: what is remembered of it goes too."""
         self.scheduler.stopped(row.id)
         self._seq.pop(row.id, None)
+        await self.store.call(lambda db: self._forget(row.seq))
 
     # -- the loop ------------------------------------------------------------------------------------
 
@@ -286,6 +288,11 @@ class BatchRunner:
         if item is not None:
             self._running.setdefault(seq, set()).add(item.index)
         return item
+
+    def _forget(self, seq: int) -> None:
+        self._cursor.pop(seq, None)
+        self._running.pop(seq, None)
+        self._again.pop(seq, None)
 
     def _try_again(self, seq: int, index: int, status: int) -> int:
         """The attempt this was, if the item is to be tried again; else 0 (its error stays)."""

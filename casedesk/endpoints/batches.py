@@ -168,7 +168,7 @@ async def handle_delete_batch(
             "invalid_request_error",
         )
     await runner.store.call(lambda db: db.delete(row.seq))
-    runner.deleted(row)
+    await runner.deleted(row)
     writer.send(200, orjson.dumps({"id": batch_id, "type": "message_batch_deleted"}))
 
 

@@ -23,7 +23,7 @@ def request(i: int, max_tokens: int = 8) -> dict[str, Any]:
     }
 
 
-def until_ended(client: anthropic.Anthropic, batch_id: str, timeout: float = 120) -> Any:
+def until_ended(client: anthropic.Anthropic, batch_id: str, timeout: float = 600) -> Any:
     deadline = time.monotonic() + timeout
     while (batch := client.messages.batches.retrieve(batch_id)).processing_status != "ended":
         assert time.monotonic() < deadline, batch

@@ -40,7 +40,7 @@ const batch = await client.messages.batches.create({
   })),
 });
 let ended = batch;
-for (let i = 0; i < 600 && ended.processing_status !== "ended"; i++) {
+for (let i = 0; i < 2400 && ended.processing_status !== "ended"; i++) {
   await new Promise((resolve) => setTimeout(resolve, 100));
   ended = await client.messages.batches.retrieve(batch.id);
 }
