@@ -1,0 +1,96 @@
+"""The text of a plain text delta, cut out of llama-server's chunk without parsing all of it.
+
+Almost every chunk of a streamed answer is one generated piece of text, and llama-server writes
+each the same way but for the text and the envelope's values (docs/llama-server-facts.md §4):
+
+    {"choices":[{"finish_reason":null,"index":0,"delta":{"content":"TEXT"}}],"created":N,
+     "id":"chatcmpl-…","model":"…","system_fingerprint":"…","object":"chat.completion.chunk"}
+
+`text_delta` recognises exactly that shape and returns the text, or None for anything else
+(the role delta, progress, reasoning, tool calls, the finish and usage chunks, `timings`,
+an error, a model name with escapes or non-ASCII in it, any other order or spacing): the
+caller then parses the chunk in full. Agreement with the full parse, over recorded chunks and
+generated ones, is checked in tests/test_fast_delta.py.
+
+`text_delta_json` is the same cut, for a translator that splices the text's JSON into its own
+event instead of encoding it again: for text without a backslash, llama-server's string is
+byte for byte what `orjson.dumps(text)` would write (raw UTF-8, nothing to escape).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import orjson
+
+_PREFIX = b'{"choices":[{"finish_reason":null,"index":0,"delta":{"content":"'
+_START = len(_PREFIX) - 1  # the text's opening quote
+_END = b'"}}],"created":'
+# The envelope after the text: printable ASCII strings without escapes (anything else is left
+# to the full parse, which then decides whether it is valid JSON at all).
+_STRING = rb'"[\x20\x21\x23-\x5b\x5d-\x7e]*"'
+_TAIL = re.compile(
+    rb'"}}\],"created":(?:0|[1-9][0-9]*),"id":%b,"model":%b,"system_fingerprint":%b,"object":"chat\.completion\.chunk"}'
+    % (_STRING, _STRING, _STRING)
+)
+
+
+@functools.lru_cache(maxsize=256)
+def _plain_envelope(tail: bytes) -> bool:
+    """One stream's chunks share their envelope (`created` changes once a second at most): the
+    check runs once per envelope, a dict lookup after that."""
+    return _TAIL.fullmatch(tail) is not None
+
+
+def text_delta(payload: bytes) -> str | None:
+    """The text of a plain text-delta chunk (the `data:` payload), or None: parse it in full."""
+    if not payload.startswith(_PREFIX):
+        return None
+    end = payload.find(_END, _START + 1)
+    if end < 0 or not _plain_envelope(payload[end:]):
+        return None
+    try:
+        # Exactly one JSON string, or an error: this also rejects a quote the text's end did not
+        # escape, an escaped quote at its end, raw control characters and invalid UTF-8.
+        text = orjson.loads(payload[_START : end + 1])
+    except orjson.JSONDecodeError:
+        return None
+    return text if isinstance(text, str) else None
+
+
+def text_delta_json(payload: bytes) -> bytes | None:
+    """The text's JSON string as `orjson.dumps(text)` would write it, or None: parse in full.
+
+    Without a backslash in it, llama-server's string needs no decoding, only checking (valid
+    UTF-8, no raw control character); with one, the text is decoded and encoded again.
+    """
+    if not payload.startswith(_PREFIX):
+        return None
+    end = payload.find(_END, _START + 1)
+    if end < 0 or not _plain_envelope(payload[end:]):
+        return None
+    literal = payload[_START : end + 1]
+    if b"\\" not in literal and literal.count(b'"') == 2 and _clean(literal):
+        return literal
+    try:
+        text = orjson.loads(literal)
+    except orjson.JSONDecodeError:
+        return None
+    return orjson.dumps(text) if isinstance(text, str) else None
+
+
+_CONTROL = re.compile(rb"[\x00-\x1f]")
+
+
+def _clean(literal: bytes) -> bool:
+    """Valid UTF-8 and no raw control character: what JSON asks of a string's bytes."""
+    if _CONTROL.search(literal) is not None:
+        return False
+    if literal.isascii():
+        return True
+    try:
+        literal.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
