@@ -16,7 +16,7 @@ import orjson
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from casedesk.translate.fast_delta import text_delta, text_delta_json
+from casedesk.translate.fast_delta import text_delta
 from tests.fake_llama import FakeLlamaServer, Reply
 
 ENVELOPE_KEYS = {"choices", "created", "id", "model", "system_fingerprint", "object"}
@@ -86,7 +86,6 @@ def test_real_text_chunks_take_the_fast_path() -> None:
         text = full_parse_text(payload)
         assert text is not None
         assert text_delta(payload) == text
-        assert text_delta_json(payload) == orjson.dumps(text)
 
 
 def test_real_other_chunks_are_left_to_the_full_parse() -> None:
@@ -94,7 +93,6 @@ def test_real_other_chunks_are_left_to_the_full_parse() -> None:
     for payload in REAL_OTHER_CHUNKS:
         assert full_parse_text(payload) is None
         assert text_delta(payload) is None
-        assert text_delta_json(payload) is None
 
 
 async def test_fake_text_chunks_take_the_fast_path_and_the_rest_do_not() -> None:
@@ -106,7 +104,6 @@ async def test_fake_text_chunks_take_the_fast_path_and_the_rest_do_not() -> None
     for payload in payloads:
         text = full_parse_text(payload)
         assert text_delta(payload) == text
-        assert text_delta_json(payload) == (orjson.dumps(text) if text is not None else None)
 
 
 @given(st.text())
@@ -119,7 +116,6 @@ def test_every_text_llama_server_can_send_is_cut_out_exactly(text: str) -> None:
         payload = llama_chunk(literal)
         assert full_parse_text(payload) == text
         assert text_delta(payload) == text
-        assert text_delta_json(payload) == orjson.dumps(text)
 
 
 CORPUS = st.sampled_from(
@@ -174,10 +170,6 @@ def test_the_fast_path_never_disagrees_with_the_full_parse(payload: bytes) -> No
     fast = text_delta(payload)
     if fast is not None:
         assert full_parse_text(payload) == fast
-    fast_json = text_delta_json(payload)
-    assert (fast_json is None) == (fast is None)
-    if fast_json is not None:
-        assert fast_json == orjson.dumps(fast)
 
 
 async def fake_stream_payloads(fake: FakeLlamaServer) -> list[bytes]:

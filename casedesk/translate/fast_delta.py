@@ -12,9 +12,9 @@ an error, a model name with escapes or non-ASCII in it, any other order or spaci
 caller then parses the chunk in full. Agreement with the full parse, over recorded chunks and
 generated ones, is checked in tests/test_fast_delta.py.
 
-`text_delta_json` is the same cut, for a translator that splices the text's JSON into its own
-event instead of encoding it again: for text without a backslash, llama-server's string is
-byte for byte what `orjson.dumps(text)` would write (raw UTF-8, nothing to escape).
+Splicing llama-server's JSON string into our event unparsed (it is byte for byte what
+`orjson.dumps(text)` writes when it holds no backslash) was measured too, and is no faster:
+checking those bytes costs what decoding and encoding them does (bench/results/issue23-candidates.md).
 """
 
 from __future__ import annotations
@@ -57,40 +57,3 @@ def text_delta(payload: bytes) -> str | None:
     except orjson.JSONDecodeError:
         return None
     return text if isinstance(text, str) else None
-
-
-def text_delta_json(payload: bytes) -> bytes | None:
-    """The text's JSON string as `orjson.dumps(text)` would write it, or None: parse in full.
-
-    Without a backslash in it, llama-server's string needs no decoding, only checking (valid
-    UTF-8, no raw control character); with one, the text is decoded and encoded again.
-    """
-    if not payload.startswith(_PREFIX):
-        return None
-    end = payload.find(_END, _START + 1)
-    if end < 0 or not _plain_envelope(payload[end:]):
-        return None
-    literal = payload[_START : end + 1]
-    if b"\\" not in literal and literal.count(b'"') == 2 and _clean(literal):
-        return literal
-    try:
-        text = orjson.loads(literal)
-    except orjson.JSONDecodeError:
-        return None
-    return orjson.dumps(text) if isinstance(text, str) else None
-
-
-_CONTROL = re.compile(rb"[\x00-\x1f]")
-
-
-def _clean(literal: bytes) -> bool:
-    """Valid UTF-8 and no raw control character: what JSON asks of a string's bytes."""
-    if _CONTROL.search(literal) is not None:
-        return False
-    if literal.isascii():
-        return True
-    try:
-        literal.decode()
-    except UnicodeDecodeError:
-        return False
-    return True
