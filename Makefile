@@ -64,14 +64,14 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -ra -m "not e2e and not slow"
 
 bench: $(STAMP)
-	$(PY) bench/run.py
+	$(PY) -m bench
 
 bench-real: $(STAMP)
-	$(PY) bench/run.py --real
+	$(PY) -m bench real
 
 # Prefix-aware vs least-in-flight routing over 2 real llama-servers (README, "Fleets"): ~15 min.
 bench-fleet: $(STAMP)
-	$(PY) bench/run.py --fleet
+	$(PY) -m bench fleet
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,60 @@
+"""`make bench-real`: CaseDesk against llama-server's own /v1/messages, on the real model.
+
+The same streamed request to both, interleaved run by run so that both see the same machine;
+llama-server on one thread by default, which leaves a core to the gateway and the load
+generator (with two it busy-polls both: docs/llama-server-facts.md §10).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from bench.load import StreamResult, Target, anthropic_target, one_stream
+from bench.llama import start_llama_server
+from bench.procs import Processes, start_casedesk, wait_http
+
+PROMPT = "Write a long story about a lighthouse keeper."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokens", type=int, default=200, help="max_tokens of each run")
+    parser.add_argument("--runs", type=int, default=10, help="runs of each, interleaved")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="llama-server threads; 1 leaves a core to the gateway and the load generator",
+    )
+
+
+async def run(args: argparse.Namespace, procs: Processes, config_dir: Path) -> dict[str, Any]:
+    url = start_llama_server(procs, ["-c", "4096", "-np", "1", "-t", str(args.threads)])
+    wait_http(f"{url}/health", 300)
+    port = int(url.rsplit(":", 1)[1])
+    gw_port, gw = start_casedesk(procs, url, config_dir)
+    own = anthropic_target("llama-server /v1/messages", port, args.tokens, prompt=PROMPT)
+    own.path = "/v1/messages"
+    ours = anthropic_target("casedesk", gw_port, args.tokens, gw.pid, prompt=PROMPT)
+    await one_stream(own)
+    await one_stream(ours)
+    runs: dict[str, list[StreamResult]] = {own.name: [], ours.name: []}
+    targets: tuple[Target, Target] = (own, ours)
+    for _ in range(args.runs):  # interleaved, so both see the same machine
+        for target in targets:
+            runs[target.name].append(await one_stream(target))
+    summary = {}
+    for name, results in runs.items():
+        rates = [(r.tokens - 1) / sum(r.gaps) for r in results if r.gaps]
+        summary[name] = {
+            "runs": len(results),
+            "tokens": results[0].tokens,
+            "tokens_per_s_median": statistics.median(rates),
+            "ttft_ms_median": statistics.median(r.ttft for r in results) * 1e3,
+        }
+    ratio = summary["casedesk"]["tokens_per_s_median"] / summary[own.name]["tokens_per_s_median"]
+    print(json.dumps(summary, indent=1), f"\nratio casedesk / llama-server own: {ratio:.4f}", flush=True)
+    return {"real": summary, "ratio": ratio, "threads": args.threads}

@@ -1,0 +1,59 @@
+"""The text of a plain text delta, cut out of llama-server's chunk without parsing all of it.
+
+Almost every chunk of a streamed answer is one generated piece of text, and llama-server writes
+each the same way but for the text and the envelope's values (docs/llama-server-facts.md §4):
+
+    {"choices":[{"finish_reason":null,"index":0,"delta":{"content":"TEXT"}}],"created":N,
+     "id":"chatcmpl-…","model":"…","system_fingerprint":"…","object":"chat.completion.chunk"}
+
+`text_delta` recognises exactly that shape and returns the text, or None for anything else
+(the role delta, progress, reasoning, tool calls, the finish and usage chunks, `timings`,
+an error, a model name with escapes or non-ASCII in it, any other order or spacing): the
+caller then parses the chunk in full. Agreement with the full parse, over recorded chunks and
+generated ones, is checked in tests/test_fast_delta.py.
+
+Splicing llama-server's JSON string into our event unparsed (it is byte for byte what
+`orjson.dumps(text)` writes when it holds no backslash) was measured too, and is no faster:
+checking those bytes costs what decoding and encoding them does (bench/results/issue23-candidates.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import orjson
+
+_PREFIX = b'{"choices":[{"finish_reason":null,"index":0,"delta":{"content":"'
+_START = len(_PREFIX) - 1  # the text's opening quote
+_END = b'"}}],"created":'
+# The envelope after the text: printable ASCII strings without escapes (anything else is left
+# to the full parse, which then decides whether it is valid JSON at all).
+_STRING = rb'"[\x20\x21\x23-\x5b\x5d-\x7e]*"'
+_TAIL = re.compile(
+    rb'"}}\],"created":(?:0|[1-9][0-9]*),"id":%b,"model":%b,"system_fingerprint":%b,"object":"chat\.completion\.chunk"}'
+    % (_STRING, _STRING, _STRING)
+)
+
+
+@functools.lru_cache(maxsize=256)
+def _plain_envelope(tail: bytes) -> bool:
+    """One stream's chunks share their envelope (`created` changes once a second at most): the
+    check runs once per envelope, a dict lookup after that."""
+    return _TAIL.fullmatch(tail) is not None
+
+
+def text_delta(payload: bytes) -> str | None:
+    """The text of a plain text-delta chunk (the `data:` payload), or None: parse it in full."""
+    if not payload.startswith(_PREFIX):
+        return None
+    end = payload.find(_END, _START + 1)
+    if end < 0 or not _plain_envelope(payload[end:]):
+        return None
+    try:
+        # Exactly one JSON string, or an error: this also rejects a quote the text's end did not
+        # escape, an escaped quote at its end, raw control characters and invalid UTF-8.
+        text = orjson.loads(payload[_START : end + 1])
+    except orjson.JSONDecodeError:
+        return None
+    return text if isinstance(text, str) else None
