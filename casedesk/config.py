@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from casedesk.http.server import ServerLimits
+from casedesk.http.limits import ServerLimits
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 BALANCE_POLICIES = ("prefix", "least_in_flight")
