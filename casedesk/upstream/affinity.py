@@ -3,7 +3,7 @@
 llama-server keeps a conversation's KV cache in the slot (and its `--cache-ram` prompt cache)
 of the server that served its last turn, so the next turn should go back there. CaseDesk
 judges that from what it sent where, as SGLang's cache-aware router and llm-d's approximate
-mode do (shared/protocol.md §4):
+mode do (docs/anthropic-api.md §4):
 
 - A chat request is serialised canonically (tools and template options, then each message)
   and cut into fixed-size blocks; the hash of block i covers block i-1's hash, so one hash
