@@ -7,6 +7,7 @@ The keys are documented in README.md ("Configuration").
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -109,6 +110,9 @@ class ServerSettings:
     stream_keepalive: float = 2.0  # a stream silent this long gets an SSE comment (see http/keepalive.py)
     access_log: str = "-"  # "-": stdout; a path: appended to; "": off
     max_loaded_models: int = 0  # managed llama-servers running at once; 0: no limit
+    # issue 22, item 13: image `url` sources fetched by CaseDesk (never by llama-server).
+    fetch_image_urls: bool = False
+    image_url_allow: tuple[str, ...] = ()  # networks (CIDR) a fetch may reach though private
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +257,8 @@ def _server(checker: _Checker, raw: Any) -> ServerSettings:
     if not isinstance(access_log, str):
         checker.problem("server.access_log", 'must be "-" (stdout), a file path, or "" (off)')
         access_log = defaults.access_log
-    checker.unknown(raw, {"listen", "access_log", "max_loaded_models", *LIMIT_KEYS, *numeric}, "server")
+    image_keys = {"fetch_image_urls", "image_url_allow"}
+    checker.unknown(raw, {"listen", "access_log", "max_loaded_models", *LIMIT_KEYS, *numeric, *image_keys}, "server")
     return ServerSettings(
         listen_host=host,
         listen_port=port,
@@ -261,7 +266,27 @@ def _server(checker: _Checker, raw: Any) -> ServerSettings:
         access_log=access_log,
         max_loaded_models=max_loaded,
         **values,
+        **_image_fetching(checker, raw),
     )
+
+
+def _image_fetching(checker: _Checker, raw: dict[str, Any]) -> dict[str, Any]:
+    """[server] fetch_image_urls and image_url_allow (issue 22, item 13)."""
+    fetch = raw.get("fetch_image_urls", False)
+    if not isinstance(fetch, bool):
+        checker.problem("server.fetch_image_urls", "must be true or false")
+        fetch = False
+    allow = raw.get("image_url_allow", [])
+    networks: list[str] = []
+    if not isinstance(allow, list):
+        checker.problem("server.image_url_allow", 'must be a list of networks, e.g. ["10.1.2.0/24"]')
+        allow = []
+    for i, item in enumerate(allow):
+        try:
+            networks.append(str(ipaddress.ip_network(item, strict=False)))
+        except (TypeError, ValueError):
+            checker.problem(f"server.image_url_allow[{i}]", f"not an IP network: {item!r}")
+    return {"fetch_image_urls": fetch, "image_url_allow": tuple(networks)}
 
 
 def _deployment(checker: _Checker, dep_id: str, raw: Any, base_dir: Path | None) -> Deployment | None:

@@ -5,6 +5,7 @@ neither stall the event loop nor bloat the process (issue 22, item 3)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
@@ -171,3 +172,58 @@ async def test_large_bodies_are_parsed_off_the_loop_two_at_a_time(monkeypatch: p
     assert [len(p.messages) for p in parsed] == [60_001] * 3
     assert most == LARGE_BODIES_AT_ONCE
     assert stall < 0.25, stall  # on the loop: 3 × ~0.4 s
+
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32
+
+
+async def serve_image(content_type: bytes = b"image/png") -> asyncio.Server:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: %b\r\ncontent-length: %d\r\n\r\n%b" % (content_type, len(PNG), PNG)
+        )
+        await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(answer, "127.0.0.1", 0)
+
+
+def image_turn(url: str) -> list[dict[str, object]]:
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image", "source": {"type": "url", "url": url}}, {"type": "text", "text": "?"}],
+        }
+    ]
+
+
+async def test_image_urls_are_refused_unless_the_gateway_fetches_them(
+    fake: FakeLlamaServer, start_gateway: GatewayFactory
+) -> None:
+    images = await serve_image()
+    url = f"http://127.0.0.1:{images.sockets[0].getsockname()[1]}/cat.png"
+    try:
+        refusing = await start_gateway(gateway_config([fake.url], server={"access_log": ""}))
+        with pytest.raises(anthropic.BadRequestError, match=r"messages.0.content.0.source: image URLs are not fetched"):
+            await client(refusing).messages.create(model="m", max_tokens=5, messages=image_turn(url))  # type: ignore[arg-type]
+        fenced = await start_gateway(gateway_config([fake.url], server={"access_log": "", "fetch_image_urls": True}))
+        with pytest.raises(anthropic.BadRequestError, match=r"messages.0.content.0.source.url: 127.0.0.1 resolves to"):
+            await client(fenced).messages.create(model="m", max_tokens=5, messages=image_turn(url))  # type: ignore[arg-type]
+        for metadata in ("http://169.254.169.254/latest/meta-data", "http://[::1]/x", "file:///etc/passwd"):
+            with pytest.raises(anthropic.BadRequestError, match=r"messages.0.content.0.source.url"):
+                await client(fenced).messages.create(model="m", max_tokens=5, messages=image_turn(metadata))  # type: ignore[arg-type]
+        allowed = await start_gateway(
+            gateway_config(
+                [fake.url], server={"access_log": "", "fetch_image_urls": True, "image_url_allow": ["127.0.0.0/8"]}
+            )
+        )
+        await client(allowed).messages.create(model="m", max_tokens=5, messages=image_turn(url))  # type: ignore[arg-type]
+        sent = (fake.chat_requests()[-1].body or {})["messages"][0]["content"][0]
+        assert sent == {
+            "type": "image_url",
+            "image_url": {"url": "data:image/png;base64," + base64.b64encode(PNG).decode()},
+        }
+        assert len(fake.chat_requests()) == 1  # the refused ones never reached llama-server
+    finally:
+        images.close()

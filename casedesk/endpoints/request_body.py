@@ -19,6 +19,7 @@ import orjson
 
 from casedesk.anthropic.errors import invalid_request
 from casedesk.anthropic.schema import MessagesRequest, parse_messages_request, request_json
+from casedesk.endpoints.image_fetch import inline_image_urls
 from casedesk.http.server import Request
 from casedesk.serving import DeploymentState
 
@@ -32,8 +33,13 @@ def new_large_body_gate() -> asyncio.Semaphore:
 
 
 async def parsed_request(deployment: DeploymentState, request: Request, *, count_only: bool = False) -> MessagesRequest:
-    """The checked request (a 400 naming the field otherwise)."""
-    return await sized_work(deployment, len(request.body), _parse, request, count_only)
+    """The checked request (a 400 naming the field otherwise); image URLs already fetched
+    when the gateway fetches them (endpoints/image_fetch.py), else refused."""
+    fetch = deployment.settings.fetch_image_urls
+    parsed = await sized_work(deployment, len(request.body), _parse, request, count_only, fetch)
+    if fetch:
+        await inline_image_urls(parsed, deployment.settings)
+    return parsed
 
 
 async def sized_work(deployment: DeploymentState, size: int, work: Callable[..., T], *args: object) -> T:
@@ -45,8 +51,9 @@ async def sized_work(deployment: DeploymentState, size: int, work: Callable[...,
         return await asyncio.to_thread(work, *args)
 
 
-def _parse(request: Request, count_only: bool) -> MessagesRequest:
-    return parse_messages_request(request_json(request.headers, request.body), count_only=count_only)
+def _parse(request: Request, count_only: bool, image_urls: bool = False) -> MessagesRequest:
+    body = request_json(request.headers, request.body)
+    return parse_messages_request(body, count_only=count_only, image_urls=image_urls)
 
 
 def chat_payload(chat: dict[str, object]) -> bytes:
