@@ -96,7 +96,7 @@ class DeploymentState:
     models: dict[str, ModelState] = field(default_factory=dict)
     # Large request bodies parsed at once, shared by the gateway's deployments
     # (endpoints/request_body.py; issue 22, item 3).
-    large_bodies: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
+    large_bodies: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
 
     def authorize(self, headers: dict[str, str]) -> None:
         """With `api_keys_sha256` set, a key is required and must hash to one of them."""
