@@ -5,9 +5,9 @@ A body under LARGE_BODY is parsed on the event loop: that costs microseconds to 
 milliseconds. A larger one is checked and translated in a worker thread (the loop keeps
 running: the GIL is handed over every few milliseconds), one at a time per gateway, so
 three 27 MB bodies never hold three copies of their objects at once. orjson's own parse
-holds the GIL while it runs (60–95 ms per MB measured on a busy 2-core box): that part of a large body still pauses the
-loop, once, which is why only one is processed at a time. Counts no context window could hold are refused before parsing
-(anthropic/schema.py).
+holds the GIL while it runs (60–95 ms per MB measured on a busy 2-core box): that part of
+a large body still pauses the loop, once, which is why only one is processed at a time.
+Counts no context window could hold are refused before parsing (anthropic/schema.py).
 """
 
 from __future__ import annotations
