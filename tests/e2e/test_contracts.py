@@ -270,7 +270,8 @@ def test_claude_codes_system_turns_reach_a_refusing_template_folded(
     assert message.stop_reason in ("end_turn", "max_tokens") and message.content
     # Where the text went: counted by the gateway exactly as the template renders the folded
     # conversation (the system turn inside the next user turn).
-    counted = strict_client.messages.count_tokens(model=MODEL, **CLAUDE_CODE_SHAPE).input_tokens
+    shape = {key: value for key, value in CLAUDE_CODE_SHAPE.items() if key != "metadata"}
+    counted = strict_client.messages.count_tokens(model=MODEL, **shape).input_tokens
     folded = [
         {"role": "system", "content": "You are Claude Code.\n\nBe brief."},
         {"role": "user", "content": "<system-reminder>Today is Tuesday.</system-reminder>\nSay hi."},
