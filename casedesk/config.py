@@ -148,6 +148,10 @@ class ServerSettings:
     def state_path(self) -> Path:
         return Path(self.state_dir or os.environ.get("STATE_DIRECTORY", "").split(":")[0] or "state")
 
+    # issue 22, item 13: image `url` sources fetched by CaseDesk (never by llama-server).
+    fetch_image_urls: bool = False
+    image_url_allow: tuple[str, ...] = ()  # networks (CIDR) a fetch may reach though private
+
 
 PRIORITIES = ("high", "normal", "low")
 TENANT_LIMIT_KEYS = ("requests_per_minute", "input_tokens_per_minute", "output_tokens_per_minute")
@@ -361,9 +365,10 @@ def _server(checker: _Checker, raw: Any) -> ServerSettings:
     slot_save_timeout = checker.number(raw, "slot_save_timeout", "server", defaults.slot_save_timeout)
     slot_cache_bytes = checker.number(raw, "slot_cache_bytes", "server", defaults.slot_cache_bytes, exclusive=False)
     slot_keys = {"slot_save_timeout", "slot_cache_bytes"}
+    image_keys = {"fetch_image_urls", "image_url_allow"}  # issue 22 (13): read by _image_fetching
     # Every [server] key; each issue's block adds its own set here.
     server_keys = {"listen", "access_log", "max_loaded_models", *LIMIT_KEYS, *numeric}
-    server_keys |= {*issue22_keys, *tenant_keys, *BATCH_SERVER_KEYS, "ops_listen", *slot_keys}
+    server_keys |= {*issue22_keys, *tenant_keys, *BATCH_SERVER_KEYS, "ops_listen", *slot_keys, *image_keys}
     checker.unknown(raw, server_keys, "server")
     return ServerSettings(
         listen_host=host,
@@ -380,6 +385,7 @@ def _server(checker: _Checker, raw: Any) -> ServerSettings:
         **batches,
         slot_save_timeout=slot_save_timeout,
         slot_cache_bytes=int(slot_cache_bytes),
+        **_image_fetching(checker, raw),
     )
 
 
@@ -404,6 +410,25 @@ def _server_batches(checker: _Checker, raw: dict[str, Any], defaults: ServerSett
         raw, "batch_retention_days", "server", defaults.batch_retention_days
     )
     return values
+
+
+def _image_fetching(checker: _Checker, raw: dict[str, Any]) -> dict[str, Any]:
+    """[server] fetch_image_urls and image_url_allow (issue 22, item 13)."""
+    fetch = raw.get("fetch_image_urls", False)
+    if not isinstance(fetch, bool):
+        checker.problem("server.fetch_image_urls", "must be true or false")
+        fetch = False
+    allow = raw.get("image_url_allow", [])
+    networks: list[str] = []
+    if not isinstance(allow, list):
+        checker.problem("server.image_url_allow", 'must be a list of networks, e.g. ["10.1.2.0/24"]')
+        allow = []
+    for i, item in enumerate(allow):
+        try:
+            networks.append(str(ipaddress.ip_network(item, strict=False)))
+        except (TypeError, ValueError):
+            checker.problem(f"server.image_url_allow[{i}]", f"not an IP network: {item!r}")
+    return {"fetch_image_urls": fetch, "image_url_allow": tuple(networks)}
 
 
 def _deployment(checker: _Checker, dep_id: str, raw: Any, base_dir: Path | None) -> Deployment | None:

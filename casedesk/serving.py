@@ -128,7 +128,7 @@ class DeploymentState:
     models: dict[str, ModelState] = field(default_factory=dict)
     # Large request bodies parsed at once, shared by the gateway's deployments
     # (endpoints/request_body.py; issue 22, item 3).
-    large_bodies: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
+    large_bodies: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
     directory: Directory = field(default_factory=lambda: Directory({}, ServerSettings()))  # issue 17
     limiter: Limiter = field(default_factory=Limiter)  # the tenants' rate limits (the process's)
 

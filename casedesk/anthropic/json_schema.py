@@ -11,7 +11,7 @@ Two checks, both pure and both raising a 400 that names the path:
   tools). The converter silently ignores what it cannot express (`not`, `uniqueItems`,
   `minimum` on a `number`, a `format` it has no rule for, constraints beside a `$ref`...),
   so each node is read the way its `visit()` reads it, and a constraint the chosen branch
-  drops is refused instead of answered unconstrained. docs/llama-server-facts.md §11 lists
+  drops is refused instead of answered unconstrained. docs/llama-server-facts.md §13 lists
   the branches.
 
 `check_json_depth` bounds the nesting of any JSON value CaseDesk forwards: orjson parses

@@ -2,11 +2,12 @@
 without letting one large body stall or bloat the process (issue 22, item 3).
 
 A body under LARGE_BODY is parsed on the event loop: that costs microseconds to a few
-milliseconds. A larger one is parsed in a worker thread (the loop keeps running: the GIL
-is handed over every few milliseconds), and at most LARGE_BODIES_AT_ONCE of them are
-parsed at once per gateway, so three 27 MB bodies do not hold three copies of their
-objects at the same time. Counts no context window could hold are refused before parsing
-(anthropic/schema.py).
+milliseconds. A larger one is checked and translated in a worker thread (the loop keeps
+running: the GIL is handed over every few milliseconds), one at a time per gateway, so
+three 27 MB bodies never hold three copies of their objects at once. orjson's own parse
+holds the GIL while it runs (60–95 ms per MB measured on a busy 2-core box): that part of
+a large body still pauses the loop, once, which is why only one is processed at a time.
+Counts no context window could hold are refused before parsing (anthropic/schema.py).
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import orjson
 
 from casedesk.anthropic.errors import invalid_request
 from casedesk.anthropic.schema import MessagesRequest, parse_messages_request, request_json
+from casedesk.endpoints.image_fetch import inline_image_urls
 from casedesk.http.server import Request
 from casedesk.serving import DeploymentState
 
 LARGE_BODY = 1 << 20  # bytes
-LARGE_BODIES_AT_ONCE = 2
+LARGE_BODIES_AT_ONCE = 1
 T = TypeVar("T")
 
 
@@ -32,8 +34,13 @@ def new_large_body_gate() -> asyncio.Semaphore:
 
 
 async def parsed_request(deployment: DeploymentState, request: Request, *, count_only: bool = False) -> MessagesRequest:
-    """The checked request (a 400 naming the field otherwise)."""
-    return await sized_work(deployment, len(request.body), _parse, request, count_only)
+    """The checked request (a 400 naming the field otherwise); image URLs already fetched
+    when the gateway fetches them (endpoints/image_fetch.py), else refused."""
+    fetch = deployment.settings.fetch_image_urls
+    parsed = await sized_work(deployment, len(request.body), _parse, request, count_only, fetch)
+    if fetch:
+        await inline_image_urls(parsed, deployment.settings)
+    return parsed
 
 
 async def sized_work(deployment: DeploymentState, size: int, work: Callable[..., T], *args: object) -> T:
@@ -45,8 +52,9 @@ async def sized_work(deployment: DeploymentState, size: int, work: Callable[...,
         return await asyncio.to_thread(work, *args)
 
 
-def _parse(request: Request, count_only: bool) -> MessagesRequest:
-    return parse_messages_request(request_json(request.headers, request.body), count_only=count_only)
+def _parse(request: Request, count_only: bool, image_urls: bool = False) -> MessagesRequest:
+    body = request_json(request.headers, request.body)
+    return parse_messages_request(body, count_only=count_only, image_urls=image_urls)
 
 
 def chat_payload(chat: dict[str, object]) -> bytes:

@@ -47,7 +47,7 @@ def to_chat_request(request: MessagesRequest, *, stream: bool, fold_system: bool
         # template without tool syntax gets no call at all: a forced call of strict tools is
         # asked as a JSON answer instead, which the grammar holds to the tools' schemas from
         # the first token, whatever the template; the answer's text becomes the tool_use
-        # block (translate/repair.py). docs/llama-server-facts.md §11.
+        # block (translate/repair.py). docs/llama-server-facts.md §13.
         body["messages"] = _with_tool_instructions(body["messages"], forced)
         body["response_format"] = {"type": "json_schema", "json_schema": {"schema": forced_call_schema(forced)}}
     elif request.tools:
@@ -56,6 +56,14 @@ def to_chat_request(request: MessagesRequest, *, stream: bool, fold_system: bool
         # llama-server turns the schema into a grammar (common/json-schema-to-grammar.cpp);
         # anthropic/json_schema.py refused what that grammar would not enforce.
         body["response_format"] = {"type": "json_schema", "json_schema": {"schema": request.output_schema}}
+        # The grammar holds the answer to the schema; saying so (with the schema) lets a small
+        # model choose values that mean something and close the JSON early, instead of
+        # wandering where the grammar allows (long decimals, whitespace) until max_tokens.
+        body["messages"] = _with_instruction(
+            body["messages"],
+            "Answer with only one compact JSON value that matches this JSON Schema:\n"
+            + orjson.dumps(request.output_schema).decode(),
+        )
     if request.effort is not None:
         body["reasoning_effort"] = REASONING_EFFORT[request.effort]
     if request.thinking == "disabled":
@@ -138,10 +146,15 @@ def _with_tool_instructions(messages: list[dict[str, Any]], tools: list[dict[str
         ).decode()
         for t in tools
     )
-    text = (
+    return _with_instruction(
+        messages,
         "Call one of these tools. Answer with only a JSON object "
-        '{"name": <tool name>, "arguments": <its arguments>}:\n' + listing
+        '{"name": <tool name>, "arguments": <its arguments>}:\n' + listing,
     )
+
+
+def _with_instruction(messages: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
+    """`text` at the end of the leading system message (one is made if there is none)."""
     if messages and messages[0]["role"] == "system" and isinstance(messages[0]["content"], str):
         return [{"role": "system", "content": messages[0]["content"] + "\n\n" + text}, *messages[1:]]
     return [{"role": "system", "content": text}, *messages]
