@@ -1,6 +1,6 @@
 """Wiring: config → deployments, pools and routes; the one place the rooms meet.
 
-One Gateway serves one version of the config (a reload builds a new one: casedesk/service.py).
+One Gateway serves one version of the config (a reload builds a new one: casedesk/lifecycle.py).
 It builds each deployment's state (casedesk/serving.py), routes a request, gives its handler
 exactly what it needs (a deployment's state, or the metrics, or the readiness check), renders
 Anthropic errors, and accounts for every request in one place (`account`): batch items too.
@@ -18,7 +18,7 @@ from functools import partial
 from casedesk.admission import Admission
 from casedesk.anthropic.errors import ApiError, not_found
 from casedesk.batches.runner import BatchRunner
-from casedesk.config import Config, Deployment, Upstream
+from casedesk.config import Config, Deployment, UpstreamAddress
 from casedesk.endpoints.batches import (
     handle_batch_results,
     handle_cancel_batch,
@@ -59,7 +59,7 @@ class Gateway:
     def __init__(
         self,
         config: Config,
-        upstreams: dict[tuple[str, str], list[Upstream]],
+        upstreams: dict[tuple[str, str], list[UpstreamAddress]],
         metrics: Metrics | None = None,
         access_log: AccessLog | None = None,
         supervisor: Supervisor | None = None,

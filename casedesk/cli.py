@@ -70,7 +70,7 @@ def serve_command(args: argparse.Namespace) -> int:
         )
     from casedesk.ops.process import SupervisorError
     from casedesk.ops.systemd import listen_fds
-    from casedesk.service import run
+    from casedesk.lifecycle import run
 
     try:
         activated = listen_fds()  # systemd socket activation: listen where we are told

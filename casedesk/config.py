@@ -32,7 +32,7 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class Upstream:
+class UpstreamAddress:
     """One llama-server base URL (http only: it runs on this box or a trusted network)."""
 
     url: str
@@ -58,7 +58,7 @@ class ManagedServer:
 @dataclass(frozen=True, slots=True)
 class Model:
     tag: str
-    upstreams: tuple[Upstream, ...] = ()
+    upstreams: tuple[UpstreamAddress, ...] = ()
     llama_server: ManagedServer | None = None
     max_connections: int = 32  # per upstream: the pool's bound on open sockets
     balance: str = "prefix"  # "prefix" (keep each conversation's prompt cache) or "least_in_flight"
@@ -578,7 +578,7 @@ def _quote(key: str) -> str:
 
 def _model(checker: _Checker, prefix: str, tag: str, raw: Any, base_dir: Path | None) -> Model | None:
     raw = _table(checker, raw, prefix)
-    upstreams: list[Upstream] = []
+    upstreams: list[UpstreamAddress] = []
     raw_upstreams = raw.get("upstreams", [])
     if not isinstance(raw_upstreams, list):
         checker.problem(f"{prefix}.upstreams", 'must be a list of URLs like "http://127.0.0.1:8080"')
@@ -620,7 +620,7 @@ def _model(checker: _Checker, prefix: str, tag: str, raw: Any, base_dir: Path | 
     )
 
 
-def _upstream(url: Any) -> Upstream | None:
+def _upstream(url: Any) -> UpstreamAddress | None:
     if not isinstance(url, str):
         return None
     parts = urlsplit(url)
@@ -630,7 +630,7 @@ def _upstream(url: Any) -> Upstream | None:
         port = parts.port or 80
     except ValueError:
         return None
-    return Upstream(url=url.rstrip("/"), host=parts.hostname, port=port)
+    return UpstreamAddress(url=url.rstrip("/"), host=parts.hostname, port=port)
 
 
 def _managed(checker: _Checker, prefix: str, raw: Any, base_dir: Path | None) -> ManagedServer | None:

@@ -10,7 +10,7 @@ from casedesk.upstream.affinity import (
     PrefixTable,
     Solitude,
     Thresholds,
-    Upstream,
+    Candidate,
     order,
     rendezvous,
     route_key,
@@ -31,8 +31,8 @@ def chat(system: str, turns: int, tools: list[Any] | None = None) -> dict[str, A
     return body
 
 
-def up(*loads: int, down: tuple[int, ...] = ()) -> list[Upstream]:
-    return [Upstream(f"10.0.0.{i}:8080", i not in down, load) for i, load in enumerate(loads)]
+def up(*loads: int, down: tuple[int, ...] = ()) -> list[Candidate]:
+    return [Candidate(f"10.0.0.{i}:8080", i not in down, load) for i, load in enumerate(loads)]
 
 
 def test_a_later_turn_extends_the_earlier_turns_blocks_and_keeps_its_lead() -> None:
@@ -208,9 +208,9 @@ def test_solitude_remembers_a_bounded_number_of_conversations() -> None:
     assert len(solitude._latest) == 8
 
 
-def branches(loads: list[int], siblings: list[int]) -> list[Upstream]:
+def branches(loads: list[int], siblings: list[int]) -> list[Candidate]:
     pairs = zip(loads, siblings, strict=True)
-    return [Upstream(f"10.0.0.{i}:8080", True, load, sib) for i, (load, sib) in enumerate(pairs)]
+    return [Candidate(f"10.0.0.{i}:8080", True, load, sib) for i, (load, sib) in enumerate(pairs)]
 
 
 def test_parallel_requests_of_one_conversation_spread_to_a_lighter_upstream() -> None:

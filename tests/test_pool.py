@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from casedesk.upstream.client import MAX_ERROR_BODY, call_json, open_exchange
-from casedesk.upstream.pool import ConnectionState, UpstreamConnection, UpstreamError, UpstreamPool, _Waiter
+from casedesk.upstream.pool import ConnectionState, UpstreamConnection, UpstreamError, UpstreamPool, ConnectionWaiter
 from tests.fake_llama import FakeLlamaServer
 from tests.support.wait import until
 
@@ -27,8 +27,8 @@ def connection(pool: UpstreamPool, state: ConnectionState, idle_since: float = 0
     return conn
 
 
-def waiting(pool: UpstreamPool, fresh: bool = False) -> _Waiter:
-    waiter = _Waiter(asyncio.get_running_loop().create_future(), fresh)
+def waiting(pool: UpstreamPool, fresh: bool = False) -> ConnectionWaiter:
+    waiter = ConnectionWaiter(asyncio.get_running_loop().create_future(), fresh)
     pool._queue.append(waiter)
     return waiter
 

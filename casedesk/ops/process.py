@@ -28,7 +28,7 @@ from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
 
-from casedesk.config import ManagedServer, Upstream
+from casedesk.config import ManagedServer, UpstreamAddress
 from casedesk.upstream.client import call_json
 from casedesk.upstream.pool import UpstreamError, UpstreamPool
 
@@ -155,8 +155,8 @@ class ManagedProcess:
         self._exit: asyncio.Task[int] | None = None
 
     @property
-    def upstream(self) -> Upstream:
-        return Upstream(url=f"http://{self.spec.host}:{self.port}", host=self.spec.host, port=self.port)
+    def upstream(self) -> UpstreamAddress:
+        return UpstreamAddress(url=f"http://{self.spec.host}:{self.port}", host=self.spec.host, port=self.port)
 
     def _move(self, expected: State, new: State) -> None:
         if self.state is not expected or not is_valid_transition(expected, new):

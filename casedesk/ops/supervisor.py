@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine
 from contextlib import suppress
 from typing import Any
 
-from casedesk.config import Config, ManagedServer, Upstream
+from casedesk.config import Config, ManagedServer, UpstreamAddress
 from casedesk.ops.metrics import ModelStats
 from casedesk.ops.process import LeaseTimeout, LoadFailed, ManagedProcess, State, same_launch
 from casedesk.ops.scheduler import Action, Drain, Fail, Grant, Load, Scheduler, Stop, WakeAt
@@ -81,7 +81,7 @@ class Supervisor:
                 process.extra_args = ("--slot-save-path", str(directory.resolve()), *swa)
         return process
 
-    async def start(self) -> dict[tuple[str, str], list[Upstream]]:
+    async def start(self) -> dict[tuple[str, str], list[UpstreamAddress]]:
         """Load every model with preload = true; the upstream URLs of all managed models."""
         for process in self.processes.values():
             if process.spec.preload:
@@ -107,7 +107,7 @@ class Supervisor:
         await self._open_slots(process)
         return self.clock() - began
 
-    def upstreams(self) -> dict[tuple[str, str], list[Upstream]]:
+    def upstreams(self) -> dict[tuple[str, str], list[UpstreamAddress]]:
         return {key: [process.upstream] for key, process in self.processes.items()}
 
     async def reconcile(self, config: Config) -> list[ManagedProcess]:

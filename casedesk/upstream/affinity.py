@@ -174,7 +174,7 @@ def rendezvous(lead: bytes, names: Sequence[str]) -> list[int]:
 
 
 @dataclass(frozen=True, slots=True)
-class Upstream:
+class Candidate:
     """What the choice needs to know of one upstream right now."""
 
     name: str  # its identity across instances: "host:port" as configured
@@ -190,7 +190,7 @@ def _held(candidates: list[int], holders: list[int], key: RouteKey, table: Prefi
 
 
 def order(
-    key: RouteKey, upstreams: Sequence[Upstream], table: PrefixTable, thresholds: Thresholds, alone: bool = False
+    key: RouteKey, upstreams: Sequence[Candidate], table: PrefixTable, thresholds: Thresholds, alone: bool = False
 ) -> list[int]:
     """The upstreams (indices) in the order to try them for this request; `alone`: see Solitude."""
     healthy = [i for i, u in enumerate(upstreams) if u.healthy]

@@ -24,7 +24,7 @@ from casedesk.upstream.affinity import (
     RouteKey,
     Solitude,
     Thresholds,
-    Upstream,
+    Candidate,
     order,
     rendezvous,
     route_key,
@@ -82,7 +82,7 @@ class Balancer:
         if key is not None:
             branches = self._branches.get(key.lead, Counter())
             seen = [
-                Upstream(s.pool.authority, s.down_until <= now, s.pool.in_flight, branches[i])
+                Candidate(s.pool.authority, s.down_until <= now, s.pool.in_flight, branches[i])
                 for i, s in enumerate(self.states)
             ]
             self.solitude.saw(key)

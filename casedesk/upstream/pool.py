@@ -334,7 +334,7 @@ def _head_of(event: h11.Response, conn: UpstreamConnection) -> ResponseHead:
 
 
 @dataclass(slots=True)
-class _Waiter:
+class ConnectionWaiter:
     """A request for a connection: handed an idle one, or a new one to open."""
 
     future: asyncio.Future[UpstreamConnection]
@@ -346,7 +346,7 @@ class Assignment:
     """What `_assign` decided: connections to close, and who gets which connection."""
 
     close: list[UpstreamConnection] = field(default_factory=list)
-    hand: list[tuple[_Waiter, UpstreamConnection]] = field(default_factory=list)
+    hand: list[tuple[ConnectionWaiter, UpstreamConnection]] = field(default_factory=list)
 
 
 class UpstreamPool:
@@ -365,7 +365,7 @@ class UpstreamPool:
         self.max_connections = max_connections
         self.connect_timeout = connect_timeout
         self._connections: list[UpstreamConnection] = []  # every live one, oldest first
-        self._queue: deque[_Waiter] = deque()
+        self._queue: deque[ConnectionWaiter] = deque()
         self.connections_opened = 0
 
     @property
@@ -384,7 +384,7 @@ class UpstreamPool:
     async def acquire(self, fresh: bool = False) -> UpstreamConnection:
         """A connection to send one request on; release() it after. Cancellation-safe."""
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(loop.create_future(), fresh)
+        waiter = ConnectionWaiter(loop.create_future(), fresh)
         self._queue.append(waiter)
         self._run(self._assign(loop.time()))
         try:

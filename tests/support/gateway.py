@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from casedesk.config import Config, parse
-from casedesk.service import run
+from casedesk.lifecycle import run
 
 
 @dataclass

@@ -18,7 +18,7 @@ from casedesk.anthropic.errors import ApiError
 from casedesk.app import Gateway, render_error, respond_with_error
 from casedesk.batches.runner import BatchRunner, state_path
 from casedesk.batches.store import BatchStore
-from casedesk.config import Config, ConfigError, Upstream, load
+from casedesk.config import Config, ConfigError, UpstreamAddress, load
 from casedesk.http.server import ConnectionTracker, ErrorResponse, Request, ResponseWriter, start_server
 from casedesk.ops.accesslog import AccessLog, RequestRecord
 from casedesk.ops.collector import ServiceCollector
@@ -133,7 +133,7 @@ class Service:
         known = set(self.gateway.deployments) if self.gateway is not None else set()
         return sorted(known | self.batches.scheduler.deployments())
 
-    def _build(self, config: Config, upstreams: dict[tuple[str, str], list[Upstream]]) -> Gateway:
+    def _build(self, config: Config, upstreams: dict[tuple[str, str], list[UpstreamAddress]]) -> Gateway:
         gateway = Gateway(config, upstreams, self.metrics, self.access_log, self.supervisor, self.tenancy, self.batches)
         gateway.start_health_checks()
         return gateway
