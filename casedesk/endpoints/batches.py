@@ -5,7 +5,8 @@ everything before it keeps anything: each `params` exactly as POST …/v1/messag
 (anthropic/schema.py, its errors prefixed with `requests[i].params.`), `stream` refused, each
 custom_id unique and 1–64 of [A-Za-z0-9_-], at most 100,000 requests, a model the deployment
 serves; the batch is acknowledged once committed (batches/store.py). A batch belongs to the
-key that created it (its SHA-256; anyone's on an open deployment): only that key sees it.
+tenant that created it (batches/owner.py; the key's SHA-256 on a deployment with anonymous
+keys; anyone on an open deployment): only its owner sees it, and another's gets a 404.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import orjson
 
 from casedesk.anthropic.errors import ApiError, invalid_request, not_found
 from casedesk.anthropic.schema import parse_messages_request, request_json
+from casedesk.batches.owner import tenant_owner
 from casedesk.batches.runner import BatchRunner
 from casedesk.batches.store import BatchDatabase, BatchRow
 from casedesk.http.server import Request, ResponseWriter
@@ -37,7 +39,7 @@ def owner_of(deployment: DeploymentState, request: Request, tenant: str) -> str 
     """Who a batch belongs to: its tenant (issue 17); on a deployment with anonymous keys, the
     key's hash; else nobody (None: any key sees it)."""
     if tenant:
-        return "tenant:" + tenant
+        return tenant_owner(tenant)
     return key_digest(request_key(request.headers)) if deployment.config.api_keys_sha256 else None
 
 
