@@ -136,7 +136,7 @@ async def handle_get_batch(
     record: RequestRecord,
     batch_id: str,
 ) -> None:
-    row = await _find(runner, deployment, request, batch_id)
+    row = await _find(runner, deployment, request, record, batch_id)
     writer.send(200, orjson.dumps(batch_object(row, _base_url(deployment, request))))
 
 
@@ -148,7 +148,7 @@ async def handle_cancel_batch(
     record: RequestRecord,
     batch_id: str,
 ) -> None:
-    row = await _find(runner, deployment, request, batch_id)
+    row = await _find(runner, deployment, request, record, batch_id)
     if row.processing_status == "in_progress":
         row = await runner.cancel(row)
     writer.send(200, orjson.dumps(batch_object(row, _base_url(deployment, request))))
@@ -162,7 +162,7 @@ async def handle_delete_batch(
     record: RequestRecord,
     batch_id: str,
 ) -> None:
-    row = await _find(runner, deployment, request, batch_id)
+    row = await _find(runner, deployment, request, record, batch_id)
     if row.processing_status != "ended":
         raise ApiError(
             409,
@@ -182,7 +182,7 @@ async def handle_batch_results(
     record: RequestRecord,
     batch_id: str,
 ) -> None:
-    row = await _find(runner, deployment, request, batch_id)
+    row = await _find(runner, deployment, request, record, batch_id)
     if row.processing_status != "ended":
         raise invalid_request(
             f"batch {batch_id} has not ended yet: its results are ready once processing_status is ended"
@@ -223,8 +223,11 @@ class _Flow:
         await self._open.wait()
 
 
-async def _find(runner: BatchRunner, deployment: DeploymentState, request: Request, batch_id: str) -> BatchRow:
-    tenant = deployment.authorize(request.headers, request.client)
+async def _find(
+    runner: BatchRunner, deployment: DeploymentState, request: Request, record: RequestRecord, batch_id: str
+) -> BatchRow:
+    """The batch if the request's owner has it; else a 404 (another's batch is not there)."""
+    record.tenant = tenant = deployment.authorize(request.headers, request.client)
     owner = owner_of(deployment, request, tenant)
 
     def get(db: BatchDatabase) -> BatchRow | None:
