@@ -146,6 +146,9 @@ class ServerSettings:
     slot_cache_bytes: int = 4 << 30  # saved slot files kept at most (LRU); 0: no slot cache
 
     def state_path(self) -> Path:
+        """The state directory (the batches database, slot files): `state_dir`, or when it is ""
+        systemd's StateDirectory= ($STATE_DIRECTORY, /var/lib/casedesk in
+        contrib/systemd/casedesk.service), else ./state."""
         return Path(self.state_dir or os.environ.get("STATE_DIRECTORY", "").split(":")[0] or "state")
 
     # issue 22, item 13: image `url` sources fetched by CaseDesk (never by llama-server).

@@ -16,7 +16,7 @@ import time
 
 from casedesk.anthropic.errors import ApiError
 from casedesk.app import Gateway, render_error, respond_with_error
-from casedesk.batches.runner import BatchRunner, state_path
+from casedesk.batches.runner import DATABASE, BatchRunner
 from casedesk.batches.store import BatchStore
 from casedesk.config import Config, ConfigError, UpstreamAddress, load
 from casedesk.http.server import ConnectionTracker, ErrorResponse, Request, ResponseWriter, start_server
@@ -59,9 +59,10 @@ class Service:
             "Calls to the shared rate limits' Redis that failed (requests then fail open or closed).",
             lambda: self.tenancy.shared_errors,
         )
-        # Message Batches (issue 18): the runner outlives reloads, as the batches do.
+        # Message Batches (issue 18): the runner outlives reloads, as the batches do; the
+        # database is in the state directory, as the slot files are.
         self.batches = BatchRunner(
-            BatchStore(state_path(config.server.state_dir)),
+            BatchStore(config.server.state_path() / DATABASE),
             lambda: self.gateway.deployments if self.gateway is not None else {},
             self._account,
             config.server.batch_retention_days,

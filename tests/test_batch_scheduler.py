@@ -120,3 +120,23 @@ def test_a_batch_retried_later_pauses_until_then() -> None:
     scheduler.finished("b2")
     assert scheduler.decide(3.9, {"dep": idle(batch_limit=2)}) == []
     assert starts(scheduler.decide(4.0, {"dep": idle(batch_limit=2)})) == ["b1", "b1"]
+
+
+def test_a_tenant_whose_limits_are_spent_starts_nothing_until_they_pass_again() -> None:
+    """An item that found its tenant's budget spent waits again (no 429 result); the tenant's
+    other batches, on any deployment, wait with it, and the other tenants take every turn."""
+    scheduler = BatchScheduler()
+    scheduler.added("a1", "dep", "alice", 0.0, 3)
+    scheduler.added("a2", "other", "alice", 0.5, 1)
+    scheduler.added("b1", "dep", "bob", 1.0, 3)
+    assert starts(scheduler.decide(2.0, {"dep": idle(batch_limit=1), "other": idle(in_flight=4)})) == ["a1"]
+    scheduler.limited("a1", not_before=5.0)  # alice's output tokens are spent until t=5
+    assert scheduler.waiting("dep") == 6 and scheduler.running("dep") == 0
+    capacity = {"dep": idle(batch_limit=2), "other": idle(batch_limit=2)}
+    assert starts(scheduler.decide(2.1, capacity)) == ["b1", "b1"]
+    scheduler.finished("b1")
+    scheduler.finished("b1")
+    assert starts(scheduler.decide(4.9, capacity)) == ["b1"]
+    scheduler.finished("b1")
+    assert scheduler.decide(4.99, capacity) == []  # only alice's items are left: they wait
+    assert starts(scheduler.decide(5.0, capacity)) == ["a1", "a1", "a2"]

@@ -19,6 +19,7 @@ import anthropic
 import orjson
 import pytest
 
+from casedesk.admission import Admission, TenantShare
 from tests.conftest import GatewayFactory, RunningGateway, gateway_config
 from tests.fake_llama import FakeLlamaServer, Reply
 
@@ -419,3 +420,143 @@ async def test_items_that_share_a_prefix_go_where_it_is_cached(
         assert (await ended(client, batch.id)).request_counts.succeeded == 8
         served = sorted([len(one.chat_requests()), len(two.chat_requests())])
         assert served == [0, 8]
+
+
+# -- batches and tenants (issues 17 and 18) ----------------------------------------------------------
+
+
+def sha(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def with_tenants(fake: FakeLlamaServer, tmp_path: Path, tenants: dict[str, dict[str, Any]], **overrides: Any) -> Any:
+    """gateway_config whose "dep" lets every tenant in; tenant NAME's key is "key-NAME"."""
+    server = {"state_dir": str(tmp_path / "state"), "access_log": str(tmp_path / "access.log")}
+    raw = gateway_config([fake.url], server=server, **overrides)
+    raw["deployments"]["dep"]["tenants"] = ["*"]
+    raw["tenants"] = {name: {"keys_sha256": [sha(f"key-{name}")], **table} for name, table in tenants.items()}
+    return raw
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of a metric's series that carry these labels."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def test_an_item_waits_for_its_tenants_output_tokens_and_is_charged_them(
+    start_gateway: GatewayFactory, tmp_path: Path, sdk: SdkFactory
+) -> None:
+    """alice at 600 output tokens a minute (10 a second) has overdrawn her bucket; her batch's
+    items are started only as it refills (none gets a 429), and each is charged to her as a
+    /v1/messages request is: a request, its input tokens, its output tokens."""
+    per_minute, item_tokens, items = 600, 3, 4  # the fake's default answer is 3 tokens
+    async with FakeLlamaServer() as fake:
+        gateway = await start_gateway(
+            with_tenants(
+                fake,
+                tmp_path,
+                {"alice": {"output_tokens_per_minute": per_minute}},
+                deployment={"batch_max_concurrency": 1},
+            )
+        )
+        client = sdk(gateway, "key-alice")
+        begun = time.monotonic()
+        fake.replies.append(Reply(tokens=["x"] * (per_minute + 5)))
+        drained = await client.messages.create(**{**params("use it all"), "max_tokens": 1000})
+        assert drained.usage.output_tokens == per_minute + 5  # her bucket: -5, positive again in 0.5 s
+        created = time.monotonic()
+        batch = await client.messages.batches.create(requests=requests_of(items))  # type: ignore[arg-type]
+        done = await ended(client, batch.id)
+        took = time.monotonic() - created
+        assert done.request_counts.succeeded == items and done.request_counts.errored == 0
+        results = [r.result async for r in await client.messages.batches.results(batch.id)]
+        assert all(r.type == "succeeded" for r in results)
+        # Each item waited for the bucket to be positive again: 5 + 3 tokens per item but the
+        # last at 10 a second. (Without the wait the four would take a few milliseconds.)
+        refill = (5 + item_tokens * (items - 1)) / (per_minute / 60)
+        assert took >= refill * 0.9, took
+        async with Raw(HEADERS | {"x-api-key": "key-alice"}) as raw:
+            text = (await raw.get(f"{gateway.url}/metrics")).text
+        elapsed = time.monotonic() - begun
+        charged = per_minute + 5 + item_tokens * items
+        assert metric(text, "casedesk_tenant_output_tokens_total", tenant="alice") == charged
+        assert metric(text, "casedesk_tenant_requests_total", tenant="alice", model="m", status="200") == 1 + items
+        batch_input = sum(r.message.usage.input_tokens for r in results)  # type: ignore[union-attr]
+        assert metric(text, "casedesk_tenant_input_tokens_total", tenant="alice") == (
+            drained.usage.input_tokens + batch_input
+        )
+        assert metric(text, "casedesk_tenant_rate_limited_total", tenant="alice") == 0
+        # Her bucket holds what was charged, less what refilled meanwhile; never more than one
+        # item below zero (an item starts only while it is positive).
+        level = metric(text, "casedesk_tenant_bucket_tokens", tenant="alice", limit="output_tokens")
+        assert -item_tokens - 0.01 <= level <= per_minute - charged + elapsed * per_minute / 60
+        lines = [orjson.loads(line) for line in (tmp_path / "access.log").read_bytes().splitlines()]
+        logged = [line for line in lines if line.get("batch_id") == batch.id]
+        assert len(logged) == items and all(line["tenant"] == "alice" and line["status"] == 200 for line in logged)
+
+
+async def test_two_tenants_batches_take_turns(start_gateway: GatewayFactory, tmp_path: Path, sdk: SdkFactory) -> None:
+    """One item at a time: alice's batch came first and its first item is slow; bob's batch,
+    created meanwhile, then alternates with hers item by item, oldest batch first."""
+    async with FakeLlamaServer() as fake:
+        fake.replies.append(Reply(token_delay=0.5))  # alice's first item: 1.5 s
+        gateway = await start_gateway(
+            with_tenants(fake, tmp_path, {"alice": {}, "bob": {}}, deployment={"batch_max_concurrency": 1})
+        )
+        alice, bob = sdk(gateway, "key-alice"), sdk(gateway, "key-bob")
+
+        def items(who: str) -> Any:
+            return [{"custom_id": f"{who}-{i}", "params": params(f"{who} {i}")} for i in range(3)]
+
+        first = await alice.messages.batches.create(requests=items("alice"))
+        await until(lambda: asyncio.sleep(0, len(fake.chat_requests()) == 1))
+        second = await bob.messages.batches.create(requests=items("bob"))
+        await ended(alice, first.id)
+        await ended(bob, second.id)
+        texts = [r.body["messages"][-1]["content"] for r in fake.chat_requests()]
+        assert texts == ["alice 0", "bob 0", "alice 1", "bob 1", "alice 2", "bob 2"]
+
+
+async def test_a_tenants_batch_is_invisible_to_another_tenant(
+    start_gateway: GatewayFactory, tmp_path: Path, sdk: SdkFactory
+) -> None:
+    async with FakeLlamaServer() as fake:
+        gateway = await start_gateway(with_tenants(fake, tmp_path, {"alice": {}, "bob": {}}))
+        alice, bob = sdk(gateway, "key-alice"), sdk(gateway, "key-bob")
+        batch = await alice.messages.batches.create(requests=requests_of(2))  # type: ignore[arg-type]
+        await ended(alice, batch.id)
+        for call in (
+            bob.messages.batches.retrieve,
+            bob.messages.batches.cancel,
+            bob.messages.batches.delete,
+            bob.messages.batches.results,
+        ):
+            with pytest.raises(anthropic.NotFoundError) as missing:
+                await call(batch.id)
+            assert missing.value.status_code == 404
+            assert missing.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
+        assert (await bob.messages.batches.list()).data == []
+        assert [b.id for b in (await alice.messages.batches.list()).data] == [batch.id]
+        with pytest.raises(anthropic.AuthenticationError):
+            await sdk(gateway, "nobody's key").messages.batches.retrieve(batch.id)
+        assert (await alice.messages.batches.delete(batch.id)).type == "message_batch_deleted"
+
+
+def test_an_items_acquire_as_its_tenant_takes_a_free_slot_in_the_same_step() -> None:
+    """The runner starts an item only when nobody is queued and a slot is free, and then takes
+    the slot as the batch's tenant in that same step: with the fair queue too, whatever the
+    tenant's share (weight, priority, its own max_queue), that acquire never suspends."""
+    shares = {"alice": TenantShare(weight=2.0, priority="low", max_queue=1)}
+    admission = Admission(max_concurrency=2, max_queue=4, queue_timeout=1.0, shares=shares)
+    for tenant in ("alice", "alice"):
+        acquiring = admission.acquire(tenant)
+        with pytest.raises(StopIteration):  # finished at its first step: it never waited
+            acquiring.send(None)
+    assert admission.in_flight_of("alice") == 2 and admission.queued == 0
+    admission.release("alice")
+    admission.release("alice")
+    assert admission.in_flight == 0

@@ -4,24 +4,27 @@ writes each item's result (casedesk/batches/store.py).
 An item runs the very code a non-streamed POST …/v1/messages runs (endpoints/messages.py
 `answer_message`): the same translation, failover and prefix routing (`balance = "prefix"`
 sends items that share a system prompt where it is cached), the same Anthropic errors. It
-holds an admission slot (Admission.acquire/release) so it counts against max_concurrency, and
-it is started only when that acquire cannot wait. Its result is committed before it counts;
-an item cut short (shutdown, crash) has no result and runs again.
+is its batch's tenant's request (batches/owner.py): it holds an admission slot as that tenant
+(Admission.acquire/release), so it counts against max_concurrency and the tenant's fair share,
+and it is started only when that acquire cannot wait; it is charged to the tenant's rate
+limits as /v1/messages is (one request, its uncached input and its output tokens). When those
+limits are spent it takes nothing and waits: the scheduler starts nothing of that tenant until
+the limiter says its next request would pass (no 429 result). Its result is committed before
+it counts; an item cut short (shutdown, crash) has no result and runs again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 import orjson
 
 from casedesk.anthropic.errors import ApiError
 from casedesk.anthropic.schema import parse_messages_request
+from casedesk.batches.owner import tenant_of
 from casedesk.batches.scheduler import ITEM_TTL, BatchScheduler, Capacity, Expire, Start
 from casedesk.batches.store import BatchDatabase, BatchRow, BatchStore, Item
 from casedesk.endpoints.messages import answer_message
@@ -42,13 +45,7 @@ RETRIED = frozenset({502, 503, 504, 529})
 MAX_ATTEMPTS = 5
 RETRY_PAUSE = 2.0  # seconds, doubled at each attempt
 DAY = 86400.0
-
-
-def state_path(state_dir: str) -> Path:
-    """The batches database under `[server] state_dir`: "" means systemd's StateDirectory=
-    ($STATE_DIRECTORY, /var/lib/casedesk in contrib/systemd/casedesk.service), else ./state."""
-    directory = state_dir or os.environ.get("STATE_DIRECTORY", "").split(":")[0] or "state"
-    return Path(directory) / "batches.sqlite3"
+DATABASE = "batches.sqlite3"  # in ServerSettings.state_path(), the state directory
 
 
 class BatchRunner:
@@ -71,6 +68,7 @@ class BatchRunner:
         self._account = account
         self._retention = retention_days * DAY
         self._seq: dict[str, int] = {}  # batch id → its row
+        self._tenant: dict[str, str] = {}  # batch id → the tenant its items are charged to
         # Which item each batch claimed last, and the ones running: changed only on the
         # store's thread (claim, finish, cancel run there one after another), so a cancel
         # sees exactly the items that have started.
@@ -134,14 +132,16 @@ class BatchRunner:
         """An ended batch was deleted: what is remembered of it goes too."""
         self.scheduler.stopped(row.id)
         self._seq.pop(row.id, None)
+        self._tenant.pop(row.id, None)
         await self.store.call(lambda db: self._forget(row.seq))
 
     # -- the loop ------------------------------------------------------------------------------------
 
     def _schedule(self, row: BatchRow, waiting: int) -> None:
         self._seq[row.id] = row.seq
+        tenant = self._tenant[row.id] = tenant_of(row.owner)
         if row.cancel_initiated_at is None:
-            self.scheduler.added(row.id, row.deployment, None, row.created_at, waiting)
+            self.scheduler.added(row.id, row.deployment, tenant, row.created_at, waiting)
         # A batch canceled before a crash has only items that were running then: they get
         # `canceled` too (the cancel promised that nothing more starts).
         elif waiting:
@@ -197,25 +197,33 @@ class BatchRunner:
 
     async def _item(self, deployment: DeploymentState, batch_id: str) -> None:
         admission = deployment.admission
+        tenant = self._tenant.get(batch_id, "")
         # Looked at again in the step that takes the slot: an interactive request that came in
-        # since the decision goes first, and the acquire below is granted without waiting.
+        # since the decision goes first, and the acquire below is granted without waiting
+        # (Admission.acquire takes a slot at once, in this same step, whenever nobody is queued
+        # and one is free, whoever the tenant).
         if admission.queued or admission.in_flight >= admission.max_concurrency:
             self.scheduler.returned(batch_id)
             self._wake.set()
             return
-        await admission.acquire()
-        pause = 0.0
+        await admission.acquire(tenant)
+        pause = limited = 0.0
         try:
-            pause = await self._claim_and_run(deployment, batch_id)
+            charge = Charge(deployment.limiter, tenant)
+            limited = await _budget(charge, deployment)
+            if not limited:
+                pause = await self._claim_and_run(deployment, batch_id, charge)
         finally:
-            admission.release()
-            if pause:
+            admission.release(tenant)
+            if limited:
+                self.scheduler.limited(batch_id, self.clock() + limited)
+            elif pause:
                 self.scheduler.retry_later(batch_id, self.clock() + pause)
             else:
                 self.scheduler.finished(batch_id)
             self._wake.set()
 
-    async def _claim_and_run(self, deployment: DeploymentState, batch_id: str) -> float:
+    async def _claim_and_run(self, deployment: DeploymentState, batch_id: str, charge: Charge) -> float:
         """Run the batch's next item and keep its result; or, after a failure that was not
         its fault, give it back: the seconds its batch should pause then (else 0)."""
         seq = self._seq.get(batch_id)
@@ -233,10 +241,11 @@ class BatchRunner:
             deployment=deployment.config.id,
             batch_id=batch_id,
             custom_id=item.custom_id,
+            tenant=charge.tenant,
         )
         status = 200
         try:
-            result = await self._answer(deployment, item, record)
+            result = await self._answer(deployment, item, record, charge)
         except ApiError as error:
             status = error.status
             result = b'{"type":"errored","error":' + error.body() + b"}"
@@ -268,10 +277,10 @@ class BatchRunner:
         return 0.0
 
     @staticmethod
-    async def _answer(deployment: DeploymentState, item: Item, record: RequestRecord) -> bytes:
+    async def _answer(deployment: DeploymentState, item: Item, record: RequestRecord, charge: Charge) -> bytes:
         parsed = parse_messages_request(orjson.loads(item.params))  # validated at create: the same checks
         record.model = parsed.model
-        message = await answer_message(deployment, parsed, record, Charge(deployment.limiter, record.tenant))
+        message = await answer_message(deployment, parsed, record, charge)
         return b'{"type":"succeeded","message":' + orjson.dumps(message) + b"}"
 
     # -- on the store's thread ------------------------------------------------------------------------------
@@ -324,3 +333,17 @@ class BatchRunner:
             return
         now = self.clock()
         await self.store.call(lambda db: db.close_items(seq, "expired", EXPIRED, self._running.get(seq, set()), now))
+
+
+async def _budget(charge: Charge, deployment: DeploymentState) -> float:
+    """Take the item's request from its tenant's buckets: 0 when it was taken; else (the limits
+    are spent, or fail closed with Redis away) the seconds to wait before the tenant's next
+    item may ask again, as Charge.admit_waiting would wait, but without holding a slot."""
+    try:
+        await charge.admit()
+    except ApiError as error:
+        if error.status not in (429, 529):
+            raise
+        retry = next((float(value) for name, value in error.headers if name == "retry-after"), 1.0)
+        return deployment.limiter.seconds_until_admitted(charge.tenant, time.monotonic()) or retry
+    return 0.0

@@ -4,9 +4,12 @@ An item starts only on what interactive traffic leaves: its deployment has no in
 request waiting, a free admission slot and fewer than its batch limit of items running
 (`batch_max_concurrency`), so an interactive request never waits for more than the slot that
 frees first. Among a deployment's batches with items waiting, tenants take turns (round robin,
-in the order of their oldest batch) and within a tenant the oldest batch goes first. Items
-not started `item_ttl` seconds after their batch was created expire. The runner
-(casedesk/batches/runner.py) reports the events and carries out the actions.
+in the order of their oldest batch) and within a tenant the oldest batch goes first. A tenant
+whose rate limits are spent starts nothing until they would let its next request pass (the
+runner learns it when an item asks for its budget): its items wait, they never fail with a 429,
+and the other tenants' turns go on. Items not started `item_ttl` seconds after their batch was
+created expire. The runner (casedesk/batches/runner.py) reports the events and carries out the
+actions.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ Action = Start | Expire
 class _Batch:
     batch_id: str
     deployment: str
-    tenant: Hashable  # None until tenants exist: one tenant, oldest batch first
+    tenant: Hashable  # whose turn it takes and whose limits it waits for ("" or None: nobody's)
     created_at: float
     order: int  # arrival order: ties of created_at
     waiting: int
@@ -66,6 +69,7 @@ class BatchScheduler:
         self._batches: dict[str, _Batch] = {}
         self._running: dict[str, int] = {}  # per deployment
         self._last_tenant: dict[str, Hashable] = {}  # per deployment: whose item started last
+        self._tenant_not_before: dict[Hashable, float] = {}  # tenants whose rate limits are spent
         self._arrivals = 0
 
     # -- events ------------------------------------------------------------------------------
@@ -105,6 +109,16 @@ class BatchScheduler:
             batch.not_before = max(batch.not_before, not_before)
         self.returned(batch_id)
 
+    def limited(self, batch_id: str, not_before: float) -> None:
+        """A started item found its tenant's rate limits spent (it took nothing): it waits again,
+        and nothing of that tenant, in any deployment, starts before `not_before` (the limits
+        are the tenant's across deployments)."""
+        batch = self._batches.get(batch_id)
+        if batch is not None:
+            tenant = batch.tenant
+            self._tenant_not_before[tenant] = max(self._tenant_not_before.get(tenant, 0.0), not_before)
+        self.returned(batch_id)
+
     def stopped(self, batch_id: str) -> None:
         """Nothing more of this batch starts (canceled, expired, deleted); running items finish."""
         batch = self._batches.get(batch_id)
@@ -134,6 +148,8 @@ class BatchScheduler:
     def decide(self, now: float, capacity: Mapping[str, Capacity]) -> list[Action]:
         """What to do now: expire what is too old, then start what the capacity allows."""
         actions: list[Action] = []
+        for tenant in [t for t, until in self._tenant_not_before.items() if until <= now]:
+            del self._tenant_not_before[tenant]
         for batch in list(self._batches.values()):
             if batch.waiting and now >= batch.created_at + self.item_ttl:
                 actions.append(Expire(batch.batch_id))
@@ -160,7 +176,7 @@ class BatchScheduler:
     def _next(self, deployment: str, now: float) -> _Batch | None:
         """The oldest batch of the tenant whose turn it is (the one after the last served)."""
         candidates = sorted(
-            (b for b in self._batches.values() if b.deployment == deployment and b.waiting and b.not_before <= now),
+            (b for b in self._batches.values() if b.deployment == deployment and self._may_start(b, now)),
             key=lambda b: (b.created_at, b.order),
         )
         if not candidates:
@@ -173,6 +189,9 @@ class BatchScheduler:
         tenant = tenants[(tenants.index(last) + 1) % len(tenants)] if last in tenants else tenants[0]
         self._last_tenant[deployment] = tenant
         return next(b for b in candidates if b.tenant == tenant)
+
+    def _may_start(self, batch: _Batch, now: float) -> bool:
+        return bool(batch.waiting) and batch.not_before <= now and self._tenant_not_before.get(batch.tenant, 0.0) <= now
 
     def _forget_if_done(self, batch: _Batch) -> None:
         if not batch.waiting and not batch.running:

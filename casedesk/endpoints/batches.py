@@ -5,7 +5,8 @@ everything before it keeps anything: each `params` exactly as POST …/v1/messag
 (anthropic/schema.py, its errors prefixed with `requests[i].params.`), `stream` refused, each
 custom_id unique and 1–64 of [A-Za-z0-9_-], at most 100,000 requests, a model the deployment
 serves; the batch is acknowledged once committed (batches/store.py). A batch belongs to the
-key that created it (its SHA-256; anyone's on an open deployment): only that key sees it.
+tenant that created it (batches/owner.py; the key's SHA-256 on a deployment with anonymous
+keys; anyone on an open deployment): only its owner sees it, and another's gets a 404.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import orjson
 
 from casedesk.anthropic.errors import ApiError, invalid_request, not_found
 from casedesk.anthropic.schema import parse_messages_request, request_json
+from casedesk.batches.owner import tenant_owner
 from casedesk.batches.runner import BatchRunner
 from casedesk.batches.store import BatchDatabase, BatchRow
 from casedesk.http.server import Request, ResponseWriter
@@ -37,7 +39,7 @@ def owner_of(deployment: DeploymentState, request: Request, tenant: str) -> str 
     """Who a batch belongs to: its tenant (issue 17); on a deployment with anonymous keys, the
     key's hash; else nobody (None: any key sees it)."""
     if tenant:
-        return "tenant:" + tenant
+        return tenant_owner(tenant)
     return key_digest(request_key(request.headers)) if deployment.config.api_keys_sha256 else None
 
 
@@ -134,7 +136,7 @@ async def handle_get_batch(
     record: RequestRecord,
     batch_id: str,
 ) -> None:
-    row = await _find(runner, deployment, request, batch_id)
+    row = await _find(runner, deployment, request, record, batch_id)
     writer.send(200, orjson.dumps(batch_object(row, _base_url(deployment, request))))
 
 
@@ -146,7 +148,7 @@ async def handle_cancel_batch(
     record: RequestRecord,
     batch_id: str,
 ) -> None:
-    row = await _find(runner, deployment, request, batch_id)
+    row = await _find(runner, deployment, request, record, batch_id)
     if row.processing_status == "in_progress":
         row = await runner.cancel(row)
     writer.send(200, orjson.dumps(batch_object(row, _base_url(deployment, request))))
@@ -160,7 +162,7 @@ async def handle_delete_batch(
     record: RequestRecord,
     batch_id: str,
 ) -> None:
-    row = await _find(runner, deployment, request, batch_id)
+    row = await _find(runner, deployment, request, record, batch_id)
     if row.processing_status != "ended":
         raise ApiError(
             409,
@@ -180,7 +182,7 @@ async def handle_batch_results(
     record: RequestRecord,
     batch_id: str,
 ) -> None:
-    row = await _find(runner, deployment, request, batch_id)
+    row = await _find(runner, deployment, request, record, batch_id)
     if row.processing_status != "ended":
         raise invalid_request(
             f"batch {batch_id} has not ended yet: its results are ready once processing_status is ended"
@@ -221,8 +223,11 @@ class _Flow:
         await self._open.wait()
 
 
-async def _find(runner: BatchRunner, deployment: DeploymentState, request: Request, batch_id: str) -> BatchRow:
-    tenant = deployment.authorize(request.headers, request.client)
+async def _find(
+    runner: BatchRunner, deployment: DeploymentState, request: Request, record: RequestRecord, batch_id: str
+) -> BatchRow:
+    """The batch if the request's owner has it; else a 404 (another's batch is not there)."""
+    record.tenant = tenant = deployment.authorize(request.headers, request.client)
     owner = owner_of(deployment, request, tenant)
 
     def get(db: BatchDatabase) -> BatchRow | None:

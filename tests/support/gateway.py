@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,11 +34,26 @@ class RunningGateway:
 
 GatewayFactory = Callable[..., Awaitable[RunningGateway]]
 
+# Where gateway_config's state directories go: removed when the test run's process ends.
+_SCRATCH = tempfile.TemporaryDirectory(prefix="casedesk-tests-")
+
+
+def scratch_state_dir() -> str:
+    """A new empty state directory: a test never sees ./state (what `make serve` left in the
+    repository, its batches database above all) nor another test's batches or slot files."""
+    return tempfile.mkdtemp(prefix="state-", dir=_SCRATCH.name)
+
 
 def gateway_config(upstreams: list[str], **overrides: Any) -> dict[str, Any]:
     """A config with deployment "dep" serving tag "m" from `upstreams`; overrides per table."""
     # Raw-socket tests say `host: x`: a loopback listener refuses names it does not know.
-    server = {"listen": "127.0.0.1:0", "health_interval": 3600, "allowed_hosts": ["x"], **overrides.pop("server", {})}
+    server = {
+        "listen": "127.0.0.1:0",
+        "health_interval": 3600,
+        "allowed_hosts": ["x"],
+        "state_dir": scratch_state_dir(),
+        **overrides.pop("server", {}),
+    }
     deployment = {"max_concurrency": 8, "max_queue": 16, **overrides.pop("deployment", {})}
     model = {"upstreams": upstreams, **overrides.pop("model", {})}
     assert not overrides, overrides
