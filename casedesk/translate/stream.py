@@ -143,6 +143,16 @@ class StreamTranslator:
             self._usage = usage
         return out
 
+    def feed_text(self, text: str) -> bytes:
+        """Exactly `feed(chunk)` for a chunk that is one plain text delta and nothing else
+        (translate/fast_delta.py recognises those without parsing them): the relay's per-token
+        path. The text goes the normal way (held while it may be a JSON tool call)."""
+        out = b"" if self.started else self._message_start()
+        self._deltas += 1
+        if text:
+            out += self._maybe_held(text)
+        return out
+
     def _maybe_held(self, text: str) -> bytes:
         """Text, unless it may still turn out to be a JSON tool call: then it waits."""
         held = self._held

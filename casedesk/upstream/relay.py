@@ -34,6 +34,7 @@ import orjson
 from casedesk.anthropic.errors import ApiError, overloaded
 from casedesk.http.sse import SseDecoder
 from casedesk.translate.errors import stream_error_message, upstream_error
+from casedesk.translate.fast_delta import text_delta
 from casedesk.translate.stream import StreamTranslator
 from casedesk.upstream.affinity import RouteKey
 from casedesk.upstream.balancer import Balancer, UpstreamState
@@ -356,18 +357,22 @@ class _Attempt:
     def on_data(self, payload: bytes) -> None:
         if self.complete or self.fault is not None:
             return
-        if payload == b"[DONE]":
-            self.complete = True
-            return
-        try:
-            chunk = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            self.end(Fault.TRANSPORT, f"upstream sent a malformed event: {payload[:100]!r}")
-            return
-        if not isinstance(chunk, dict) or "error" in chunk:
-            self.end(Fault.ANSWER, stream_error_message(payload))
-            return
-        out = self.translator.feed(chunk)
+        text = text_delta(payload)  # almost every chunk: one plain text delta, cut out unparsed
+        if text is not None:
+            out = self.translator.feed_text(text)
+        else:
+            if payload == b"[DONE]":
+                self.complete = True
+                return
+            try:
+                chunk = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                self.end(Fault.TRANSPORT, f"upstream sent a malformed event: {payload[:100]!r}")
+                return
+            if not isinstance(chunk, dict) or "error" in chunk:
+                self.end(Fault.ANSWER, stream_error_message(payload))
+                return
+            out = self.translator.feed(chunk)
         if out:
             self.pending.append(out)
             if self.waiting and self.translator.has_content:
