@@ -293,3 +293,24 @@ def test_any_schema_either_maps_or_is_a_400(schema: dict[str, Any]) -> None:
     chat = to_chat_request(request, stream=True)
     assert chat["response_format"]["json_schema"]["schema"] == schema
     orjson.dumps(chat)
+
+
+def test_a_tool_that_is_not_strict_loses_only_its_over_long_bounds() -> None:
+    """Claude Code's own tools carry maxLength in the tens of thousands: a tool whose input is not
+    promised to validate is answered with those bounds dropped; a strict one is refused."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "script": {"type": "string", "maxLength": 50_000},
+            "name": {"type": "string", "maxLength": 20},
+            "maxLength": {"type": "integer"},  # a property named like the keyword stays
+        },
+    }
+    tool = {"name": "Workflow", "input_schema": schema}
+    chat = to_chat_request(parse_messages_request(body(tools=[tool])), stream=False)
+    forwarded = chat["tools"][0]["function"]["parameters"]["properties"]
+    assert "maxLength" not in forwarded["script"]
+    assert forwarded["name"]["maxLength"] == 20 and forwarded["maxLength"] == {"type": "integer"}
+    with pytest.raises(ApiError) as caught:
+        parse_messages_request(body(tools=[{**tool, "strict": True}]))
+    assert caught.value.status == 400 and "script.maxLength" in caught.value.message

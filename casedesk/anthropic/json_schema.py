@@ -77,6 +77,31 @@ def check_json_depth(value: Any, path: str, limit: int = MAX_JSON_DEPTH) -> None
         stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
 
 
+def without_long_repetitions(schema: Any) -> Any:
+    """`schema` without the length and count bounds above MAX_REPETITION (the grammar would
+    expand each into that many rules). For a tool that is not strict, whose input the API does
+    not promise to validate: Claude Code's own tools carry `maxLength` in the tens of thousands,
+    and refusing them would refuse Claude Code. The same object when there is none to drop."""
+    if isinstance(schema, list):
+        items = [without_long_repetitions(item) for item in schema]
+        return schema if all(a is b for a, b in zip(items, schema, strict=True)) else items
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] | None = None
+    for key, value in schema.items():
+        if key in REPETITIONS and _is_int(value) and value > MAX_REPETITION:
+            kept = out if out is not None else dict(schema)
+            del kept[key]
+            out = kept
+            continue
+        if isinstance(value, (dict, list)):
+            relaxed = without_long_repetitions(value)
+            if relaxed is not value:
+                out = out if out is not None else dict(schema)
+                out[key] = relaxed
+    return schema if out is None else out
+
+
 def check_schema_bounds(schema: Any, path: str) -> None:
     """What keeps llama-server's schema-to-grammar converter safe (see the module doc)."""
     check_json_depth(schema, path)

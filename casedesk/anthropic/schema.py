@@ -14,7 +14,12 @@ from typing import Any
 import orjson
 
 from casedesk.anthropic.errors import invalid_request
-from casedesk.anthropic.json_schema import check_grammar_schema, check_json_depth, check_schema_bounds
+from casedesk.anthropic.json_schema import (
+    check_grammar_schema,
+    check_json_depth,
+    check_schema_bounds,
+    without_long_repetitions,
+)
 
 ROLES = frozenset({"user", "assistant", "system"})
 TOOL_CHOICES = frozenset({"auto", "any", "tool", "none"})
@@ -389,6 +394,7 @@ def _tools(value: Any) -> list[dict[str, Any]] | None:
         return None
     if not isinstance(value, list):
         raise invalid_request(f"tools: must be a list, got {_kind(value)}")
+    checked: list[dict[str, Any]] = []
     for i, tool in enumerate(value):
         path = f"tools.{i}"
         if not isinstance(tool, dict):
@@ -405,10 +411,14 @@ def _tools(value: Any) -> list[dict[str, Any]] | None:
         if strict is not None and not isinstance(strict, bool):
             raise invalid_request(f"{path}.strict: must be a boolean")
         where = f"{path}.input_schema (tool {tool['name']!r})"
+        if not strict:  # its input is not promised to validate: over-long bounds are dropped
+            relaxed = without_long_repetitions(tool["input_schema"])
+            tool = tool if relaxed is tool["input_schema"] else {**tool, "input_schema": relaxed}
         check_schema_bounds(tool["input_schema"], where)
         if strict:
             check_grammar_schema(tool["input_schema"], where)
-    return value or None
+        checked.append(tool)
+    return checked or None
 
 
 def _tool_choice(value: Any, tools: list[dict[str, Any]] | None) -> dict[str, Any] | None:
