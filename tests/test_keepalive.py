@@ -23,6 +23,7 @@ import pytest
 
 from tests.conftest import GatewayFactory, RunningGateway, gateway_config
 from tests.fake_llama import FakeLlamaServer, Reply
+from tests.support.wire import post_bytes
 
 ASK = [{"role": "user", "content": "hi"}]
 TS_DIR = Path(__file__).resolve().parent / "ts"
@@ -43,18 +44,7 @@ class RawStream:
         payload = orjson.dumps({"model": "m", "max_tokens": 50, "messages": ASK, "stream": True, **body})
         conn = h11.Connection(h11.CLIENT)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        headers = [
-            ("host", "x"),
-            ("anthropic-version", "2023-06-01"),
-            ("x-api-key", "k"),
-            ("content-type", "application/json"),
-            ("content-length", str(len(payload))),
-        ]
-        writer.write(
-            conn.send(h11.Request(method="POST", target=MESSAGES, headers=headers))
-            + conn.send(h11.Data(data=payload))
-            + conn.send(h11.EndOfMessage())
-        )
+        writer.write(post_bytes(conn, MESSAGES, payload, {"x-api-key": "k"}))
         self.sent_at = time.monotonic()
         deadline = self.sent_at + limit
         try:

@@ -20,6 +20,7 @@ import pytest
 from casedesk.config import ConfigError, load, parse
 from tests.conftest import GatewayFactory, RunningGateway, gateway_config
 from tests.fake_llama import FakeLlamaServer, Reply
+from tests.support.wire import post_bytes
 
 BODY = {"model": "m", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
 
@@ -49,14 +50,7 @@ async def post(
     conn = h11.Connection(h11.CLIENT)
     reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(local, 0))
     sent = time.monotonic()
-    head = [("host", "x"), ("anthropic-version", "2023-06-01"), ("content-type", "application/json")]
-    head.append(("content-length", str(len(payload))))
-    head += list((headers or {}).items())
-    writer.write(
-        conn.send(h11.Request(method="POST", target=path, headers=head))
-        + conn.send(h11.Data(data=payload))
-        + conn.send(h11.EndOfMessage())
-    )
+    writer.write(post_bytes(conn, path, payload, headers))
     status, response_headers, data, waited = 0, {}, b"", 0.0
     while True:
         event = conn.next_event()

@@ -56,23 +56,23 @@ async def get(gateway: RunningGateway, path: str, port: int | None = None) -> tu
     return status, body
 
 
+def post_bytes(conn: h11.Connection, path: str, payload: bytes, headers: dict[str, str] | None = None) -> bytes:
+    """A whole JSON POST as `conn` (an h11 client) frames it: head, body and end."""
+    head = [("host", "x"), ("anthropic-version", "2023-06-01"), ("content-type", "application/json")]
+    head += [("content-length", str(len(payload))), *(headers or {}).items()]
+    return (
+        conn.send(h11.Request(method="POST", target=path, headers=head))
+        + conn.send(h11.Data(data=payload))
+        + conn.send(h11.EndOfMessage())
+    )
+
+
 async def http_post(port: int, path: str, body: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
     """A plain HTTP/1.1 POST on a fresh socket, read with h11: (status, headers, body)."""
     payload = orjson.dumps(body)
     conn = h11.Connection(h11.CLIENT)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    headers = [
-        ("host", "x"),
-        ("anthropic-version", "2023-06-01"),
-        ("x-api-key", "k"),
-        ("content-type", "application/json"),
-        ("content-length", str(len(payload))),
-    ]
-    writer.write(
-        conn.send(h11.Request(method="POST", target=path, headers=headers))
-        + conn.send(h11.Data(data=payload))
-        + conn.send(h11.EndOfMessage())
-    )
+    writer.write(post_bytes(conn, path, payload, {"x-api-key": "k"}))
     status, response_headers, data = 0, {}, b""
     while True:
         event = conn.next_event()
