@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= examples/local.toml
 
-.PHONY: install lint serve test test-fast bench bench-real bench-fleet clean
+.PHONY: install lint serve test test-fast bench bench-real bench-fleet bench-swap clean
 
 install: $(STAMP)
 
@@ -72,6 +72,11 @@ bench-real: $(STAMP)
 # Prefix-aware vs least-in-flight routing over 2 real llama-servers (README, "Fleets"): ~15 min.
 bench-fleet: $(STAMP)
 	$(PY) -m bench fleet
+
+# Issue 20: a conversation's prompt cache across a model swap and a CaseDesk restart (README,
+# "Prompt caches that survive a swap and a restart"): a few minutes, the cold prefill dominates.
+bench-swap: $(STAMP)
+	$(PY) -m bench swap
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -10,6 +10,7 @@ Modules, one job each:
   real.py              `make bench-real`: CaseDesk vs llama-server's own /v1/messages
   fleet.py             `make bench-fleet`: prefix vs least-in-flight routing over llama-servers
   fleet_traffic.py     the fleet's conversations (Anthropic SDK, turns, branches)
+  swap.py              `make bench-swap`: a prompt cache across a model swap and a CaseDesk restart
   slot_pinning.py      id_slot vs llama-server's own slot choice, inside one server
   llama.py             starting real llama-servers on the real model
   procs.py             processes, ports, CPU and memory from /proc, starting a CaseDesk

@@ -186,6 +186,24 @@ def fleet_section(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def swap_section(result: dict[str, Any]) -> list[str]:
+    """`make bench-swap`: the turns on tag a across a swap and a restart, and the slot files' times."""
+    lines = [
+        "",
+        "A conversation's prompt cache across a model swap and a CaseDesk restart (Gemma 3 270M,"
+        " `max_loaded_models = 1`; TTFT from tag a loaded):",
+        "",
+        "| turn | prompt tokens | cached tokens | TTFT s |",
+        "|---|---|---|---|",
+    ]
+    for r in result["swap"]:
+        lines.append(f"| {r['turn']} | {r['prompt_tokens']} | {r['cached_tokens']} | {r['ttft_s']:.2f} |")
+    saves = ", ".join(f"{s['tokens']} tokens ({s['bytes'] / 1e6:.1f} MB) in {s['ms']} ms" for s in result["saves"])
+    restores = ", ".join(f"{r['tokens']} tokens in {r['ms']} ms" for r in result["restores"])
+    lines += ["", f"Slot saves: {saves or 'none'}. Restores: {restores or 'none'}."]
+    return lines
+
+
 def profile_section(result: dict[str, Any]) -> list[str]:
     """The cProfile tables of `make bench`."""
     lines: list[str] = []
@@ -208,6 +226,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines += real_section(result)
     if "fleet" in result:
         lines += fleet_section(result)
+    if "swap" in result:
+        lines += swap_section(result)
     if result.get("profile"):
         lines += profile_section(result)
     return "\n".join(lines) + "\n"
