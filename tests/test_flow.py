@@ -63,3 +63,34 @@ def test_reading_is_paused_and_resumed_once_each() -> None:
     flow.resume_reading()
     flow.resume_reading()
     assert transport.calls == ["pause_reading", "resume_reading"]
+
+
+def test_both_event_loops_turn_nagle_off_for_the_gateways_sockets() -> None:
+    """StreamProtocol relies on it (one small write per token must not wait for an ACK)."""
+    import socket
+
+    import uvloop
+
+    from casedesk.http.flow import StreamProtocol
+
+    async def nodelay_of_both_ends() -> list[int]:
+        loop = asyncio.get_running_loop()
+        accepted: list[StreamProtocol] = []
+
+        def server_side() -> StreamProtocol:
+            accepted.append(StreamProtocol())
+            return accepted[-1]
+
+        server = await loop.create_server(server_side, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        transport, _ = await loop.create_connection(StreamProtocol, "127.0.0.1", port)
+        while not accepted or accepted[0].transport is None:
+            await asyncio.sleep(0.001)
+        ends = [transport, accepted[0].transport]
+        values = [t.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for t in ends]
+        transport.close()
+        server.close()
+        return values
+
+    assert asyncio.run(nodelay_of_both_ends()) == [1, 1]
+    assert uvloop.run(nodelay_of_both_ends()) == [1, 1]

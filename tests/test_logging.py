@@ -58,6 +58,27 @@ def test_a_line_sink_on_a_full_pipe_drops_and_counts_instead_of_blocking() -> No
         os.close(read_end)
 
 
+def test_a_line_sink_writes_the_lines_of_one_moment_in_one_write() -> None:
+    # A seqpacket socket keeps each write a message of its own: the messages count the writes.
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sink = LineSink(ours.fileno(), "test", coalesce=0.2)
+    try:
+        lines = [b"request %d\n" % i for i in range(50)]
+        for line in lines:  # one request's line every 2 ms, as a busy gateway writes them
+            assert sink.write(line)
+            time.sleep(0.002)
+        theirs.settimeout(5)
+        messages = []
+        while sum(m.count(b"\n") for m in messages) < len(lines):
+            messages.append(theirs.recv(1 << 16))
+        assert b"".join(messages) == b"".join(lines)  # whole, in order
+        assert len(messages) <= 2  # not one wake-up (and write) per line
+    finally:
+        sink.close(timeout=1)
+        ours.close()
+        theirs.close()
+
+
 @contextmanager
 def serving(config: Path, stdout: int | None, stderr: int | None) -> Iterator[int]:
     """`casedesk serve` in a child process on a socket it is handed (LISTEN_FDS); its port."""

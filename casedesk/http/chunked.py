@@ -12,6 +12,7 @@ import re
 
 _SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?")
 _MAX_LINE = 4096
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
 
 
 class ChunkedError(Exception):
@@ -49,6 +50,9 @@ class ChunkedDecoder:
         return self._feed_slow(data)
 
     def _feed_slow(self, data: bytes) -> bytes:
+        # Several chunks in one read (a fast model, or a reader that fell behind: hundreds),
+        # or a chunk split across reads. A chunk that is here whole, with its CRLF, is taken in
+        # one step; the states are for the pieces that are not.
         buf = self._buf + data if self._buf else data
         out: list[bytes] = []
         pos = 0
@@ -74,9 +78,16 @@ class ChunkedDecoder:
                 size = _size(line)
                 if size == 0:
                     self._state = self._TRAILER
-                else:
-                    self._remaining = size
-                    self._state = self._DATA
+                    continue
+                stop = pos + size
+                if stop + 2 <= n:  # the whole chunk is here
+                    if buf[stop : stop + 2] != b"\r\n":
+                        raise ChunkedError("chunk data longer than its declared size")
+                    out.append(buf[pos:stop])
+                    pos = stop + 2
+                    continue
+                self._remaining = size
+                self._state = self._DATA
             elif state == self._DATA_END:
                 if line:
                     raise ChunkedError("chunk data longer than its declared size")
@@ -94,6 +105,8 @@ class ChunkedDecoder:
 
 
 def _size(line: bytes) -> int:
+    if 0 < len(line) <= 16 and not line.strip(_HEX_DIGITS):
+        return int(line, 16)  # hex digits only, as every server writes it: no regex needed
     match = _SIZE_LINE.fullmatch(line)
     if match is None:
         raise ChunkedError(f"bad chunk size line {line[:40]!r}")

@@ -76,27 +76,22 @@ class FlowControl:
 
 
 class StreamProtocol(asyncio.Protocol):
-    """The part every CaseDesk socket protocol shares: the transport, TCP_NODELAY, flow control.
+    """The part every CaseDesk socket protocol shares: the transport and flow control.
 
     A subclass that overrides `connection_made` calls `super().connection_made(transport)`
-    first. `fd` is the socket's descriptor (for ioctls such as SIOCOUTQ), -1 when it is not
-    a TCP socket.
+    first. Tokens leave one small write at a time, so Nagle's algorithm must be off: both
+    event loops CaseDesk runs on (asyncio's and uvloop's) set TCP_NODELAY on every TCP
+    transport themselves (tests/test_flow.py checks it), so no protocol asks again.
     """
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.flow = FlowControl()
-        self.fd = -1
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport: a cast, not a check.
         self.transport = cast(asyncio.Transport, transport)
         self.flow.attach(self.transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            # Tokens leave one small write at a time: Nagle would hold each for an ACK.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.fd = sock.fileno()
 
     def pause_writing(self) -> None:
         self.flow.pause_writing()
@@ -109,3 +104,12 @@ def peer_name(transport: asyncio.BaseTransport) -> str:
     """`host:port` of the other end (or whatever the transport says, for a Unix socket)."""
     peer = transport.get_extra_info("peername")
     return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
+
+
+def tcp_fd(transport: asyncio.BaseTransport) -> int:
+    """The descriptor of a TCP transport's socket (for ioctls such as SIOCOUTQ); -1 for any
+    other socket. Asked only when needed: uvloop builds a socket object for each call."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        return int(sock.fileno())
+    return -1

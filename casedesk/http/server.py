@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import fcntl
+import functools
 import http
 import ipaddress
 import logging
@@ -27,7 +28,7 @@ from dataclasses import dataclass, replace
 
 import h11
 
-from casedesk.http.flow import FlowListener, StreamProtocol, peer_name
+from casedesk.http.flow import FlowListener, StreamProtocol, peer_name, tcp_fd
 from casedesk.http.headers import join_headers
 from casedesk.http.limits import ServerLimits
 from casedesk.http.request_body import BodyError, ChunkedBodyReader, Progress
@@ -344,6 +345,7 @@ class HttpProtocol(StreamProtocol):
         self.bytes_written = 0
         self._acked = -1
         self._progress_at = 0.0
+        self._fd: int | None = None  # the socket's, for SIOCOUTQ: looked up on the first tick
 
     @property
     def max_body(self) -> int:
@@ -747,11 +749,13 @@ class HttpProtocol(StreamProtocol):
         is missing only our buffer counts, i.e. progress is seen once the kernel's is full."""
         assert self.transport is not None
         pending = self.transport.get_write_buffer_size()
-        if self.fd >= 0:
+        if self._fd is None:
+            self._fd = tcp_fd(self.transport)
+        if self._fd >= 0:
             try:
-                pending += struct.unpack("i", fcntl.ioctl(self.fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+                pending += struct.unpack("i", fcntl.ioctl(self._fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
             except OSError:
-                self.fd = -1
+                self._fd = -1
         return pending
 
     def shutdown_if_idle(self) -> bool:
@@ -782,12 +786,20 @@ def _split_target(target: str) -> tuple[str | None, str, str]:
 def _is_loopback_listener(sockname: object) -> bool:
     if not isinstance(sockname, tuple):
         return False  # a Unix socket: no DNS name can lead to it
+    return _is_loopback_address(str(sockname[0]))
+
+
+@functools.lru_cache(maxsize=64)
+def _is_loopback_address(address: str) -> bool:
+    # Cached: the same few listening addresses, asked on every connection (ipaddress parses
+    # in pure Python, ~10 µs).
     try:
-        return ipaddress.ip_address(str(sockname[0]).split("%")[0]).is_loopback
+        return ipaddress.ip_address(address.split("%")[0]).is_loopback
     except ValueError:
         return False
 
 
+@functools.lru_cache(maxsize=256)  # a few Host values, asked on every request (bounded: any client picks them)
 def _allowed_host(host: str, allowed: tuple[str, ...]) -> bool:
     """Is `host` (a Host header: name or address, maybe a port) one a loopback listener may
     answer? A DNS-rebinding page reaches it under the page's own name, a name in the public

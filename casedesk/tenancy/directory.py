@@ -53,6 +53,8 @@ class Directory:
             if tenant is not None:  # the proxy vouched for it: any key is accepted
                 return self._allowed(deployment, tenant)
         keyed = bool(deployment.api_keys_sha256 or deployment.tenants)
+        if not keyed and not self._by_key:
+            return ""  # an open deployment and no tenant keys: no key to look up
         key = request_key(headers)
         if not key:
             if keyed:
