@@ -84,6 +84,21 @@ def test_integer_bounds_and_enums_hold_every_time(client: anthropic.Anthropic) -
         jsonschema.validate(json.loads(message.content[0].text), RATING)  # type: ignore[union-attr]
 
 
+def test_a_nested_object_with_an_array_of_objects_parses_every_time(client: anthropic.Anthropic) -> None:
+    schema = Order.model_json_schema()  # items: a $ref to a $defs object, as pydantic writes it
+    schema["properties"]["items"]["maxItems"] = 3  # bounded, so that the JSON ends within max_tokens
+    for _ in range(5):
+        message = client.messages.create(
+            model=MODEL,
+            max_tokens=160,
+            messages=[{"role": "user", "content": "Two pizzas and a salad for Ana, please."}],
+            extra_body={**T1, "output_config": {"format": {"type": "json_schema", "schema": schema}}},
+        )
+        assert message.stop_reason == "end_turn", message.content
+        order = Order.model_validate_json(message.content[0].text)  # type: ignore[union-attr]
+        assert len(order.items) <= 3
+
+
 def test_a_streamed_structured_answer_is_the_same_kind_of_json(client: anthropic.Anthropic) -> None:
     schema = Weather.model_json_schema()
     with client.messages.stream(
