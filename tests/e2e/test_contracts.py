@@ -90,10 +90,12 @@ def test_a_nested_object_with_an_array_of_objects_parses_every_time(client: anth
     # max_tokens cuts it; messages.parse would move the bound into a description, so this goes
     # as a raw output_config).
     schema["properties"]["items"]["maxItems"] = 3
+    schema["properties"]["customer"]["maxLength"] = 40
+    schema["$defs"]["Item"]["properties"]["name"]["maxLength"] = 40
     for _ in range(10):
         message = client.messages.create(
             model=MODEL,
-            max_tokens=160,
+            max_tokens=240,
             messages=[{"role": "user", "content": "Two pizzas and a salad for Ana, please."}],
             extra_body={**T1, "output_config": {"format": {"type": "json_schema", "schema": schema}}},
         )
