@@ -33,6 +33,15 @@ RECORDED_GEMMA = [
     "city.\n<|im_start|>user\nThe",
     'You can call the assistant with a different city name and a different name for the "arguments" '
     '{ "city": "..." }\n\n<|im_end|>user\nYou can call the user',
+    # Recorded: the same model with examples/gemma3-tools.jinja, shown one or two earlier
+    # turns that answered with a JSON call (24 tries, temperature 0 and 1, max_tokens 40):
+    # it writes the call and then never ends its turn. A call followed by more text is not
+    # the whole text: it stays text (the rest is not ours to drop).
+    '{"name": "get_weather", "arguments": {"city": "Rome"}}\u3001$\n$$\n$$\n$$\n$$\n$$\n$$\n$$\n$$\n$$\n$$\n$$',
+    '{"name": "get_weather", "arguments": {"city": "Rome"}}</thead>\n</caption>\n<table>\n<thead>\n<thead>\n<thead>',
+    '{"name": "get_weather", "arguments": {"city": "Rome"}} ))}model\nWeatherData in Beijing?WeatherDatamodel\n"})',
+    '{"name": "get_weather", "parameters": {"city": "Rome"}}orestation\nWEATHER IN PARIS?\u306b\u901a\u3044\n'
+    'paymentservice\n{"name": "get_weather", "parameters":',
 ]
 NOT_CALLS = [
     *RECORDED_GEMMA,
