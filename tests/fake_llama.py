@@ -1105,10 +1105,10 @@ def main() -> None:
     args, _ignored = parser.parse_known_args()
     try:
         import uvloop  # type: ignore[import-not-found]
-
-        uvloop.run(_serve_forever(args))
-    except ImportError:
+    except ImportError:  # only the import is guarded: an ImportError while serving is a failure
         asyncio.run(_serve_forever(args))
+    else:
+        uvloop.run(_serve_forever(args))
 
 
 if __name__ == "__main__":
