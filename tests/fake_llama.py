@@ -160,6 +160,8 @@ class FakeLlamaServer:
         # True: the chat template refuses a system turn that is not first, as Qwen's and
         # Gemma 3's official ones do (`raise_exception`): llama-server's 400 for the prompt.
         self.refuse_late_system = False
+        # Paths whose whole JSON answers are cut after half the body (the process died).
+        self.die_mid_answer: set[str] = set()
         self.requests: list[Recorded] = []
         self.connections_accepted = 0
         self.open_connections = 0
@@ -397,6 +399,13 @@ class _Connection(asyncio.Protocol):
     def _answer_json(self, payload: Any) -> None:
         body = orjson.dumps(payload)
         head = b"HTTP/1.1 200 OK\r\n" + _COMMON + _JSON_TYPE + b"Content-Length: %d\r\n" % len(body)
+        if self.record is not None and self.record.path in self.server.die_mid_answer:
+            # The process died while writing: half the body, then the socket is gone.
+            assert self.transport is not None
+            self.record.status = 200
+            self._write(head + self._connection_header() + b"\r\n\r\n" + body[: len(body) // 2])
+            self.transport.abort()
+            return
         self._answer(200, head + self._connection_header() + b"\r\n\r\n" + body)
 
     def _answer_error(self, status: int, payload: dict[str, Any]) -> None:

@@ -231,6 +231,16 @@ async def test_count_tokens_uses_the_upstream_template_and_tokenizer(
     assert counted.input_tokens == 9
 
 
+async def test_count_tokens_says_which_upstream_call_failed_when_it_dies_mid_answer(
+    fake: FakeLlamaServer, gateway: RunningGateway
+) -> None:
+    fake.die_mid_answer = {"/tokenize"}
+    with pytest.raises(anthropic.APIStatusError) as failed:
+        await sdk(gateway).messages.count_tokens(model="m", messages=ASK)
+    assert failed.value.status_code == 502  # the upstream's failure, not the gateway's 500
+    assert "/tokenize" in failed.value.message
+
+
 async def test_models_list_and_retrieve(gateway: RunningGateway) -> None:
     client = sdk(gateway)
     assert [m.id async for m in client.models.list()] == ["m"]

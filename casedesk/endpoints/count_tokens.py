@@ -19,6 +19,7 @@ from casedesk.http.server import Request, ResponseWriter
 from casedesk.ops.accesslog import RequestRecord
 from casedesk.serving import DeploymentState
 from casedesk.translate.request import to_chat_request
+from casedesk.upstream.pool import UpstreamError
 from casedesk.upstream.relay import open_with_failover
 
 
@@ -52,6 +53,8 @@ async def _call(balancer: Any, path: str, payload: dict[str, Any], timeout: floa
     exchange = await open_with_failover(balancer, "POST", path, orjson.dumps(payload), timeout)
     try:
         result = await exchange.read_json()
+    except UpstreamError as exc:  # its 200 head came, then its body failed
+        raise ApiError(502, f"upstream {path} failed: {exc}") from None
     finally:
         exchange.close()
     if not isinstance(result, dict):
