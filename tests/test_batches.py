@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import sqlite3
 import time
 import urllib.error
 import urllib.request
@@ -20,8 +21,11 @@ import orjson
 import pytest
 
 from casedesk.admission import Admission, TenantShare
+from casedesk.batches.runner import DATABASE
+from casedesk.config import load
 from tests.conftest import GatewayFactory, RunningGateway, gateway_config
 from tests.fake_llama import FakeLlamaServer, Reply
+from tests.support.toml import to_toml
 
 HEADERS = {"anthropic-version": "2023-06-01", "x-api-key": "k"}
 BATCH_KEYS = {
@@ -519,6 +523,51 @@ async def test_two_tenants_batches_take_turns(start_gateway: GatewayFactory, tmp
         await ended(bob, second.id)
         texts = [r.body["messages"][-1]["content"] for r in fake.chat_requests()]
         assert texts == ["alice 0", "bob 0", "alice 1", "bob 1", "alice 2", "bob 2"]
+
+
+async def test_a_tenant_removed_by_a_reload_has_the_rest_of_its_batch_refused(
+    start_gateway: GatewayFactory, tmp_path: Path, sdk: SdkFactory
+) -> None:
+    """The item running when alice is removed finishes; the rest of her batch ends errored with
+    the 403 her requests now get, instead of running uncharged; bob's batch is untouched."""
+    async with FakeLlamaServer() as fake:
+        fake.replies.append(Reply(token_delay=0.3))  # her first item: about a second
+        raw = with_tenants(fake, tmp_path, {"alice": {}, "bob": {}}, deployment={"batch_max_concurrency": 1})
+        path = tmp_path / "casedesk.toml"
+        path.write_text(to_toml(raw))
+        gateway = await start_gateway(load(path))
+        alice = sdk(gateway, "key-alice")
+        batch = await alice.messages.batches.create(requests=requests_of(3))  # type: ignore[arg-type]
+        await until(lambda: asyncio.sleep(0, len(fake.chat_requests()) == 1))
+        del raw["tenants"]["alice"]
+        path.write_text(to_toml(raw))
+        gateway.reload.set()
+        async with Raw(HEADERS | {"x-api-key": "key-bob"}) as raw_bob:
+            await until(lambda: asyncio.sleep(0, not gateway.reload.is_set()))
+            assert (await raw_bob.get(f"{gateway.url}/metrics")).status_code == 200
+        bob = sdk(gateway, "key-bob")
+        done = await ended(bob, (await bob.messages.batches.create(requests=requests_of(1))).id)
+        assert done.request_counts.succeeded == 1
+        with pytest.raises(anthropic.AuthenticationError):
+            await alice.messages.batches.retrieve(batch.id)  # her key went with her
+        # So her batch is read where it is kept: the state directory's SQLite file.
+        database = tmp_path / "state" / DATABASE
+
+        def stored() -> tuple[float | None, list[Any]]:
+            with sqlite3.connect(database) as db:
+                (ended_at,) = db.execute("SELECT ended_at FROM batches WHERE id = ?", (batch.id,)).fetchone()
+                rows = db.execute(
+                    "SELECT result FROM items WHERE batch = (SELECT seq FROM batches WHERE id = ?) ORDER BY idx",
+                    (batch.id,),
+                ).fetchall()
+            return ended_at, [orjson.loads(r) if r is not None else None for (r,) in rows]
+
+        await until(lambda: asyncio.sleep(0, stored()[0] is not None))
+        results = stored()[1]
+        assert [r["type"] for r in results] == ["succeeded", "errored", "errored"]
+        refused = results[1]["error"]["error"]
+        assert refused["type"] == "permission_error" and "alice" in refused["message"]
+        assert len(fake.chat_requests()) == 2  # her first item, and bob's
 
 
 async def test_a_tenants_batch_is_invisible_to_another_tenant(

@@ -21,6 +21,7 @@ from casedesk.ops.process import State, is_valid_transition
 from casedesk.ops.supervisor import Supervisor
 from tests.conftest import GatewayFactory, RunningGateway
 from tests.support.systemd import NotifyListener
+from tests.support.toml import to_toml
 from tests.support.wait import until
 from tests.support.wire import get
 
@@ -339,14 +340,14 @@ async def test_a_reload_refused_for_a_server_that_never_gets_healthy_leaves_noth
     box: Box, start_gateway: GatewayFactory, tmp_path: Path
 ) -> None:
     config = tmp_path / "casedesk.toml"
-    config.write_text(_toml(box.config({"a": box.spec()})))
+    config.write_text(to_toml(box.config({"a": box.spec()})))
     from casedesk.config import load
 
     gw = await start_gateway(load(config))
     assert await ask(gw, "a") == ANSWER
     first = box.pids()
     broken = box.spec("--fake-load-seconds", "60", startup_timeout=1)
-    config.write_text(_toml(box.config({"a": box.spec(), "b": broken})))
+    config.write_text(to_toml(box.config({"a": box.spec(), "b": broken})))
     gw.reload.set()
     await until(lambda: len(box.pids()) == 2, what="the reload to start b")
     await until(lambda: box.running() == first, what="b to be stopped after its failed start")
@@ -384,33 +385,6 @@ async def test_a_preloaded_server_that_dies_is_restarted_and_a_stuck_restart_is_
     await stopped(gw)
 
 
-def _toml(raw: dict[str, Any]) -> str:
-    lines = []
-
-    def table(prefix: str, values: dict[str, Any]) -> None:
-        scalars = {k: v for k, v in values.items() if not isinstance(v, dict)}
-        lines.append(f"[{prefix}]")
-        for key, val in scalars.items():
-            lines.append(f"{key} = {_value(val)}")
-        for key, val in values.items():
-            if isinstance(val, dict):
-                table(f'{prefix}."{key}"', val)
-
-    for key, val in raw.items():
-        table(key, val)
-    return "\n".join(lines) + "\n"
-
-
-def _value(val: Any) -> str:
-    if isinstance(val, bool):
-        return "true" if val else "false"
-    if isinstance(val, str):
-        return f'"{val}"'
-    if isinstance(val, list):
-        return "[" + ", ".join(_value(v) for v in val) + "]"
-    return repr(val)
-
-
 async def test_a_slow_preload_extends_systemds_start_timeout_before_ready(
     box: Box, start_gateway: GatewayFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -430,7 +404,7 @@ async def test_llama_servers_die_with_casedesk_even_when_it_is_killed(box: Box, 
     config = tmp_path / "casedesk.toml"
     raw = box.config({"a": box.spec(), "b": box.spec()})
     raw["server"]["listen"] = "127.0.0.1:0"
-    config.write_text(_toml(raw))
+    config.write_text(to_toml(raw))
     serve = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

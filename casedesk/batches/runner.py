@@ -278,6 +278,15 @@ class BatchRunner:
 
     @staticmethod
     async def _answer(deployment: DeploymentState, item: Item, record: RequestRecord, charge: Charge) -> bytes:
+        tenant = charge.tenant
+        if tenant and (tenant not in deployment.directory.tenants or not deployment.config.allows(tenant)):
+            # A reload removed the tenant, or its access to this deployment: what is left of its
+            # batch is refused as its requests now would be, never run uncharged.
+            raise ApiError(
+                403,
+                f"tenant {tenant!r} may no longer use deployment {deployment.config.id!r}: "
+                "the configuration changed after this batch was created",
+            )
         parsed = parse_messages_request(orjson.loads(item.params))  # validated at create: the same checks
         record.model = parsed.model
         message = await answer_message(deployment, parsed, record, charge)
