@@ -29,7 +29,7 @@ from casedesk.endpoints.batches import (
 )
 from casedesk.endpoints.count_tokens import handle_count_tokens
 from casedesk.endpoints.messages import handle_messages
-from casedesk.endpoints.request_body import new_large_body_gate
+from casedesk.answering.work import new_large_body_gate
 from casedesk.endpoints.models import handle_get_model, handle_head_probe, handle_healthz, handle_list_models
 from casedesk.endpoints.ops import handle_metrics, handle_readyz
 from casedesk.http.server import ErrorResponse, Request, ResponseWriter

@@ -44,7 +44,7 @@ class ManagedModel:
 
 @dataclass(slots=True)
 class ModelFacts:
-    """What CaseDesk learned from a model's llama-server (endpoints/model_facts.py): asked
+    """What CaseDesk learned from a model's llama-server (answering/model_facts.py): asked
     once, kept while this config serves, so a managed model that was stopped still tells."""
 
     context_window: int | None = None  # one slot's n_ctx (/props)

@@ -17,7 +17,8 @@ import pytest
 
 from casedesk.config import ServerSettings
 from casedesk.endpoints import request_body
-from casedesk.endpoints.request_body import LARGE_BODIES_AT_ONCE, new_large_body_gate, parsed_request
+from casedesk.answering.work import LARGE_BODIES_AT_ONCE, new_large_body_gate
+from casedesk.endpoints.request_body import parsed_request
 from casedesk.http.server import Request
 from tests.conftest import GatewayFactory, RunningGateway, gateway_config
 from tests.fake_llama import FakeLlamaServer, Reply

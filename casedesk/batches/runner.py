@@ -1,7 +1,7 @@
 """The batch runner: carries out the scheduler's decisions (casedesk/batches/scheduler.py) and
 writes each item's result (casedesk/batches/store.py).
 
-An item runs the very code a non-streamed POST …/v1/messages runs (endpoints/messages.py
+An item runs the very code a non-streamed POST …/v1/messages runs (answering/answer.py
 `answer_message`): the same translation, failover and prefix routing (`balance = "prefix"`
 sends items that share a system prompt where it is cached), the same Anthropic errors. It
 is its batch's tenant's request (batches/owner.py): it holds an admission slot as that tenant
@@ -27,7 +27,7 @@ from casedesk.anthropic.schema import parse_messages_request
 from casedesk.batches.owner import tenant_of
 from casedesk.batches.scheduler import ITEM_TTL, BatchScheduler, Capacity, Expire, Start
 from casedesk.batches.store import BatchDatabase, BatchRow, BatchStore, Item
-from casedesk.endpoints.messages import answer_message
+from casedesk.answering.answer import answer_message
 from casedesk.tenancy.charge import Charge
 from casedesk.http.server import new_request_id
 from casedesk.ops.accesslog import RequestRecord

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from casedesk.anthropic.errors import ApiError
-from casedesk.endpoints.model_facts import has_later_system_turn, takes_mid_system_turns
+from casedesk.answering.model_facts import has_later_system_turn, takes_mid_system_turns
 from casedesk.endpoints.request_body import parsed_request
 from casedesk.http.server import Request, ResponseWriter
 from casedesk.ops.accesslog import RequestRecord

@@ -3,7 +3,7 @@ so `client.models.list()` and `client.models.retrieve()` work. HEAD probes and /
 
 Each model carries its real limits, as Anthropic's Models API does: `max_input_tokens` is one
 llama-server slot's context window and `max_tokens` the most it can generate, the same
-window (endpoints/model_facts.py); both are left out when nothing says.
+window (answering/model_facts.py); both are left out when nothing says.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from casedesk.endpoints.model_facts import context_window
+from casedesk.answering.model_facts import context_window
 from casedesk.http.server import Request, ResponseWriter
 from casedesk.ops.accesslog import RequestRecord
 from casedesk.serving import DeploymentState

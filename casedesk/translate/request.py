@@ -21,7 +21,7 @@ SYSTEM_OPEN, SYSTEM_CLOSE = "<system>\n", "\n</system>"
 
 def to_chat_request(request: MessagesRequest, *, stream: bool, fold_system: bool = False) -> dict[str, Any]:
     """`fold_system`: the model's template refuses a system turn after the first one
-    (endpoints/model_facts.py finds out), so such turns go into the next user turn."""
+    (answering/model_facts.py finds out), so such turns go into the next user turn."""
     messages = to_chat_messages(request)
     if fold_system:
         messages = fold_system_turns(messages)
