@@ -1,5 +1,6 @@
-"""The hand-written per-token parsers against the slow, obvious path: h11 for chunked
-framing, a plain split for SSE; every split point of the same bytes must agree."""
+"""The hand-written parsers against the slow, obvious path: h11 for chunked framing and for
+the upstream side's request bytes, response heads and body ends, a plain split for SSE; every
+split point of the same bytes must agree."""
 
 from __future__ import annotations
 
@@ -9,8 +10,19 @@ import h11
 import pytest
 
 from casedesk.http.chunked import ChunkedDecoder, ChunkedError
+from casedesk.http.headers import join_headers
 from casedesk.http.server import frame_chunk
 from casedesk.http.sse import SseDecoder
+from casedesk.upstream.framing import (
+    MAX_HEAD_BYTES,
+    FramingError,
+    HeadParser,
+    LengthDecoder,
+    UntilCloseDecoder,
+    body_decoder,
+    parse_head,
+    request_bytes,
+)
 
 BODY_PIECES = [b'data: {"a":1}\n\n', b"x", b"", b"\r\n\r\n0\r\n", bytes(range(256)), "é🐉".encode() * 50]
 WIRE = b"".join(frame_chunk(p) for p in BODY_PIECES if p) + b"0\r\n\r\n"
@@ -140,3 +152,240 @@ def test_sse_buffer_is_bounded_by_default() -> None:
     for _ in range(20):
         decoder.feed(b"data: " + b"x" * 100_000)
     assert [kind for kind, _ in seen] == ["error"]
+
+
+# -- the upstream side's hand framing (upstream/framing.py) against h11 --------------------------
+
+LLAMA_HEAD = b"HTTP/1.1 200 OK\r\nServer: llama.cpp\r\nAccess-Control-Allow-Origin: \r\n"
+SSE_CHUNKS = [
+    b'data: {"choices":[{"finish_reason":null,"index":0,"delta":{"role":"assistant","content":null}}],'
+    b'"object":"chat.completion.chunk","prompt_progress":{"total":107,"cache":0,"processed":0}}\n\n',
+    b'data: {"choices":[{"finish_reason":null,"index":0,"delta":{"content":" a"}}],'
+    b'"object":"chat.completion.chunk"}\n\n',
+    b'data: {"choices":[{"finish_reason":"length","index":0,"delta":{}}]}\n\ndata: {"choices":[],"usage":{}}\n\n',
+    b"data: [DONE]\n\n",
+]
+SSE_BODY = b"".join(frame_chunk(c) for c in SSE_CHUNKS) + b"0\r\n\r\n"
+JSON_BODY = b'{"choices":[{"finish_reason":"length","index":0,"message":{"role":"assistant","content":"<|im"}}]}'
+ERROR_BODY = b'{"error":{"code":500,"message":"the model crashed","type":"server_error"}}'
+KEEP = b"Keep-Alive: timeout=5, max=100\r\n"
+JSON_TYPE = b"Content-Type: application/json; charset=utf-8\r\n"
+
+# Real-shaped llama-server answers (docs/llama-server-facts.md §4–5) and the other framings.
+ANSWERS = {
+    "sse stream, keep-alive": LLAMA_HEAD
+    + b"X-Accel-Buffering: no\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+    + KEEP
+    + b"\r\n"
+    + SSE_BODY,
+    "sse stream, close": LLAMA_HEAD
+    + b"Content-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    + SSE_BODY,
+    "content-length json": LLAMA_HEAD
+    + JSON_TYPE
+    + b"Content-Length: %d\r\n" % len(JSON_BODY)
+    + KEEP
+    + b"\r\n"
+    + JSON_BODY,
+    "500 json, close": b"HTTP/1.1 500 Internal Server Error\r\nServer: llama.cpp\r\n"
+    + JSON_TYPE
+    + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(ERROR_BODY)
+    + ERROR_BODY,
+    "http/1.0 content-length": b"HTTP/1.0 200 OK\r\nContent-Length: 15\r\n\r\n" + b'{"status":"ok"}',
+    "close-delimited": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n" + JSON_BODY,
+    "http/1.0 close-delimited": b"HTTP/1.0 404 Not Found\r\n\r\nnothing here",
+    "100 continue first": b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n" + KEEP + b"\r\n{}",
+    "204, no body": b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n" + KEEP + b"\r\n",
+    "bare LF, no reason": b"HTTP/1.1 200\nContent-Length: 2\nConnection: keep-alive, Close\n\n{}",
+    "repeated fields, equal lengths": b"HTTP/1.1 200 OK\r\nVary: a\r\nvary:  b \r\nContent-Length: 2, 2\r\n"
+    b"content-length: 2\r\nX-Empty:\r\n\r\n{}",
+}
+
+
+def h11_answer(pieces: list[bytes]) -> tuple[int, dict[str, str], bytes, bool]:
+    """(status, headers, body, the socket could carry another request) as h11 reads it."""
+    client = h11.Connection(h11.CLIENT)
+    client.send(h11.Request(method="POST", target="/v1/chat/completions", headers=[("host", "x")]))
+    client.send(h11.EndOfMessage())
+    status, headers, body, reusable = 0, {}, b"", False
+    for piece in [*filter(None, pieces), b""]:  # b"": the server closes after its last byte
+        client.receive_data(piece)
+        while True:
+            event = client.next_event()
+            if event is h11.NEED_DATA:
+                break
+            if isinstance(event, h11.Response):
+                status, headers = event.status_code, join_headers(event.headers)
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                # Reusable: the body ended before the close, and h11 would start a next cycle.
+                reusable = bool(piece) and client.their_state is h11.DONE
+                return status, headers, body, reusable
+    raise AssertionError("h11 saw no end")
+
+
+def hand_answer(pieces: list[bytes]) -> tuple[int, dict[str, str], bytes, bool]:
+    """The same, read by HeadParser and body_decoder as the pool reads it."""
+    parser = HeadParser()
+    parsed = None
+    rest = iter([*filter(None, pieces), b""])  # b"": the close
+    for piece in rest:
+        parsed = parser.feed(piece)
+        if parsed is not None:
+            break
+    assert parsed is not None
+    head, leftover = parsed
+    decoder = body_decoder(head, "POST")
+    body = decoder.feed(leftover) if leftover else b""
+    for piece in rest:
+        if decoder.done:
+            break
+        if piece:
+            body += decoder.feed(piece)
+        else:  # the close
+            assert isinstance(decoder, UntilCloseDecoder)
+            decoder.close()
+    assert decoder.done
+    ends_by_itself = not isinstance(decoder, UntilCloseDecoder)
+    return head.status, head.headers, body, head.keep_alive and ends_by_itself
+
+
+@pytest.mark.parametrize("name", sorted(ANSWERS))
+def test_upstream_answers_read_as_h11_reads_them_at_every_split_point(name: str) -> None:
+    wire = ANSWERS[name]
+    whole = h11_answer([wire])
+    assert whole[0] >= 200 and (whole[2] or whole[0] == 204)
+    assert hand_answer([wire]) == whole
+    for cut in range(len(wire) + 1):
+        pieces = [wire[:cut], wire[cut:]]
+        assert hand_answer(pieces) == h11_answer(pieces) == whole, cut
+    one_by_one = [bytes([b]) for b in wire]
+    assert hand_answer(one_by_one) == h11_answer(one_by_one) == whole
+
+
+def test_the_answers_say_what_the_pool_needs() -> None:
+    # Spot checks that the comparison above compares something: the framings differ.
+    assert hand_answer([ANSWERS["sse stream, keep-alive"]])[2] == b"".join(SSE_CHUNKS)
+    assert hand_answer([ANSWERS["content-length json"]])[3] is True
+    assert hand_answer([ANSWERS["500 json, close"]])[:1] == (500,)
+    assert hand_answer([ANSWERS["close-delimited"]])[2:] == (JSON_BODY, False)
+    assert hand_answer([ANSWERS["bare LF, no reason"]])[3] is False  # `Close` is a token, any case
+    headers = hand_answer([ANSWERS["repeated fields, equal lengths"]])[1]
+    assert headers == {"vary": "a, b", "content-length": "2", "x-empty": ""}
+
+
+MALFORMED = {
+    "obs-fold at the first field": b"HTTP/1.1 200 OK\r\n folded\r\nContent-Length: 0\r\n\r\n",
+    "space before the colon": b"HTTP/1.1 200 OK\r\nContent-Length : 0\r\n\r\n",
+    "no colon": b"HTTP/1.1 200 OK\r\nContent-Length 0\r\n\r\n",
+    "bad name": b"HTTP/1.1 200 OK\r\nBad[name]: x\r\nContent-Length: 0\r\n\r\n",
+    "NUL in a value": b"HTTP/1.1 200 OK\r\nX: a\x00b\r\nContent-Length: 0\r\n\r\n",
+    "two-digit status": b"HTTP/1.1 20 OK\r\nContent-Length: 0\r\n\r\n",
+    "four-digit status": b"HTTP/1.1 2000 OK\r\nContent-Length: 0\r\n\r\n",
+    "two spaces": b"HTTP/1.1  200 OK\r\nContent-Length: 0\r\n\r\n",
+    "not HTTP": b"HTTX/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+    "no version dot": b"HTTP/11 200 OK\r\nContent-Length: 0\r\n\r\n",
+    "lower-case name": b"http/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+    "empty line first": b"\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+    "non-numeric Content-Length": b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\n",
+    "negative Content-Length": b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+    "empty Content-Length": b"HTTP/1.1 200 OK\r\nContent-Length:\r\n\r\n",
+    "21-digit Content-Length": b"HTTP/1.1 200 OK\r\nContent-Length: " + b"1" * 21 + b"\r\n\r\n",
+    "conflicting Content-Length in one field": b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\n",
+    "conflicting Content-Length fields": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+    "gzip, chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+    "two Transfer-Encoding fields": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n",
+    "101 nobody asked for": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n",
+}
+
+
+def h11_refuses(pieces: list[bytes]) -> bool:
+    try:
+        h11_answer(pieces)
+    except h11.RemoteProtocolError:
+        return True
+    return False
+
+
+def hand_refuses(pieces: list[bytes]) -> bool:
+    parser = HeadParser()
+    try:
+        for piece in pieces:
+            if parser.feed(piece) is not None:
+                return False
+    except FramingError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_malformed_heads_are_refused_by_h11_and_by_hand(name: str) -> None:
+    wire = MALFORMED[name]
+    assert h11_refuses([wire])
+    for cut in range(len(wire) + 1):
+        assert hand_refuses([wire[:cut], wire[cut:]]), cut
+
+
+def test_an_over_long_head_is_refused_by_both() -> None:
+    wire = b"HTTP/1.1 200 OK\r\n" + b"X-Filler: " + b"x" * 100_000 + b"\r\nContent-Length: 0\r\n\r\n"
+    pieces = [wire[i : i + 1024] for i in range(0, len(wire), 1024)]
+    assert h11_refuses(pieces) and hand_refuses(pieces) and hand_refuses([wire])
+    # Just under the bound is a head.
+    fits = b"HTTP/1.1 200 OK\r\nX: " + b"x" * (MAX_HEAD_BYTES - 30) + b"\r\n\r\n"
+    assert len(fits) <= MAX_HEAD_BYTES and not hand_refuses([fits])
+
+
+def test_where_the_hand_parser_is_stricter_than_h11() -> None:
+    # h11 unfolds an obs-fold after the first field and speaks any HTTP/d.d; RFC 9112 §5.2 lets
+    # a gateway refuse the fold, and llama-server speaks HTTP/1.1 only.
+    for wire in (
+        b"HTTP/1.1 200 OK\r\nX: a\r\n\tb\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n",
+    ):
+        assert not h11_refuses([wire]) and hand_refuses([wire])
+
+
+def test_bytes_past_a_content_length_body_are_not_body_and_spend_the_socket() -> None:
+    head, rest = HeadParser().feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}HTTP/1.1 200") or (None, b"")
+    assert head is not None
+    decoder = body_decoder(head, "GET")
+    assert isinstance(decoder, LengthDecoder)
+    assert decoder.feed(rest) == b"{}" and decoder.done and decoder.overrun
+
+
+def test_no_body_after_204_304_or_a_head_request() -> None:
+    for status, method in ((204, "GET"), (304, "GET"), (200, "HEAD")):
+        head = parse_head(b"HTTP/1.1 %d X\r\nContent-Length: 9" % status)
+        assert head is not None and body_decoder(head, method).done
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "body", "content_type"),
+    [
+        ("POST", "/v1/chat/completions", b'{"messages":[]}', "application/json"),
+        ("GET", "/health", None, "application/json"),
+        ("POST", "/slots/0?action=save", b"", "application/json"),
+        ("POST", "/tokenize", "é".encode() * 10, "text/plain; charset=utf-8"),
+    ],
+)
+def test_request_bytes_are_the_bytes_h11_wrote(method: str, target: str, body: bytes | None, content_type: str) -> None:
+    headers = [("host", "127.0.0.1:8080"), ("accept", "*/*")]
+    if body is not None:
+        headers += [("content-type", content_type), ("content-length", str(len(body)))]
+    client = h11.Connection(h11.CLIENT)
+    expected = client.send(h11.Request(method=method, target=target, headers=headers))
+    if body:
+        expected += client.send(h11.Data(data=body))
+    expected += client.send(h11.EndOfMessage())
+    assert request_bytes(method, target, "127.0.0.1:8080", body, content_type) == expected
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "host"),
+    [("GET", "/a b", "h"), ("GET", "/a\r\nX: 1", "h"), ("GET", "/", "h\r\nX: 1"), ("G T", "/", "h"), ("GET", "", "h")],
+)
+def test_request_bytes_refuse_what_would_break_the_framing(method: str, target: str, host: str) -> None:
+    with pytest.raises(ValueError):
+        request_bytes(method, target, host, None)

@@ -257,3 +257,115 @@ async def test_an_error_body_larger_than_its_bound_fails_and_closes_the_socket()
     pool.close()
     server.close()
     await server.wait_closed()
+
+
+# -- the hand framing over real sockets (upstream/framing.py; compared with h11 in test_framing) --
+
+OK_KEEP = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nKeep-Alive: timeout=5, max=100\r\n\r\n{}"
+
+
+class ScriptedUpstream:
+    """Answers each request with the next scripted bytes; a None after an answer closes the
+    socket right after it."""
+
+    def __init__(self, answers: list[bytes | None]) -> None:
+        self.answers = answers
+        self.accepted = 0
+        self.server: asyncio.Server | None = None
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        try:
+            while self.answers:
+                await reader.readuntil(b"\r\n\r\n")
+                answer = self.answers.pop(0)
+                assert answer is not None
+                writer.write(answer)
+                await writer.drain()
+                if self.answers and self.answers[0] is None:
+                    self.answers.pop(0)
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    async def __aenter__(self) -> UpstreamPool:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        return UpstreamPool("127.0.0.1", self.server.sockets[0].getsockname()[1], max_connections=1)
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+async def answer(pool: UpstreamPool) -> tuple[int, bytes, ConnectionState]:
+    """(status, body, the socket's state once the body is read) of one GET."""
+    exchange = await open_exchange(pool, "GET", "/x", None, 5.0)
+    try:
+        body = await exchange.read_body(MAX_ERROR_BODY)
+        return exchange.head.status, body, exchange.conn.state
+    finally:
+        exchange.close()
+
+
+async def test_interim_heads_are_skipped_and_a_clean_answer_keeps_its_socket() -> None:
+    continue_first = b"HTTP/1.1 100 Continue\r\n\r\n" + OK_KEEP
+    async with ScriptedUpstream([continue_first, OK_KEEP]) as pool:
+        assert await answer(pool) == (200, b"{}", State.HELD)
+        assert await answer(pool) == (200, b"{}", State.HELD)
+        assert pool.connections_opened == 1 and pool.open_connections == 1
+        pool.close()
+
+
+async def test_bodies_that_end_with_the_connection_or_overrun_spend_the_socket() -> None:
+    async with ScriptedUpstream([b"HTTP/1.1 200 OK\r\n\r\nuntil the close", None]) as pool:
+        assert await answer(pool) == (200, b"until the close", State.SPENT)
+    async with ScriptedUpstream([OK_KEEP + b"HTTP/1.1 200 OK\r\n", OK_KEEP]) as pool:
+        assert await answer(pool) == (200, b"{}", State.SPENT)  # the extra bytes are no answer
+        assert await answer(pool) == (200, b"{}", State.HELD)
+        assert pool.connections_opened == 2
+        pool.close()
+    async with ScriptedUpstream([b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}", OK_KEEP]) as pool:
+        assert await answer(pool) == (200, b"{}", State.SPENT)
+        pool.close()
+
+
+async def test_a_whole_chunked_answer_is_read_and_its_socket_spent() -> None:
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n" + b"Keep-Alive: timeout=5, max=100\r\n\r\n"
+    async with ScriptedUpstream([chunked + b"1\r\n{\r\n1\r\n}\r\n0\r\n\r\n", OK_KEEP]) as pool:
+        assert await answer(pool) == (200, b"{}", State.SPENT)  # llama-server closes after chunked
+        pool.close()
+
+
+async def test_a_relayed_content_length_body_arrives_in_pieces_and_keeps_its_socket() -> None:
+    body = b"x" * 300_000
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nKeep-Alive: timeout=5, max=100\r\n\r\n" % len(body)
+    async with ScriptedUpstream([head + body, OK_KEEP]) as pool:
+        exchange = await open_exchange(pool, "GET", "/x", None, 5.0)
+        pieces: list[bytes] = []
+        await exchange.relay(pieces.append)
+        assert b"".join(pieces) == body and exchange.conn.state is State.HELD
+        exchange.close()
+        assert await answer(pool) == (200, b"{}", State.HELD)
+        assert pool.connections_opened == 1
+        pool.close()
+
+
+@pytest.mark.parametrize(
+    ("wire", "message"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\n{}", "malformed HTTP: bad header line"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}", "malformed HTTP: conflicting"),
+        (b"HTTP/1.1 200 OK\r\nX: a\r\n b\r\n\r\n", "malformed HTTP: obsolete line folding"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}", "closed the connection mid-response"),
+        (b"HTTP/1.1 200 OK\r\nContent-Le", "closed the connection inside the response head"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n{\r\n", "closed the connection mid-response"),
+    ],
+)
+async def test_broken_answers_fail_clearly_and_close_the_socket(wire: bytes, message: str) -> None:
+    async with ScriptedUpstream([wire, None]) as pool:
+        with pytest.raises(UpstreamError, match=message):
+            await answer(pool)
+        assert pool.in_flight == 0
+        await until(lambda: pool.open_connections == 0)

@@ -6,10 +6,10 @@ from collections.abc import Iterable
 
 
 def join_headers(fields: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
-    """h11's (name, value) pairs → {lower-case name: value}; repeated fields joined with ", ".
+    """(name, value) pairs → {lower-case name: value}; repeated fields joined with ", ".
 
     RFC 9110 §5.3: a repeated field is equivalent to one with the values joined by commas.
-    h11 already lower-cases names and strips values.
+    Both callers (h11 on the client side, upstream/framing.py) lower-case names and strip values.
     """
     headers: dict[str, str] = {}
     for name, value in fields:

@@ -1,4 +1,4 @@
-"""Keep-alive connections to one llama-server, on raw asyncio sockets with h11 for the heads.
+"""Keep-alive connections to one llama-server, on raw asyncio sockets, framed by hand.
 
 A connection goes back to the pool only after its response ended cleanly; anything cut short
 is closed, never reused (the rule httpcore follows too). llama-server closes a connection
@@ -7,10 +7,11 @@ after every stream, after an error status, after 100 requests and when idle for 
 ones are retired a little before the timeout; a request that still meets a closed socket is
 sent once more on a fresh one (client.open_exchange).
 
-Each socket has one `h11.Connection` for its whole life: a clean end of a response starts
-h11's next cycle, and a socket h11 says must close is spent. Its `ConnectionState` says what
-it is doing; the pool keeps the connection objects (a new one is handed out while it opens)
-and decides in one function, `_assign`, which returns what to do.
+The HTTP/1.1 framing is upstream/framing.py's (the request's bytes, a strict head parser, how
+the body ends); the socket's `ConnectionState` is the only state machine: a clean end of a
+response on a keep-alive answer makes it HELD again, anything else SPENT. The pool keeps the
+connection objects (a new one is handed out while it opens) and decides in one function,
+`_assign`, which returns what to do.
 """
 
 from __future__ import annotations
@@ -23,11 +24,18 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import h11
-
-from casedesk.http.chunked import ChunkedDecoder, ChunkedError
+from casedesk.http.chunked import ChunkedError
 from casedesk.http.flow import StreamProtocol
-from casedesk.http.headers import join_headers
+from casedesk.upstream.framing import (
+    BodyDecoder,
+    FramingError,
+    HeadParser,
+    LengthDecoder,
+    ResponseHead as ResponseHead,
+    UntilCloseDecoder,
+    body_decoder,
+    request_bytes,
+)
 
 _KEEP_ALIVE = re.compile(r"(timeout|max)\s*=\s*(\d+)")
 _IDLE_MARGIN = 1.0  # retire idle sockets this long before the server's keep-alive timeout
@@ -48,33 +56,26 @@ class UpstreamError(Exception):
         self.local = local
 
 
-@dataclass(frozen=True, slots=True)
-class ResponseHead:
-    status: int
-    headers: dict[str, str]
-    keep_alive: bool
-    chunked: bool
-
-
 class ConnectionState(enum.Enum):
     """What one upstream socket is doing. The body states say what arriving bytes are."""
 
     CONNECTING = "connecting"  # handed to a request, its socket being opened
     IDLE = "idle"  # open and free, in the pool
     HELD = "held"  # a caller holds it, nothing in flight (just handed out, or its answer ended)
-    AWAITING_HEAD = "awaiting head"
-    HEAD_RECEIVED = "head received"  # the body waits in h11 until the caller says how to read it
-    READING_BODY = "reading body"  # through h11, into a bounded buffer (whole answers)
-    RELAYING = "relaying"  # through h11, piece by piece to a sink (a body not chunked)
-    RELAYING_CHUNKED = "relaying chunked"  # de-chunked by hand to a sink: the per-token path
-    SPENT = "spent"  # can carry no other request (failed, cut, or h11 says close): to be closed
+    AWAITING_HEAD = "awaiting head"  # bytes go to the head parser
+    HEAD_RECEIVED = "head received"  # the body's bytes are kept until the caller says how to read it
+    READING_BODY = "reading body"  # de-framed, into a bounded buffer (whole answers)
+    RELAYING = "relaying"  # de-framed, piece by piece to a sink (a body not chunked)
+    RELAYING_CHUNKED = "relaying chunked"  # de-chunked, piece by piece to a sink: the per-token path
+    SPENT = "spent"  # can carry no other request (failed, cut, or no keep-alive): to be closed
     CLOSED = "closed"  # the socket is gone
 
 
 _CHUNKED = ConnectionState.RELAYING_CHUNKED
+_RELAYING = ConnectionState.RELAYING
 _HEAD_RECEIVED = ConnectionState.HEAD_RECEIVED
-_BODY_STATES = frozenset({ConnectionState.READING_BODY, ConnectionState.RELAYING})
-_IN_FLIGHT = frozenset({ConnectionState.AWAITING_HEAD, ConnectionState.HEAD_RECEIVED, *_BODY_STATES, _CHUNKED})
+_BODY_STATES = frozenset({ConnectionState.READING_BODY, _RELAYING, _CHUNKED})
+_IN_FLIGHT = frozenset({ConnectionState.AWAITING_HEAD, _HEAD_RECEIVED, *_BODY_STATES})
 
 
 class UpstreamConnection(StreamProtocol):
@@ -91,11 +92,13 @@ class UpstreamConnection(StreamProtocol):
         self.idle_since = 0.0
         self.last_data_at = 0.0
         self.received_any = False
-        self._h11 = h11.Connection(h11.CLIENT)
         # The future of the phase in progress (head, whole body, or relayed body).
         self._future: asyncio.Future[ResponseHead] | asyncio.Future[bytes] | asyncio.Future[None] | None = None
+        self._method = ""
+        self._parser: HeadParser | None = None
         self._head: ResponseHead | None = None
-        self._decoder: ChunkedDecoder | None = None
+        self._pending: list[bytes] = []  # body bytes that came with or after the head, unread
+        self._decoder: BodyDecoder | None = None
         self._sink: Callable[[bytes], None] | None = None
         self._body_parts: list[bytes] = []
         self._body_limit = 0
@@ -110,7 +113,7 @@ class UpstreamConnection(StreamProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         state = self.state
-        if state is _CHUNKED and self._decoder is not None and self._decoder.done:
+        if state in _BODY_STATES and self._decoder is not None and self._decoder.done:
             pass
         elif state in _IN_FLIGHT:
             reason = f"upstream closed the connection ({exc})" if exc else "upstream closed the connection"
@@ -120,43 +123,50 @@ class UpstreamConnection(StreamProtocol):
 
     def eof_received(self) -> bool | None:
         state = self.state
-        if state is ConnectionState.AWAITING_HEAD and not self.received_any:
-            # Closed before answering: on a reused socket the server never saw the request.
-            self._fail(
-                UpstreamError("upstream closed the connection before answering", retryable=self.requests_sent > 1)
-            )
-            return None
-        if state is ConnectionState.AWAITING_HEAD or state in _BODY_STATES:
-            # Close-delimited bodies end here; h11 turns EOF into the end of the message.
-            self._h11.receive_data(b"")
-            self._pump()
+        if state is ConnectionState.AWAITING_HEAD:
+            if not self.received_any:
+                # Closed before answering: on a reused socket the server never saw the request.
+                self._fail(
+                    UpstreamError("upstream closed the connection before answering", retryable=self.requests_sent > 1)
+                )
+            else:
+                self._fail(UpstreamError("upstream closed the connection inside the response head"))
+        elif state in _BODY_STATES:
+            decoder = self._decoder
+            if isinstance(decoder, UntilCloseDecoder):
+                decoder.close()  # a close-delimited body ends here
+                self._finish_body()
+            elif decoder is not None and not decoder.done:
+                self._fail(UpstreamError("upstream closed the connection mid-response"))
         return None
 
     def data_received(self, data: bytes) -> None:
         self.last_data_at = self._loop.time()
         self.received_any = True
         state = self.state
-        if state is _CHUNKED:
-            # The per-token hot path: de-chunk by hand, hand the bytes on.
-            assert self._decoder is not None and self._sink is not None
+        if state is _CHUNKED or state is _RELAYING:
+            # The per-token hot path: de-frame by hand, hand the bytes on.
+            decoder = self._decoder
+            sink = self._sink
+            assert decoder is not None and sink is not None
             try:
-                body = self._decoder.feed(data)
+                body = decoder.feed(data)
             except ChunkedError as exc:
                 self.fail(UpstreamError(f"upstream broke chunked framing: {exc}"))
                 return
-            decoder = self._decoder
             if body:
-                self._sink(body)
-            if decoder.done and self.state is _CHUNKED:  # (the sink may have cut it short)
+                sink(body)
+            if decoder.done and self.state is state:  # (the sink may have cut it short)
                 self._finish_body()
-            return
-        if state not in _IN_FLIGHT:
+        elif state is ConnectionState.AWAITING_HEAD:
+            self._head_bytes(data)
+        elif state is _HEAD_RECEIVED:
+            self._pending.append(data)
+        elif state is ConnectionState.READING_BODY:
+            self._collect(data)
+        else:
             # Bytes nobody asked for: the connection is out of step; never reuse it.
             self.abort()
-            return
-        self._h11.receive_data(data)
-        if state is not _HEAD_RECEIVED:
-            self._pump()
 
     # -- requests ------------------------------------------------------------------------
 
@@ -170,21 +180,39 @@ class UpstreamConnection(StreamProtocol):
             # Closed by the server since it was last checked: it never saw this request.
             future.set_exception(UpstreamError("upstream closed the connection before the request", retryable=True))
             return future
-        headers = [("host", host), ("accept", "*/*")]
-        if body is not None:
-            headers += [("content-type", content_type), ("content-length", str(len(body)))]
-        conn = self._h11
-        data = conn.send(h11.Request(method=method, target=target, headers=headers))
-        if body:
-            data += conn.send(h11.Data(data=body))
-        data += conn.send(h11.EndOfMessage())
+        data = request_bytes(method, target, host, body, content_type)
         self.requests_sent += 1
         self.received_any = False
+        self._method = method
+        self._parser = HeadParser()
         self._head = None
+        self._pending = []
         self.state = ConnectionState.AWAITING_HEAD
         self._future = future
         transport.write(data)
         return future
+
+    def _head_bytes(self, data: bytes) -> None:
+        assert self._parser is not None
+        try:
+            parsed = self._parser.feed(data)
+        except FramingError as exc:
+            self.fail(UpstreamError(f"upstream sent malformed HTTP: {exc}"))
+            return
+        if parsed is None:
+            return
+        head, rest = parsed
+        for key, number in _KEEP_ALIVE.findall(head.headers.get("keep-alive", "")):
+            if key == "timeout":
+                self.keepalive_timeout = float(number)
+            else:
+                self.max_requests = int(number)
+        self._parser = None
+        self._head = head
+        if rest:
+            self._pending.append(rest)
+        self.state = _HEAD_RECEIVED  # the body waits until the caller picks a way to read it
+        self._resolve(head)
 
     def read_body(self, limit: int) -> asyncio.Future[bytes]:
         """Collect the whole body (errors, non-streamed answers); more than `limit` bytes fail."""
@@ -193,10 +221,9 @@ class UpstreamConnection(StreamProtocol):
         self._body_limit = limit
         self._body_size = 0
         self._sink = None
-        self.state = ConnectionState.READING_BODY
         future: asyncio.Future[bytes] = self._loop.create_future()
         self._future = future
-        self._pump()
+        self._start_body(ConnectionState.READING_BODY)
         return future
 
     def stream_body(self, sink: Callable[[bytes], None]) -> asyncio.Future[None]:
@@ -205,70 +232,58 @@ class UpstreamConnection(StreamProtocol):
         self._sink = sink
         future: asyncio.Future[None] = self._loop.create_future()
         self._future = future
-        if self._head.chunked:
-            # h11 never sees this body: the socket cannot start another cycle (and
-            # llama-server closes it after the stream anyway).
-            self._decoder = ChunkedDecoder()
-            pending, _closed = self._h11.trailing_data
-            self.state = _CHUNKED
-            if pending:
-                self.data_received(pending)
-        else:
-            self.state = ConnectionState.RELAYING
-            self._pump()
+        self._start_body(_CHUNKED if self._head.chunked else _RELAYING)
         return future
 
-    def _pump(self) -> None:
-        conn = self._h11
-        while self.state in _IN_FLIGHT:  # (a sink may cut the answer short)
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                self.fail(UpstreamError(f"upstream sent malformed HTTP: {exc}"))
+    def _start_body(self, state: ConnectionState) -> None:
+        assert self._head is not None
+        decoder = self._decoder = body_decoder(self._head, self._method)
+        pending, self._pending = self._pending, []
+        self.state = state
+        if decoder.done:  # no body at all (204, 304, a HEAD request, Content-Length: 0)
+            if pending:
+                decoder.feed(b"".join(pending))  # not body: the socket is out of step
+            self._finish_body()
+        elif pending:
+            self.data_received(b"".join(pending))
+
+    def _collect(self, data: bytes) -> None:
+        decoder = self._decoder
+        assert decoder is not None
+        try:
+            body = decoder.feed(data)
+        except ChunkedError as exc:
+            self.fail(UpstreamError(f"upstream broke chunked framing: {exc}"))
+            return
+        if body:
+            self._body_size += len(body)
+            if self._body_size > self._body_limit:
+                self.fail(UpstreamError(f"upstream response body larger than {self._body_limit} bytes"))
                 return
-            if event is h11.NEED_DATA or event is h11.PAUSED:
-                return
-            if isinstance(event, h11.Response):
-                self._head = _head_of(event, self)
-                self.state = _HEAD_RECEIVED  # h11 buffers the body until the caller picks a way
-                self._resolve(self._head)
-                return
-            if isinstance(event, h11.Data):
-                if self._sink is not None:
-                    self._sink(bytes(event.data))
-                else:
-                    self._body_size += len(event.data)
-                    if self._body_size > self._body_limit:
-                        self.fail(UpstreamError(f"upstream response body larger than {self._body_limit} bytes"))
-                        return
-                    self._body_parts.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                self._finish_body()
-                return
-            elif isinstance(event, h11.ConnectionClosed):
-                self._fail(UpstreamError("upstream closed the connection mid-response"))
-                return
+            self._body_parts.append(body)
+        if decoder.done:
+            self._finish_body()
 
     def _finish_body(self) -> None:
         head = self._head
+        decoder = self._decoder
         body = b"".join(self._body_parts)
         self._decoder = None
         self._sink = None
         self._body_parts = []
         # llama-server closes the connection after every chunked (streamed) answer, whatever its
         # Keep-Alive header says (docs/llama-server-facts.md §4): never offer that socket again.
-        if head is None or head.chunked or self.requests_sent >= self.max_requests or not self._next_cycle():
-            self.state = ConnectionState.SPENT
-        else:
-            self.state = ConnectionState.HELD
+        # A body that ran to EOF, or bytes past a body's end, leave nothing to reuse either.
+        reusable = (
+            head is not None
+            and head.keep_alive
+            and not head.chunked
+            and isinstance(decoder, LengthDecoder)
+            and not decoder.overrun
+            and self.requests_sent < self.max_requests
+        )
+        self.state = ConnectionState.HELD if reusable else ConnectionState.SPENT
         self._resolve(body)
-
-    def _next_cycle(self) -> bool:
-        conn = self._h11
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-            conn.start_next_cycle()
-            return True
-        return False  # MUST_CLOSE (Connection: close, HTTP/1.0) or a body h11 did not see
 
     def _resolve(self, result: object) -> None:
         # The connection lets go of the future before resolving it: an exception raised
@@ -290,7 +305,7 @@ class UpstreamConnection(StreamProtocol):
 
     @property
     def relaying(self) -> bool:
-        return self.state is _CHUNKED or self.state is ConnectionState.RELAYING
+        return self.state is _CHUNKED or self.state is _RELAYING
 
     def expired(self, now: float) -> bool:
         """Idle so long that the server may close it under us (its keep-alive timeout)."""
@@ -319,18 +334,6 @@ class UpstreamConnection(StreamProtocol):
             self.state = ConnectionState.SPENT
             if self.transport is not None:
                 self.transport.close()
-
-
-def _head_of(event: h11.Response, conn: UpstreamConnection) -> ResponseHead:
-    headers = join_headers(event.headers)
-    keep_alive = event.http_version == b"1.1" and "close" not in headers.get("connection", "").lower()
-    for key, number in _KEEP_ALIVE.findall(headers.get("keep-alive", "")):
-        if key == "timeout":
-            conn.keepalive_timeout = float(number)
-        else:
-            conn.max_requests = int(number)
-    chunked = "chunked" in headers.get("transfer-encoding", "").lower()
-    return ResponseHead(status=event.status_code, headers=headers, keep_alive=keep_alive, chunked=chunked)
 
 
 @dataclass(slots=True)
