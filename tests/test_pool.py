@@ -1,6 +1,6 @@
 """The upstream pool: its one deciding function (`_assign`) on a fake clock, then over real
 sockets: cancellation at every point of `acquire`, the retry on a socket the server had
-closed, `Exchange` closing exactly once, one h11 connection per socket across its cycles."""
+closed, `Exchange` closing exactly once, one socket across its request cycles, and the hand framing."""
 
 from __future__ import annotations
 
@@ -204,7 +204,7 @@ async def test_an_exchange_closes_once_and_can_be_aborted(fake: FakeLlamaServer)
     pool.close()
 
 
-async def test_one_h11_connection_carries_a_socket_through_its_cycles(fake: FakeLlamaServer) -> None:
+async def test_one_socket_carries_its_request_cycles(fake: FakeLlamaServer) -> None:
     pool = UpstreamPool("127.0.0.1", fake.port, max_connections=1)
     for _ in range(3):
         await served(pool)
@@ -369,3 +369,27 @@ async def test_broken_answers_fail_clearly_and_close_the_socket(wire: bytes, mes
             await answer(pool)
         assert pool.in_flight == 0
         await until(lambda: pool.open_connections == 0)
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        b'HTTP/1.1 500 Internal Server Error\r\nConnection: close\r\nContent-Length: 13\r\n\r\n{"error":"x"}',
+        b'HTTP/1.1 500 Internal Server Error\r\nConnection: close\r\n\r\n{"error":"x"}',  # until the close
+    ],
+)
+async def test_an_answer_whose_socket_closed_before_its_body_was_asked_for_is_read_whole(wire: bytes) -> None:
+    """llama-server closes after an error answer: the close may be seen before the caller, which
+    was handed the head, asks for the body. The body is still there, and the socket is not reused."""
+    async with ScriptedUpstream([wire, None]) as pool:
+        exchange = await open_exchange(pool, "GET", "/x", None, 5.0)
+        try:
+            transport = exchange.conn.transport
+            assert transport is not None
+            await until(transport.is_closing)  # the server's close has been seen
+            assert exchange.head.status == 500
+            assert await exchange.read_body(MAX_ERROR_BODY) == b'{"error":"x"}'
+            assert exchange.conn.state is State.CLOSED
+        finally:
+            exchange.close()
+        assert pool.in_flight == 0 and pool.open_connections == 0

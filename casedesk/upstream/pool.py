@@ -98,6 +98,7 @@ class UpstreamConnection(StreamProtocol):
         self._parser: HeadParser | None = None
         self._head: ResponseHead | None = None
         self._pending: list[bytes] = []  # body bytes that came with or after the head, unread
+        self._eof = False  # the server closed while its head waited for the caller
         self._decoder: BodyDecoder | None = None
         self._sink: Callable[[bytes], None] | None = None
         self._body_parts: list[bytes] = []
@@ -115,6 +116,13 @@ class UpstreamConnection(StreamProtocol):
         state = self.state
         if state in _BODY_STATES and self._decoder is not None and self._decoder.done:
             pass
+        elif state is _HEAD_RECEIVED:
+            # The server closed after its head (an error answer says `Connection: close`) before
+            # the caller asked for the body: what it sent waits in _pending, and the body's
+            # reader decides, from those bytes and this close, how the answer ended.
+            self._eof = True
+            self._on_lost(self)
+            return
         elif state in _IN_FLIGHT:
             reason = f"upstream closed the connection ({exc})" if exc else "upstream closed the connection"
             self._fail(UpstreamError(reason, retryable=not self.received_any and self.requests_sent > 1))
@@ -131,14 +139,19 @@ class UpstreamConnection(StreamProtocol):
                 )
             else:
                 self._fail(UpstreamError("upstream closed the connection inside the response head"))
+        elif state is _HEAD_RECEIVED:
+            self._eof = True  # told to the body's reader once the caller picks one
         elif state in _BODY_STATES:
-            decoder = self._decoder
-            if isinstance(decoder, UntilCloseDecoder):
-                decoder.close()  # a close-delimited body ends here
-                self._finish_body()
-            elif decoder is not None and not decoder.done:
-                self._fail(UpstreamError("upstream closed the connection mid-response"))
+            self._body_eof()
         return None
+
+    def _body_eof(self) -> None:
+        decoder = self._decoder
+        if isinstance(decoder, UntilCloseDecoder):
+            decoder.close()  # a close-delimited body ends here
+            self._finish_body()
+        elif decoder is not None and not decoder.done:
+            self._fail(UpstreamError("upstream closed the connection mid-response"))
 
     def data_received(self, data: bytes) -> None:
         self.last_data_at = self._loop.time()
@@ -244,8 +257,11 @@ class UpstreamConnection(StreamProtocol):
             if pending:
                 decoder.feed(b"".join(pending))  # not body: the socket is out of step
             self._finish_body()
-        elif pending:
+            return
+        if pending:
             self.data_received(b"".join(pending))
+        if self._eof and self.state is state:
+            self._body_eof()
 
     def _collect(self, data: bytes) -> None:
         decoder = self._decoder
@@ -282,7 +298,10 @@ class UpstreamConnection(StreamProtocol):
             and not decoder.overrun
             and self.requests_sent < self.max_requests
         )
-        self.state = ConnectionState.HELD if reusable else ConnectionState.SPENT
+        if self._eof:
+            self.state = ConnectionState.CLOSED  # it closed while the caller had the head
+        else:
+            self.state = ConnectionState.HELD if reusable else ConnectionState.SPENT
         self._resolve(body)
 
     def _resolve(self, result: object) -> None:
