@@ -1,17 +1,33 @@
-"""The hand-written parsers against the slow, obvious path: h11 for chunked framing and for
-the upstream side's request bytes, response heads and body ends, a plain split for SSE; every
-split point of the same bytes must agree."""
+"""The hand-written parsers and writers against the slow, obvious path: h11 for chunked
+framing, for the upstream side's request bytes, response heads and body ends, and for the
+client side's answers (heads, chunks, keep-alive); a plain split for SSE; every split point of
+the same bytes must agree."""
 
 from __future__ import annotations
 
+import asyncio
+import http
 import random
+import re
+from typing import cast
 
 import h11
 import pytest
 
 from casedesk.http.chunked import ChunkedDecoder, ChunkedError
 from casedesk.http.headers import join_headers
-from casedesk.http.server import frame_chunk
+from casedesk.http.limits import ServerLimits
+from casedesk.http.response_head import CONTINUE, NO_REQUEST, HeadError, response_head
+from casedesk.http.server import (
+    ConnectionTracker,
+    ErrorResponse,
+    HttpProtocol,
+    Request,
+    ResponseWriter,
+    asker_of_head,
+    frame_chunk,
+    start_server,
+)
 from casedesk.http.sse import SseDecoder
 from casedesk.upstream.framing import (
     MAX_HEAD_BYTES,
@@ -389,3 +405,277 @@ def test_request_bytes_are_the_bytes_h11_wrote(method: str, target: str, body: b
 def test_request_bytes_refuse_what_would_break_the_framing(method: str, target: str, host: str) -> None:
     with pytest.raises(ValueError):
         request_bytes(method, target, host, None)
+
+
+# The client side's answers: what ResponseWriter writes (heads by http/response_head.py,
+# chunks by frame_chunk) against what h11 wrote for the same events, as ResponseWriter sent
+# them through h11 before, after h11 received the same request.
+
+REQUEST_LINES = [
+    (method, version, connection)
+    for method in (b"GET", b"POST", b"HEAD")
+    for version in (b"1.0", b"1.1")
+    for connection in (None, b"close", b"keep-alive", b"Keep-Alive, Close")
+]
+WHOLE_STATUSES = (200, 204, 304, 400, 404, 413, 429, 500, 529)
+EXTRA_HEADERS: list[tuple[tuple[str, str], ...]] = [
+    (),
+    (("retry-after", "3"), ("anthropic-ratelimit-requests-remaining", "41"), ("x-note", "a  b\tc")),
+    (("connection", "keep-alive"),),
+]
+CHUNKS = [b"event: a\ndata: {}\n\n", b": keep-alive\n\n", b"x" * 300]
+
+
+def request_bytes_of(method: bytes, version: bytes, connection: bytes | None, expect: bool = False) -> bytes:
+    head = b"%s /p HTTP/%s\r\nhost: x\r\n" % (method, version)
+    if connection is not None:
+        head += b"connection: " + connection + b"\r\n"
+    if method == b"POST":
+        head += b"content-length: 2\r\n" + (b"expect: 100-continue\r\n" if expect else b"")
+    return head + b"\r\n" + (b"{}" if method == b"POST" else b"")
+
+
+def h11_server_after(request: bytes) -> tuple[h11.Connection, h11.Request, bytes]:
+    """An h11 server that has read `request` whole (and said 100 Continue if asked)."""
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(request)
+    head = conn.next_event()
+    assert isinstance(head, h11.Request)
+    said = b""
+    if conn.they_are_waiting_for_100_continue:
+        said = conn.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"))
+    while not isinstance(conn.next_event(), h11.EndOfMessage):
+        pass
+    return conn, head, said
+
+
+def h11_reason(status: int) -> bytes:
+    return b"Overloaded" if status == 529 else http.HTTPStatus(status).phrase.encode()
+
+
+def h11_whole(
+    conn: h11.Connection, head_only: bool, status: int, body: bytes, extra: Headers, close: bool, draining: bool
+) -> bytes:
+    headers = [("content-type", "application/json"), ("content-length", str(len(body))), *extra]
+    if close:
+        headers.append(("connection", "close"))
+    headers.append(("request-id", "req_1"))
+    if draining and ("connection", "close") not in headers:
+        headers.append(("connection", "close"))
+    out = conn.send(h11.Response(status_code=status, headers=headers, reason=h11_reason(status)))
+    if body and not head_only:
+        out += conn.send(h11.Data(data=body))
+    return out + conn.send(h11.EndOfMessage())
+
+
+def h11_stream(conn: h11.Connection, head: h11.Request, status: int, extra: Headers, draining: bool) -> bytes:
+    headers = [("content-type", "text/event-stream"), ("cache-control", "no-cache"), *extra, ("request-id", "req_1")]
+    if draining:
+        headers.append(("connection", "close"))
+    out = conn.send(h11.Response(status_code=status, headers=headers, reason=h11_reason(status)))
+    if head.method != b"HEAD" and status not in (204, 304):  # h11 refuses a body there
+        for chunk in CHUNKS:
+            out += conn.send(h11.Data(data=chunk))
+    return out + conn.send(h11.EndOfMessage())
+
+
+class Recorder:
+    """What ResponseWriter needs of its HttpProtocol: somewhere to write."""
+
+    def __init__(self, draining: bool) -> None:
+        self.tracker = ConnectionTracker()
+        self.tracker.draining = draining
+        self.wire = b""
+        self.bytes_written = 0
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.wire += data
+        self.bytes_written += len(data)
+
+
+def hand_writer(head: h11.Request, draining: bool) -> tuple[ResponseWriter, Recorder]:
+    recorder = Recorder(draining)
+    return ResponseWriter(cast(HttpProtocol, recorder), "req_1", asker_of_head(head)), recorder
+
+
+Headers = tuple[tuple[str, str], ...]
+
+
+def test_whole_answers_are_the_bytes_h11_wrote_and_keep_alive_as_h11_decided() -> None:
+    cases = 0
+    for method, version, connection in REQUEST_LINES:
+        request = request_bytes_of(method, version, connection)
+        for status in WHOLE_STATUSES:
+            body = b"" if status in (204, 304) else b'{"type":"error"}'
+            for extra in EXTRA_HEADERS:
+                for close in (False, True):
+                    for draining in (False, True):
+                        conn, head, _ = h11_server_after(request)
+                        expected = h11_whole(conn, method == b"HEAD", status, body, extra, close, draining)
+                        writer, recorder = hand_writer(head, draining)
+                        writer.send(status, body, headers=extra, close=close)
+                        case = (method, version, connection, status, extra, close, draining)
+                        assert recorder.wire == expected, case
+                        assert writer.finished and writer.keep_alive == (conn.our_state is h11.DONE), case
+                        assert conn.our_state in (h11.DONE, h11.MUST_CLOSE)
+                        cases += 1
+    assert cases == len(REQUEST_LINES) * len(WHOLE_STATUSES) * len(EXTRA_HEADERS) * 4
+
+
+def test_streamed_answers_are_the_bytes_h11_wrote_and_keep_alive_as_h11_decided() -> None:
+    for method, version, connection in REQUEST_LINES:
+        request = request_bytes_of(method, version, connection)
+        for status in (200, 204, 304, 529):
+            for extra in EXTRA_HEADERS:
+                for draining in (False, True):
+                    conn, head, _ = h11_server_after(request)
+                    expected = h11_stream(conn, head, status, extra, draining)
+                    writer, recorder = hand_writer(head, draining)
+                    writer.start_stream(status, headers=extra)
+                    for chunk in CHUNKS:  # given even where no body may follow: none is written
+                        writer.write(chunk)
+                    writer.end()
+                    case = (method, version, connection, status, extra, draining)
+                    assert recorder.wire == expected, case
+                    assert writer.keep_alive == (conn.our_state is h11.DONE), case
+
+
+def test_an_http_1_1_stream_reads_back_through_h11_at_every_split_point() -> None:
+    conn, head, _ = h11_server_after(request_bytes_of(b"GET", b"1.1", None))
+    writer, recorder = hand_writer(head, draining=False)
+    writer.start_stream(headers=(("x-accel-buffering", "no"),))
+    for chunk in CHUNKS:
+        writer.write(chunk)
+    writer.end()
+    wire = recorder.wire
+    for cut in range(len(wire) + 1):
+        client = h11.Connection(h11.CLIENT)
+        client.send(h11.Request(method="GET", target="/p", headers=[("host", "x")]))
+        client.send(h11.EndOfMessage())
+        body, done = b"", False
+        for part in [p for p in (wire[:cut], wire[cut:]) if p]:  # b"" would say "closed"
+            client.receive_data(part)
+            while (event := client.next_event()) is not h11.NEED_DATA:
+                if isinstance(event, h11.Response):
+                    assert event.status_code == 200 and (b"x-accel-buffering", b"no") in list(event.headers)
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    done = True
+                    break
+        assert (body, done, client.their_state) == (b"".join(CHUNKS), True, h11.DONE), cut
+
+
+def test_100_continue_is_the_bytes_h11_wrote() -> None:
+    _, _, said = h11_server_after(request_bytes_of(b"POST", b"1.1", None, expect=True))
+    assert said == CONTINUE == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert h11_server_after(request_bytes_of(b"POST", b"1.0", None, expect=True))[2] == b""  # 1.0 ignores Expect
+
+
+def test_an_error_before_any_request_head_is_what_h11_wrote_then() -> None:
+    # A head too large or malformed: h11 knows no request, and assumes the worst of the client.
+    for draining in (False, True):
+        conn = h11.Connection(h11.SERVER)
+        expected = h11_whole(conn, False, 431, b"{}", (), True, draining)
+        recorder = Recorder(draining)
+        writer = ResponseWriter(cast(HttpProtocol, recorder), "req_1", NO_REQUEST)
+        writer.send(431, b"{}", close=True)
+        assert recorder.wire == expected and not writer.keep_alive and conn.our_state is h11.MUST_CLOSE
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("x-bad", "a\r\nx-injected: 1")],
+        [("x-bad", "a\nb")],
+        [("x-bad", " leading")],
+        [("bad name", "v")],
+        [("x-bad", "é")],
+        [("content-length", "1"), ("content-length", "2")],
+        [("transfer-encoding", "gzip")],
+    ],
+)
+def test_heads_h11_refused_are_refused(headers: list[tuple[str, str]]) -> None:
+    with pytest.raises((h11.LocalProtocolError, UnicodeEncodeError)):
+        h11.Connection(h11.SERVER).send(h11.Response(status_code=200, headers=headers, reason=b"OK"))
+    with pytest.raises(HeadError):
+        response_head(200, headers, NO_REQUEST)
+
+
+def test_a_body_on_a_204_is_refused_as_h11_refused_it() -> None:
+    conn, head, _ = h11_server_after(request_bytes_of(b"GET", b"1.1", None))
+    conn.send(h11.Response(status_code=204, headers=[("content-length", "2")], reason=b"No Content"))
+    with pytest.raises(h11.LocalProtocolError):
+        conn.send(h11.Data(data=b"{}"))
+    writer, recorder = hand_writer(head, draining=False)
+    with pytest.raises(HeadError):
+        writer.send(204, b"{}")
+    assert recorder.wire == b""
+
+
+async def test_one_connection_end_to_end_writes_what_one_h11_connection_wrote() -> None:
+    # A real HttpProtocol over a socket: pipelined requests (a whole answer, 100-continue, a
+    # HEAD, a stream), then an HTTP/1.0 stream that closes; the bytes are h11's for the same
+    # requests and answers on one h11 connection, cycle after cycle.
+    async def handler(request: Request, writer: ResponseWriter) -> None:
+        if request.path == "/stream":
+            writer.start_stream(headers=(("x-accel-buffering", "no"),))
+            for chunk in CHUNKS:
+                writer.write(chunk)
+            writer.end()
+        else:
+            writer.send(200, b'{"ok":' + request.body + b"}", headers=(("x-path", request.path),))
+
+    server = await start_server(
+        handler, ServerLimits(), ConnectionTracker(), lambda s, m: ErrorResponse(s, b"{}"), host="127.0.0.1"
+    )
+    requests = [
+        b"GET /whole HTTP/1.1\r\nhost: x\r\n\r\n",
+        b"POST /posted HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\nexpect: 100-continue\r\n\r\n{}",
+        b"HEAD /whole HTTP/1.1\r\nhost: x\r\n\r\n",
+        b"POST /posted HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n1\r\n[\r\n1\r\n]\r\n0\r\n\r\n",
+        b"GET /stream HTTP/1.1\r\nhost: x\r\n\r\n",
+        b"GET /stream HTTP/1.0\r\n\r\n",
+    ]
+    try:
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"".join(requests))
+        wire = await asyncio.wait_for(reader.read(-1), 10)  # the HTTP/1.0 stream ends at the close
+        writer.close()
+    finally:
+        server.close()
+    ids = re.findall(rb"request-id: (req_[0-9a-f]+)", wire)
+    assert len(ids) == len(requests)
+
+    conn = h11.Connection(h11.SERVER)
+    expected = b""
+    for request, request_id in zip(requests, ids, strict=True):
+        conn.receive_data(request)
+        head = conn.next_event()
+        assert isinstance(head, h11.Request)
+        if conn.they_are_waiting_for_100_continue:
+            expected += conn.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"))
+        body = b""
+        while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+            assert isinstance(event, h11.Data)
+            body += event.data
+        path = head.target.decode()
+        if path == "/stream":
+            headers = [("content-type", "text/event-stream"), ("cache-control", "no-cache")]
+            headers += [("x-accel-buffering", "no"), ("request-id", request_id.decode())]
+            expected += conn.send(h11.Response(status_code=200, headers=headers, reason=b"OK"))
+            expected += b"".join(conn.send(h11.Data(data=chunk)) for chunk in CHUNKS)
+        else:
+            answer = b'{"ok":' + body + b"}"
+            headers = [("content-type", "application/json"), ("content-length", str(len(answer)))]
+            headers += [("x-path", path), ("request-id", request_id.decode())]
+            expected += conn.send(h11.Response(status_code=200, headers=headers, reason=b"OK"))
+            if head.method != b"HEAD":
+                expected += conn.send(h11.Data(data=answer))
+        expected += conn.send(h11.EndOfMessage())
+        if conn.our_state is h11.DONE:
+            conn.start_next_cycle()
+    assert conn.our_state is h11.MUST_CLOSE  # the HTTP/1.0 stream: close-delimited
+    assert wire == expected

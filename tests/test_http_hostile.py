@@ -292,6 +292,17 @@ async def test_a_request_from_a_web_page_is_refused(plain_gateway: RunningGatewa
     assert status == 403 and "browser" in orjson.loads(body)["error"]["message"]
 
 
+async def test_a_head_request_refused_before_its_handler_gets_the_head_of_the_error(
+    plain_gateway: RunningGateway,
+) -> None:
+    # A HEAD is answered as a GET would be, without the body (h11 refused to send a body
+    # here, and the connection used to close with no answer at all).
+    raw = b"HEAD /healthz HTTP/1.1\r\nhost: localhost\r\norigin: http://localhost:3000\r\n\r\n"
+    status, headers, body = parse(await exchange(plain_gateway.port, raw, read_until_close=True))
+    assert status == 403 and headers["connection"] == "close" and body == b""
+    assert int(headers["content-length"]) > 0  # the length of the error body a GET gets
+
+
 # -- 16. Content-Length and Transfer-Encoding together ----------------------------------------------
 
 

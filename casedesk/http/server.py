@@ -1,6 +1,7 @@
-"""HttpProtocol: one asyncio.Protocol per client connection, driving h11 as the server.
+"""HttpProtocol: one asyncio.Protocol per client connection; h11 parses its request heads.
 
-h11 owns the message heads and the response's state machine; this module owns the socket:
+h11 parses each request head and tracks its body; the answers are framed by hand
+(http/response_head.py, byte for byte as h11 framed them). This module owns the socket:
 limits, timeouts, keep-alive, flow control, and the response writer handlers use. It knows
 HTTP and nothing of Anthropic: the application renders its own errors, and gives this layer an
 `ErrorRenderer` for the ones it finds itself (413, 431, 408, 400, 403, 505, 529 at the cap).
@@ -14,7 +15,6 @@ import asyncio
 import enum
 import fcntl
 import functools
-import http
 import ipaddress
 import logging
 import os
@@ -32,6 +32,16 @@ from casedesk.http.flow import FlowListener, StreamProtocol, peer_name, tcp_fd
 from casedesk.http.headers import join_headers
 from casedesk.http.limits import ServerLimits
 from casedesk.http.request_body import BodyError, ChunkedBodyReader, Progress
+from casedesk.http.response_head import (
+    CHUNKED_END,
+    CONTINUE,
+    NO_REQUEST,
+    Asker,
+    Body,
+    HeadError,
+    asker_of,
+    response_head,
+)
 
 log = logging.getLogger("casedesk.http")
 
@@ -87,13 +97,9 @@ def frame_chunk(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
 
 
-def _reason(status: int) -> bytes:
-    if status == 529:
-        return b"Overloaded"  # Anthropic's own status; not in the IANA registry
-    try:
-        return http.HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b""
+def asker_of_head(head: h11.Request) -> Asker:
+    """What a request head h11 parsed says about its answer's framing."""
+    return asker_of(head.http_version, head.method, [value for name, value in head.headers if name == b"connection"])
 
 
 def new_request_id() -> str:
@@ -160,10 +166,10 @@ class ConnectionTracker:
 class ResponseWriter:
     """Writes one response: a whole one (`send`) or a streamed one (`start_stream`, `write`…, `end`).
 
-    Streamed bodies are framed as chunks by hand: h11 spends about 4 µs framing one chunk and
-    this is the per-token hot path (docs/design.md "The hot path"); the head and the final
-    zero-chunk still go through h11 so its state machine stays exact. See
-    tests/test_framing.py::test_whole_wire_matches_h11.
+    Framed by hand, head and body (http/response_head.py: the bytes h11 wrote, without its
+    cost per header; chunks by `frame_chunk`, the per-token hot path, docs/design.md "The hot
+    path"). `keep_alive` says whether the connection may carry another request once this
+    answer is finished, as h11's state machine said (tests/test_framing.py).
     """
 
     __slots__ = (
@@ -172,20 +178,26 @@ class ResponseWriter:
         "status",
         "started",
         "finished",
-        "_hand_chunked",
-        "head_only",
+        "keep_alive",
+        "_asker",
+        "_body",
         "_held_head",
     )
 
-    def __init__(self, protocol: HttpProtocol, request_id: str, head_only: bool) -> None:
+    def __init__(self, protocol: HttpProtocol, request_id: str, asker: Asker) -> None:
         self._protocol = protocol
         self.request_id = request_id
         self.status = 0
         self.started = False
         self.finished = False
-        self._hand_chunked = False
-        self.head_only = head_only
+        self.keep_alive = False
+        self._asker = asker
+        self._body = Body.NONE
         self._held_head = b""
+
+    @property
+    def head_only(self) -> bool:
+        return self._asker.method == b"HEAD"
 
     @property
     def bytes_written(self) -> int:
@@ -196,7 +208,7 @@ class ResponseWriter:
     def disconnected(self) -> bool:
         return self._protocol.closed
 
-    def _head(self, status: int, headers: list[tuple[str, str]]) -> h11.Response:
+    def _head(self, status: int, headers: list[tuple[str, str]]) -> bytes:
         if self.started:
             raise RuntimeError("response already started")
         self.started = True
@@ -204,7 +216,10 @@ class ResponseWriter:
         headers.append(("request-id", self.request_id))
         if self._protocol.tracker.draining and ("connection", "close") not in headers:
             headers.append(("connection", "close"))  # shutting down: no next request here
-        return h11.Response(status_code=status, headers=headers, reason=_reason(status))
+        head = response_head(status, headers, self._asker)
+        self._body = head.body
+        self.keep_alive = head.keep_alive
+        return head.data
 
     def send(
         self,
@@ -215,14 +230,14 @@ class ResponseWriter:
         close: bool = False,
     ) -> None:
         """Send a whole response with a Content-Length body."""
-        conn = self._protocol.conn
         head = [("content-type", content_type), ("content-length", str(len(body))), *headers]
         if close:
             head.append(("connection", "close"))
-        data = conn.send(self._head(status, head))
-        if body and not self.head_only:
-            data += conn.send(h11.Data(data=body))
-        data += conn.send(h11.EndOfMessage())
+        data = self._head(status, head)
+        if self._body is Body.LENGTH:
+            data += body
+        elif body and not self.head_only:
+            raise HeadError(f"a {status} answer has no body")  # as h11 refused it
         self.finished = True
         self._protocol.write(data)
 
@@ -235,24 +250,26 @@ class ResponseWriter:
         content_type: str = "text/event-stream",
         headers: tuple[tuple[str, str], ...] = (),
     ) -> None:
-        """Start a streamed (chunked) response; body pieces follow with write().
+        """Start a streamed response (chunked to HTTP/1.1 clients, close-delimited to
+        HTTP/1.0 ones); body pieces follow with write().
 
         The head leaves with the first piece, in the same write (the first event, or a
         keep-alive comment): this saves the client a wakeup and a syscall on the way to the
         first token.
         """
-        conn = self._protocol.conn
-        head = [("content-type", content_type), ("cache-control", "no-cache"), *headers]
-        self._held_head = conn.send(self._head(status, head))
-        # h11 frames the body as chunks exactly when the peer speaks HTTP/1.1 and no length
-        # was given; HTTP/1.0 peers get a close-delimited body, framed by h11 itself.
-        self._hand_chunked = conn.their_http_version == b"1.1"
+        self._held_head = self._head(status, [("content-type", content_type), ("cache-control", "no-cache"), *headers])
 
     def write(self, data: bytes) -> None:
         """Send one body piece now (one chunk, one transport.write: nothing is batched)."""
         if not data or self.finished:
             return
-        framed = frame_chunk(data) if self._hand_chunked else self._protocol.conn.send(h11.Data(data=data))
+        body = self._body
+        if body is Body.CHUNKED:
+            framed = frame_chunk(data)
+        elif body is Body.UNTIL_CLOSE:
+            framed = data
+        else:
+            return  # HEAD, 204, 304: the head only
         if self._held_head:
             framed = self._held_head + framed
             self._held_head = b""
@@ -262,7 +279,7 @@ class ResponseWriter:
         if self.finished:
             return
         self.finished = True
-        self._protocol.write(self._held_head + self._protocol.conn.send(h11.EndOfMessage()))
+        self._protocol.write((self._held_head + CHUNKED_END) if self._body is Body.CHUNKED else self._held_head)
         self._held_head = b""
 
     def set_flow_listener(self, listener: FlowListener | None) -> None:
@@ -280,12 +297,14 @@ class RequestCycle:
 
     __slots__ = ("request", "body", "body_left", "chunked", "writer", "task")
 
-    def __init__(self, protocol: HttpProtocol, request: Request, content_length: int, chunked: bool) -> None:
+    def __init__(
+        self, protocol: HttpProtocol, request: Request, asker: Asker, content_length: int, chunked: bool
+    ) -> None:
         self.request = request
         self.body = bytearray()
         self.body_left = content_length  # Content-Length bytes not yet handed to h11
         self.chunked = ChunkedBodyReader(protocol.max_body) if chunked else None
-        self.writer = ResponseWriter(protocol, request.request_id, head_only=request.method == "HEAD")
+        self.writer = ResponseWriter(protocol, request.request_id, asker)
         self.task: asyncio.Task[None] | None = None
 
     async def run(self, handler: Handler, render_error: ErrorRenderer, protocol: HttpProtocol) -> None:
@@ -329,7 +348,10 @@ class HttpProtocol(StreamProtocol):
         self._render_error = render_error
         self._check_head = check_head
         self._loop = asyncio.get_running_loop()
+        # h11 parses one request head per cycle (a fresh Connection each: it never sees our
+        # answers, so it cannot start the next cycle itself) and tracks that request's body.
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
+        self._asker = NO_REQUEST  # what the request being read says about its answer
         self.client = ""
         self.ip = ""
         self.closed = False
@@ -376,12 +398,11 @@ class HttpProtocol(StreamProtocol):
         self._enter(Phase.IDLE, self.limits.header_timeout)
 
     def _refuse_connection(self, message: str) -> None:
-        # No request has been read, so h11 cannot frame this answer: it is written by hand.
+        # No request has been read: the answer has no request id, and the connection closes.
         error = self._render_error(529, message)
-        head = [b"HTTP/1.1 529 Overloaded", b"content-type: " + error.content_type.encode("latin-1")]
-        head += [f"{name}: {value}".encode("latin-1") for name, value in error.headers]
-        head += [b"connection: close", b"content-length: %d" % len(error.body), b"", b""]
-        self.write(b"\r\n".join(head) + error.body)
+        headers = [("content-type", error.content_type), *error.headers, ("connection", "close")]
+        headers.append(("content-length", str(len(error.body))))
+        self.write(response_head(529, headers, NO_REQUEST).data + error.body)
         self._linger()
 
     def evict(self) -> None:
@@ -513,6 +534,7 @@ class HttpProtocol(StreamProtocol):
         if not isinstance(event, h11.Request):  # cannot happen: a whole head was given
             self._reject(400, "malformed HTTP request")
             return False
+        self._asker = asker_of_head(event)
         self._on_request_head(event)
         return True
 
@@ -564,7 +586,7 @@ class HttpProtocol(StreamProtocol):
         if content_length > self._max_body:
             self._reject_too_large()
             return
-        self.cycle = RequestCycle(self, request, content_length, chunked)
+        self.cycle = RequestCycle(self, request, self._asker, content_length, chunked)
         if (chunked or content_length) and self._check_head is not None:
             # A request the application would refuse anyway (unknown path, missing or wrong
             # key) is refused now, its body unread: a client without a key cannot make this
@@ -576,7 +598,7 @@ class HttpProtocol(StreamProtocol):
         if self.conn.they_are_waiting_for_100_continue:
             # The client holds its body back until told to send it (curl does, for bodies
             # over 1 MB); h11: a server must answer 100 before it blocks on the body.
-            self.write(self.conn.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")))
+            self.write(CONTINUE)
         self._enter(Phase.BODY, limits.body_timeout)
 
     def _read_body(self) -> bool:
@@ -631,14 +653,11 @@ class HttpProtocol(StreamProtocol):
         self._answer_unread(self._render_error(status, message))
 
     def _answer_unread(self, response: ErrorResponse, request_id: str | None = None) -> None:
-        if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE) and self.phase not in (
-            Phase.HANDLING,
-            Phase.DRAINING,
-        ):
+        if self.phase in (Phase.IDLE, Phase.HEAD, Phase.BODY):  # no answer begun yet
             try:
-                writer = ResponseWriter(self, request_id or new_request_id(), head_only=False)
+                writer = ResponseWriter(self, request_id or new_request_id(), self._asker)
                 writer.send_error(response, close=True)
-            except h11.LocalProtocolError:
+            except HeadError:
                 self.close()
                 return
             self._linger()
@@ -688,11 +707,14 @@ class HttpProtocol(StreamProtocol):
         """The handler is done: keep the connection for the next request, or close it."""
         self.flow.set_listener(None)
         self.tracker.idle_changed.set()
-        if self.closed or self.phase is not Phase.HANDLING:
+        cycle = self.cycle
+        if self.closed or self.phase is not Phase.HANDLING or cycle is None:
             return
         self.cycle = None
-        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
-            self.conn.start_next_cycle()
+        # The body was read whole before the handler ran (_dispatch): the answer decides.
+        if cycle.writer.finished and cycle.writer.keep_alive:
+            self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
+            self._asker = NO_REQUEST
             if self.flow.writing_paused:
                 # The answer waits in our buffer: the next request is read once it has left
                 # (nginx and uvicorn do the same), or the watchdog cuts a client that takes none.
