@@ -268,8 +268,10 @@ class ResponseWriter:
             framed = frame_chunk(data)
         elif body is Body.UNTIL_CLOSE:
             framed = data
-        else:
+        elif self.started:
             return  # HEAD, 204, 304: the head only
+        else:
+            raise RuntimeError("a body piece before the response started")  # h11 refused it too
         if self._held_head:
             framed = self._held_head + framed
             self._held_head = b""
@@ -278,6 +280,8 @@ class ResponseWriter:
     def end(self) -> None:
         if self.finished:
             return
+        if not self.started:
+            raise RuntimeError("the end of a response that has not started")  # h11 refused it too
         self.finished = True
         self._protocol.write((self._held_head + CHUNKED_END) if self._body is Body.CHUNKED else self._held_head)
         self._held_head = b""
