@@ -527,7 +527,7 @@ def test_streamed_answers_are_the_bytes_h11_wrote_and_keep_alive_as_h11_decided(
     for method, version, connection in REQUEST_LINES:
         request = request_bytes_of(method, version, connection)
         for status in (200, 204, 304, 529):
-            for extra in EXTRA_HEADERS:
+            for extra in [*EXTRA_HEADERS, (("transfer-encoding", "chunked"), ("content-length", "9"))]:
                 for draining in (False, True):
                     conn, head, _ = h11_server_after(request)
                     expected = h11_stream(conn, head, status, extra, draining)

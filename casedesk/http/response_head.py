@@ -116,6 +116,7 @@ def response_head(status: int, headers: list[tuple[str, str]], asker: Asker) -> 
         out = [(n, v) for n, v in out if n.lower() not in ("content-length", "transfer-encoding")]
         if asker.http_version is None or asker.http_version < b"1.1":
             need_close = asker.method != b"HEAD"  # close-delimited; HTTP/1.0 has no chunks
+            chunked = False
         else:
             out.append(("Transfer-Encoding", "chunked"))
             chunked = True
