@@ -12,6 +12,7 @@ import anthropic
 import orjson
 import pytest
 
+from casedesk.http.server import HttpProtocol
 from tests.conftest import GatewayFactory, RunningGateway, gateway_config
 from tests.fake_llama import FakeLlamaServer, Reply
 from tests.support.wait import until
@@ -56,6 +57,24 @@ async def test_stream_event_sequence_and_usage_from_the_first_event(
     delta = events[-2][1]
     assert delta["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
     assert delta["usage"]["output_tokens"] == 3
+
+
+async def test_a_streams_closing_events_leave_with_the_end_of_the_body_in_one_write(
+    fake: FakeLlamaServer, gateway: RunningGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes: list[bytes] = []
+    real_write = HttpProtocol.write
+
+    def recorded(self: HttpProtocol, data: bytes) -> None:
+        writes.append(data)
+        real_write(self, data)
+
+    monkeypatch.setattr(HttpProtocol, "write", recorded)
+    fake.replies.append(Reply(tokens=["a", "b"], token_delay=0.05))  # one upstream read per token
+    assert [name for name, _ in await raw_events(gateway, {})][-1] == "message_stop"
+    last = writes[-1]
+    assert b"message_delta" in last and b"message_stop" in last and last.endswith(b"\r\n0\r\n\r\n")
+    assert b"0\r\n\r\n" not in writes  # the end never costs a write (a syscall) of its own
 
 
 async def test_upstream_request_asks_for_stream_usage_and_progress(

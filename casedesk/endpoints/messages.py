@@ -116,11 +116,11 @@ async def _stream(
 
     writer.set_flow_listener(relay)
     try:
-        outcome = await relay.run(answer.payload, answer.new_translator, start, writer.write, first_token)
+        outcome = await relay.run(answer.payload, answer.new_translator, start, writer.write, first_token, writer.end)
     finally:
         answer.count(record)  # also when the client left: what it was sent
     start()
     if outcome.error is not None:
         log.warning("stream from %s failed: %s", relay.upstream, outcome.error.message)
         writer.write(outcome.error.sse_event())
-    writer.end()
+    writer.end()  # (a complete answer's last events ended it already)

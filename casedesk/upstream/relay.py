@@ -181,6 +181,7 @@ class AnswerRelay:
         start: Callable[[], None],
         write: Callable[[bytes], None],
         on_first_token: Callable[[], None] | None = None,
+        end: Callable[[bytes], None] | None = None,
     ) -> Outcome:
         """Relay the answer to `payload` (a llama-server chat request, streamed).
 
@@ -188,6 +189,8 @@ class AnswerRelay:
         start: called once, before the first write (e.g. commit the response head).
         write: the answer's events, as bytes.
         on_first_token: called once, just before the first token is written.
+        end: when given, a complete answer's last events go to it instead of `write`, so that
+            they leave with the end of the response in one write (e.g. ResponseWriter.end).
         Returns the outcome of the attempt that answered: complete (`error` None), or ended
         early after its first event (`error`: the event to end the stream with). Raises the
         ApiError to answer when no attempt's answer began.
@@ -196,7 +199,7 @@ class AnswerRelay:
         for state in self.balancer.candidates(self.route_key):
             self.upstream = state.pool.authority
             with self.balancer.serving(self.route_key, state):
-                outcome = await self._attempt(state, payload, new_translator, start, write, on_first_token)
+                outcome = await self._attempt(state, payload, new_translator, start, write, on_first_token, end)
             _judge(self.balancer, state, outcome)
             if outcome.fault is Fault.NONE or outcome.began:
                 return outcome
@@ -216,6 +219,7 @@ class AnswerRelay:
         start: Callable[[], None],
         write: Callable[[bytes], None],
         on_first_token: Callable[[], None] | None,
+        end: Callable[[bytes], None] | None,
     ) -> Outcome:
         self._stop_if_client_gone()
         opened = await _open(state, "POST", CHAT_PATH, payload, self.read_timeout)
@@ -226,7 +230,7 @@ class AnswerRelay:
             self.balancer.served(self.route_key, state)
             translator = self._translator = new_translator()
             attempt = self._current = _Attempt(
-                opened, translator, start, write, on_first_token, self.answer_limit, state.pool.authority
+                opened, translator, start, write, on_first_token, self.answer_limit, state.pool.authority, end
             )
             outcome = await attempt.run(self.client_gone)
             self._stop_if_client_gone()
@@ -275,6 +279,7 @@ class _Attempt:
         "start",
         "write",
         "on_first_token",
+        "last_write",
         "upstream",
         "pending",
         "begun",
@@ -295,12 +300,15 @@ class _Attempt:
         on_first_token: Callable[[], None] | None,
         limit: int | None,
         upstream: str,
+        end: Callable[[bytes], None] | None = None,
     ) -> None:
         self.exchange = exchange
         self.translator = translator
         self.start = start
         self.write = write if limit is None else self._bounded(write)
         self.on_first_token = on_first_token
+        # A complete answer's last events (`end` takes them unbounded: only streams pass one).
+        self.last_write = end if end is not None and limit is None else self.write
         self.upstream = upstream
         self.pending: list[bytes] = []
         self.begun = False  # `start` has run
@@ -337,7 +345,7 @@ class _Attempt:
         if self.fault is None:
             try:
                 self.pending.append(self.translator.finish())
-                flush()
+                self.flush(self.last_write)
             except Exception:
                 log.warning("upstream %s ended with a usage CaseDesk cannot read", self.upstream)
                 log.debug("the translation failed", exc_info=True)
@@ -383,7 +391,7 @@ class _Attempt:
             self.complete = True
             self.exchange.abort()  # the answer is complete; llama-server stops here
 
-    def flush(self) -> None:
+    def flush(self, write: Callable[[bytes], None] | None = None) -> None:
         # The events of one upstream read leave in one write. Nothing waits for anything: each
         # read is written before the next is taken, but a burst of tokens (a fast model, or a
         # client catching up) costs one syscall instead of one each.
@@ -391,7 +399,7 @@ class _Attempt:
         if pending:
             if self.waiting:
                 self._before_first_writes()
-            self.write(pending[0] if len(pending) == 1 else b"".join(pending))
+            (write or self.write)(pending[0] if len(pending) == 1 else b"".join(pending))
             pending.clear()
 
     def _bounded(self, write: Callable[[bytes], None]) -> Callable[[bytes], None]:
