@@ -267,9 +267,10 @@ async def test_failing_large_requests_do_not_keep_their_memory(start_gateway: Ga
         for _ in range(8):
             await fail_once()
         grown = rss() - after_one
-        # Before: +1 to +2 payloads a request (+136 to +181 MiB over 6 here); now 0 to 40 MiB
-        # of allocator noise (glibc's heap keeps some of what 16 MB objects leave).
-        assert grown < 4 * BIG, f"RSS grew {grown / 2**20:.0f} MiB over 8 failing requests"
+        # Before: +1 to +2 payloads a request (+136 to +181 MiB over 6 here, so 128 MiB or more
+        # over 8); now 0 to 70 MiB of allocator noise (glibc's heap keeps some of what 16 MB
+        # objects leave, more when the whole suite runs beside it).
+        assert grown < 6 * BIG, f"RSS grew {grown / 2**20:.0f} MiB over 8 failing requests"
         # And exactly: nothing of a failed request is left in a reference cycle.
         gc.collect()
         gc.set_debug(gc.DEBUG_SAVEALL)
