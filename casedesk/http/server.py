@@ -312,7 +312,7 @@ class RequestCycle:
     ) -> None:
         self.request = request
         self.body = bytearray()
-        self.body_left = content_length  # Content-Length bytes not yet handed to h11
+        self.body_left = content_length  # Content-Length bytes not yet read
         self.chunked = ChunkedBodyReader(protocol.max_body) if chunked else None
         self.writer = ResponseWriter(protocol, request.request_id, asker)
         self.task: asyncio.Task[None] | None = None
@@ -612,9 +612,10 @@ class HttpProtocol(StreamProtocol):
         self._enter(Phase.BODY, limits.body_timeout)
 
     def _read_body(self) -> bool:
+        """The body, read here and not by h11 (it parsed the head; its Content-Length is checked):
+        bytes counted off a Content-Length, or a chunked body through http/request_body.py."""
         cycle = self.cycle
         assert cycle is not None
-        conn = self.conn
         reader = cycle.chunked
         if reader is not None:
             if self._inbuf:
@@ -634,21 +635,17 @@ class HttpProtocol(StreamProtocol):
             self._inbuf = bytearray(reader.leftover())
             cycle.body = reader.body
             cycle.chunked = None
-            conn.receive_data(b"0\r\n\r\n")  # h11 reaches the end of the body it framed
-        elif cycle.body_left and self._inbuf:
+        elif cycle.body_left:
+            if not self._inbuf:
+                return False
             take = min(cycle.body_left, len(self._inbuf))
-            conn.receive_data(bytes(self._inbuf[:take]))
+            cycle.body += self._inbuf[:take]
             del self._inbuf[:take]
             cycle.body_left -= take
-        while True:
-            event = conn.next_event()
-            if isinstance(event, h11.Data):
-                cycle.body += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                self._dispatch()
-                return True
-            else:  # NEED_DATA
+            if cycle.body_left:
                 return False
+        self._dispatch()
+        return True
 
     def _next_step(self) -> None:
         self._stepping = False
