@@ -132,6 +132,21 @@ def test_accepted_shapes_and_newer_fields() -> None:
     assert request.stream and request.stop_sequences == ("END",)
 
 
+def test_structured_outputs_with_callable_tools_are_refused_naming_the_field() -> None:
+    tools = [{"name": "t", "input_schema": {"type": "object"}}]
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
+    fmt = {"format": {"type": "json_schema", "schema": schema}}
+    for choice in (None, {"type": "auto"}, {"type": "any"}, {"type": "tool", "name": "t"}):
+        extra = {"tool_choice": choice} if choice else {}
+        message = refused(body(tools=tools, output_config=fmt, **extra))
+        assert message.startswith("output_config.format: structured outputs and tools"), message
+    beta = refused(body(tools=tools, output_format={"type": "json_schema", "schema": schema}))
+    assert beta.startswith("output_format: ")
+    # Tools that may not be called leave the schema's promise intact: accepted.
+    parsed = parse_messages_request(body(tools=tools, tool_choice={"type": "none"}, output_config=fmt))
+    assert parsed.output_schema == schema
+
+
 def test_count_tokens_shape_needs_no_max_tokens() -> None:
     request = parse_messages_request({"model": "m", "messages": USER, "stream": True}, count_only=True)
     assert request.stream is False

@@ -139,6 +139,16 @@ def parse_messages_request(body: Any, *, count_only: bool = False, image_urls: b
     request.tool_choice = _tool_choice(body.get("tool_choice"), request.tools)
     request.thinking, request.thinking_budget = _thinking(body.get("thinking"))
     request.output_schema, request.effort = _output(body.get("output_config"), body.get("output_format"))
+    if request.output_schema is not None and request.tools and (request.tool_choice or {}).get("type") != "none":
+        # The schema's grammar holds every token of the answer, and llama-server's chat parser
+        # ignores tools under a response format (docs/llama-server-facts.md §13): the model
+        # could never call one. Said, not silently dropped.
+        field = "output_config.format" if body.get("output_config") else "output_format"
+        raise invalid_request(
+            f"{field}: structured outputs and tools that may be called cannot be combined on this "
+            "gateway (the schema's grammar leaves the model no way to call a tool); send one of them, "
+            'or tool_choice {"type": "none"}'
+        )
     metadata = body.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise invalid_request(f"metadata: must be an object, got {_kind(metadata)}")

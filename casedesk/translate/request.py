@@ -111,7 +111,8 @@ def repairable_tools(request: MessagesRequest) -> frozenset[str]:
     forced = forced_strict_tools(request)
     if forced:
         return frozenset(t["name"] for t in forced)
-    if not request.tools or (request.tool_choice or {}).get("type") == "none" or request.output_schema is not None:
+    # (Structured outputs come with no callable tools: anthropic/schema.py refuses the mix.)
+    if not request.tools or (request.tool_choice or {}).get("type") == "none":
         return frozenset()
     return frozenset(t["name"] for t in request.tools if not t.get("strict"))
 
@@ -119,7 +120,7 @@ def repairable_tools(request: MessagesRequest) -> frozenset[str]:
 def forced_strict_tools(request: MessagesRequest) -> list[dict[str, Any]]:
     """The tools a forced call (tool_choice any or tool) may use, when all are strict."""
     choice = request.tool_choice or {"type": "auto"}
-    if not request.tools or choice["type"] not in ("any", "tool") or request.output_schema is not None:
+    if not request.tools or choice["type"] not in ("any", "tool"):
         return []
     tools = request.tools if choice["type"] == "any" else [t for t in request.tools if t["name"] == choice["name"]]
     return tools if tools and all(t.get("strict") is True for t in tools) else []
