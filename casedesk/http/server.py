@@ -367,6 +367,10 @@ class HttpProtocol(StreamProtocol):
         self.closed = False
         self.phase = Phase.IDLE
         self._timer: asyncio.TimerHandle | None = None  # the current phase's deadline
+        # While _process runs, a phase's deadline waits here and is armed once, at its end: a
+        # request that arrives whole passes HEAD and BODY without a timer made for either.
+        self._reading = False
+        self._deadline: float | None = None
         self._inbuf = bytearray()  # received, not yet handed to h11 or a body reader
         self._scanned = 0  # bytes of _inbuf already searched for the head's end
         self._stepping = False  # a chunked body's next step is scheduled (reading waits)
@@ -468,7 +472,9 @@ class HttpProtocol(StreamProtocol):
         self.phase = phase
         if phase is Phase.IDLE and not self.closed:
             self.tracker.idle[self] = None
-        if deadline is not None and not self.closed:
+        if self._reading:
+            self._deadline = deadline
+        elif deadline is not None and not self.closed:
             self._timer = self._loop.call_later(deadline, self._on_timeout)
 
     def _on_timeout(self) -> None:
@@ -485,6 +491,21 @@ class HttpProtocol(StreamProtocol):
 
     def _process(self) -> None:
         """Read what has arrived as far as the phase allows, then decide whether to read on."""
+        if self._reading:  # (re-entered from a handler's end: the outer call arms the timer)
+            self._read_on()
+            return
+        self._reading = True
+        self._deadline = None
+        try:
+            self._read_on()
+        finally:
+            self._reading = False
+        deadline = self._deadline
+        if deadline is not None and not self.closed and self._timer is None:
+            self._timer = self._loop.call_later(deadline, self._on_timeout)
+        self._update_reading()
+
+    def _read_on(self) -> None:
         while not self.closed:
             phase = self.phase
             if phase is Phase.IDLE:
@@ -499,7 +520,6 @@ class HttpProtocol(StreamProtocol):
                     break
             else:
                 break
-        self._update_reading()
 
     def _update_reading(self) -> None:
         """Read on only while the bytes can be used: never ahead of a request in progress
