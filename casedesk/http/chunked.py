@@ -33,6 +33,11 @@ class ChunkedDecoder:
         self._state = self._SIZE
         self.done = False
 
+    @property
+    def between_chunks(self) -> bool:
+        """The next byte fed starts a chunk's size line (nothing held, the body not over)."""
+        return not self._buf and self._state == self._SIZE and not self.done
+
     def feed(self, data: bytes) -> bytes:
         """Return the body bytes contained in `data` (possibly b""). Raise ChunkedError."""
         if self.done:

@@ -49,6 +49,11 @@ class SseDecoder:
         self._on_error = on_error
         self._max = max_event_bytes
 
+    @property
+    def idle(self) -> bool:
+        """No event is half read: the next byte fed starts an event."""
+        return not self._buf and self._on_data is not _ignore
+
     def feed(self, data: bytes) -> None:
         if (
             not self._buf

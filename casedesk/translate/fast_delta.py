@@ -12,6 +12,12 @@ an error, a model name with escapes or non-ASCII in it, any other order or spaci
 caller then parses the chunk in full. Agreement with the full parse, over recorded chunks and
 generated ones, is checked in tests/test_fast_delta.py.
 
+`wire_text_delta` goes one step further down for the relay's per-token path: it takes such a
+chunk straight off the wire, its HTTP chunk framing and SSE line included (one chunk holds one
+event, as llama-server writes them), so that a read of many tokens is not split three times
+over (chunks, events, chunk JSON) before the text is found. Anything but the exact canonical
+shape is None, and the caller hands the bytes to the chunked and SSE decoders as before.
+
 Splicing llama-server's JSON string into our event unparsed (it is byte for byte what
 `orjson.dumps(text)` writes when it holds no backslash) was measured too, and is no faster:
 checking those bytes costs what decoding and encoding them does (bench/results/issue23-candidates.md).
@@ -57,3 +63,37 @@ def text_delta(payload: bytes) -> str | None:
     except orjson.JSONDecodeError:
         return None
     return text if isinstance(text, str) else None
+
+
+_EVENT = b"data: " + _PREFIX
+_TEXT_AT = len(_EVENT) - 1  # the text's opening quote, from the start of the chunk's data
+_SIZE_LINE_MAX = 10  # "%x\r\n" of any chunk an event fits in
+
+
+def wire_text_delta(wire: bytes, pos: int) -> tuple[str, int] | None:
+    """(text, where the next chunk starts) when `wire` at `pos` holds one whole chunk that is
+    one plain text-delta event, `%x\r\ndata: {…}\n\n\r\n` (lower-case hex, no extension,
+    as llama-server frames it); else None (not whole, another shape, or another framing)."""
+    eol = wire.find(b"\r\n", pos, pos + _SIZE_LINE_MAX)
+    if eol < 0:
+        return None
+    line = wire[pos:eol]
+    try:
+        size = int(line, 16)
+    except ValueError:
+        return None
+    if b"%x" % size != line:  # int() also takes "0x", "_", "+" and spaces: only the canonical form
+        return None
+    start = eol + 2
+    stop = start + size  # the chunk's data ends here, then its CRLF
+    if len(wire) < stop + 2 or not wire.startswith(_EVENT, start) or wire[stop - 2 : stop + 2] != b"\n\n\r\n":
+        return None
+    text_at = start + _TEXT_AT
+    end = wire.find(_END, text_at + 1, stop)
+    if end < 0 or not _plain_envelope(wire[end : stop - 2]):
+        return None
+    try:
+        text = orjson.loads(wire[text_at : end + 1])  # exactly one JSON string (as text_delta)
+    except orjson.JSONDecodeError:
+        return None
+    return (text, stop + 2) if isinstance(text, str) else None

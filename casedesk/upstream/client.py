@@ -63,8 +63,14 @@ class Exchange:
         except orjson.JSONDecodeError:
             raise UpstreamError(f"upstream answered with non-JSON: {body[:200]!r}") from None
 
-    async def relay(self, sink: Callable[[bytes], None], gone: Callable[[], bool] | None = None) -> None:
-        """Hand body pieces to `sink` as they arrive, until the body ends.
+    async def relay(
+        self,
+        sink: Callable[[bytes], None],
+        gone: Callable[[], bool] | None = None,
+        raw: Callable[[bytes], int] | None = None,
+    ) -> None:
+        """Hand body pieces to `sink` as they arrive, until the body ends (`raw`: see
+        UpstreamConnection.stream_body).
 
         Raises UpstreamError when the upstream dies, garbles the framing, or sends nothing for
         `read_timeout` seconds while we are reading (pauses for a slow client do not count).
@@ -73,7 +79,7 @@ class Exchange:
         """
         loop = asyncio.get_running_loop()
         conn = self.conn
-        done = conn.stream_body(sink)
+        done = conn.stream_body(sink, raw)
         conn.last_data_at = loop.time()
         interval = max(0.05, min(self.read_timeout / 4, 1.0))
 

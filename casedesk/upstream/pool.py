@@ -23,8 +23,9 @@ import re
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
-from casedesk.http.chunked import ChunkedError
+from casedesk.http.chunked import ChunkedDecoder, ChunkedError
 from casedesk.http.flow import StreamProtocol
 from casedesk.upstream.framing import (
     BodyDecoder,
@@ -101,6 +102,10 @@ class UpstreamConnection(StreamProtocol):
         self._eof = False  # the server closed while its head waited for the caller
         self._decoder: BodyDecoder | None = None
         self._sink: Callable[[bytes], None] | None = None
+        # A relayed chunked body's reader of whole chunks straight off the wire (the relay's
+        # per-token fast path): it takes what it can from the start of a read, when the read
+        # begins a chunk, and says how many bytes it took; the rest is de-chunked as usual.
+        self._raw: Callable[[bytes], int] | None = None
         self._body_parts: list[bytes] = []
         self._body_limit = 0
         self._body_size = 0
@@ -162,6 +167,15 @@ class UpstreamConnection(StreamProtocol):
             decoder = self._decoder
             sink = self._sink
             assert decoder is not None and sink is not None
+            raw = self._raw
+            if raw is not None and cast(ChunkedDecoder, decoder).between_chunks:
+                taken = raw(data)
+                if taken:
+                    if self.state is not state:  # (the relay cut it short)
+                        return
+                    if taken == len(data):
+                        return  # (whole text chunks: the body's last chunk is never one)
+                    data = data[taken:]
             try:
                 body = decoder.feed(data)
             except ChunkedError as exc:
@@ -233,16 +247,20 @@ class UpstreamConnection(StreamProtocol):
         self._body_parts = []
         self._body_limit = limit
         self._body_size = 0
-        self._sink = None
+        self._sink = self._raw = None
         future: asyncio.Future[bytes] = self._loop.create_future()
         self._future = future
         self._start_body(ConnectionState.READING_BODY)
         return future
 
-    def stream_body(self, sink: Callable[[bytes], None]) -> asyncio.Future[None]:
-        """Hand each piece of body to `sink` as it arrives; the future ends with the body."""
+    def stream_body(
+        self, sink: Callable[[bytes], None], raw: Callable[[bytes], int] | None = None
+    ) -> asyncio.Future[None]:
+        """Hand each piece of body to `sink` as it arrives; the future ends with the body.
+        `raw`, for a chunked body: offered each read that begins a chunk first (see _raw)."""
         assert self.state is _HEAD_RECEIVED and self._head is not None
         self._sink = sink
+        self._raw = raw if self._head.chunked else None
         future: asyncio.Future[None] = self._loop.create_future()
         self._future = future
         self._start_body(_CHUNKED if self._head.chunked else _RELAYING)
@@ -285,7 +303,7 @@ class UpstreamConnection(StreamProtocol):
         decoder = self._decoder
         body = b"".join(self._body_parts)
         self._decoder = None
-        self._sink = None
+        self._sink = self._raw = None
         self._body_parts = []
         # llama-server closes the connection after every chunked (streamed) answer, whatever its
         # Keep-Alive header says (docs/llama-server-facts.md §4): never offer that socket again.

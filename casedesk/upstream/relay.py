@@ -28,13 +28,14 @@ import enum
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NoReturn
 
 import orjson
 
 from casedesk.anthropic.errors import ApiError, overloaded
 from casedesk.http.sse import SseDecoder
 from casedesk.translate.errors import stream_error_message, upstream_error
-from casedesk.translate.fast_delta import text_delta
+from casedesk.translate.fast_delta import text_delta, wire_text_delta
 from casedesk.translate.stream import StreamTranslator
 from casedesk.upstream.affinity import RouteKey
 from casedesk.upstream.balancer import Balancer, UpstreamState
@@ -97,6 +98,14 @@ def _judge(balancer: Balancer, state: UpstreamState, outcome: Outcome) -> None:
         balancer.succeeded(state)  # it answered (rightly, when the request was at fault)
 
 
+def _raise_last(last: Outcome | None) -> NoReturn:
+    """The error of the last attempt that failed, or 502 when there was none to try."""
+    if last is None:
+        raise ApiError(502, "no upstream to try")
+    last.raise_error()
+    raise AssertionError("unreachable")
+
+
 def _transport(error: UpstreamError) -> Outcome:
     if error.local:
         return Outcome(Fault.GATEWAY, overloaded(f"the gateway is overloaded: {error}"))
@@ -131,7 +140,7 @@ async def open_with_failover(
     """A 200 exchange for `method path` with `body` from the best upstream that gives one,
     each tried at most once; otherwise raises the ApiError to send (the last server fault's,
     the request's own error at once, or 502 when none could be reached)."""
-    last = Outcome(Fault.TRANSPORT, ApiError(502, "no upstream to try"))
+    last: Outcome | None = None  # (made only when needed: an exception is not free)
     for state in balancer.candidates():
         opened = await _open(state, method, path, body, read_timeout)
         if isinstance(opened, Exchange):
@@ -141,8 +150,7 @@ async def open_with_failover(
         last = opened
         if not opened.retry:
             break
-    last.raise_error()
-    raise AssertionError("unreachable")
+    _raise_last(last)
 
 
 class AnswerRelay:
@@ -195,7 +203,7 @@ class AnswerRelay:
         early after its first event (`error`: the event to end the stream with). Raises the
         ApiError to answer when no attempt's answer began.
         """
-        last = Outcome(Fault.TRANSPORT, ApiError(502, "no upstream to try"))
+        last: Outcome | None = None
         for state in self.balancer.candidates(self.route_key):
             self.upstream = state.pool.authority
             with self.balancer.serving(self.route_key, state):
@@ -208,8 +216,7 @@ class AnswerRelay:
                 break
             assert outcome.error is not None
             log.warning("upstream %s failed before the answer began: %s", self.upstream, outcome.error.message)
-        last.raise_error()
-        raise AssertionError("unreachable")
+        _raise_last(last)
 
     async def _attempt(
         self,
@@ -289,6 +296,7 @@ class _Attempt:
         "message",
         "limit",
         "taken",
+        "sse",
     )
 
     def __init__(
@@ -318,11 +326,11 @@ class _Attempt:
         self.message = ""
         self.limit = limit or 0
         self.taken = 0
+        self.sse = SseDecoder(self.on_data, self.on_error)
 
     async def run(self, client_gone: Callable[[], bool] | None) -> Outcome:
         """Relay until the stream ends; the outcome says how it ended."""
-        decoder = SseDecoder(self.on_data, self.on_error)
-        feed = decoder.feed
+        feed = self.sse.feed
         flush = self.flush
 
         def feed_then_flush(body: bytes) -> None:
@@ -336,7 +344,7 @@ class _Attempt:
                 self.end(Fault.ANSWER, "upstream sent a chunk of an unexpected shape")
 
         try:
-            await self.exchange.relay(feed_then_flush, client_gone)
+            await self.exchange.relay(feed_then_flush, client_gone, self.take_raw)
         except UpstreamError as exc:
             if self.fault is None and not self.complete:
                 self.end(Fault.GATEWAY if exc.local else Fault.TRANSPORT, str(exc))
@@ -361,6 +369,35 @@ class _Attempt:
         else:
             error = ApiError(502, f"upstream {self.upstream} failed: {self.message}")
         return Outcome(self.fault, error, began)
+
+    def take_raw(self, wire: bytes) -> int:
+        """The plain text-delta chunks at the start of an upstream read, taken straight off the
+        wire (translate/fast_delta.py), with the events `on_data` would make of them; how many
+        bytes were taken. Only once the first token is out (it leaves at once, alone) and while
+        no event is half read; the rest of the read goes the usual way, in order."""
+        if self.waiting or self.complete or self.fault is not None or not self.sse.idle:
+            return 0
+        translator = self.translator
+        pending = self.pending
+        pos = 0
+        try:
+            while (found := wire_text_delta(wire, pos)) is not None:
+                text, pos = found
+                out = translator.feed_text(text)
+                if out:
+                    pending.append(out)
+                if translator.cut:
+                    self.complete = True
+                    break
+            self.flush()
+        except Exception:
+            log.warning("upstream %s sent an answer that cannot be translated: %.200r", self.upstream, wire[:200])
+            log.debug("the translation failed", exc_info=True)
+            self.end(Fault.ANSWER, "upstream sent a chunk of an unexpected shape")
+            return len(wire)
+        if self.complete:
+            self.exchange.abort()  # the answer is complete; llama-server stops here
+        return pos
 
     def on_data(self, payload: bytes) -> None:
         if self.complete or self.fault is not None:

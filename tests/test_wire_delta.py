@@ -1,0 +1,248 @@
+"""The relay's per-token wire path (translate/fast_delta.py `wire_text_delta`, taken by
+upstream/relay.py `_Attempt.take_raw` before the chunked and SSE decoders) against the decoders
+it stands in for.
+
+It may decline anything (None: the decoders take the bytes); it must never take bytes the
+decoders would read otherwise, and a streamed answer must reach the client exactly as the
+decoders alone would relay it, however llama-server's bytes are split across reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from casedesk.http.chunked import ChunkedDecoder, ChunkedError
+from casedesk.translate import fast_delta
+from casedesk.translate.fast_delta import text_delta, wire_text_delta
+from casedesk.upstream import relay
+from tests.support.gateway import GatewayFactory, gateway_config
+from tests.support.wire import raw_events
+
+LINES = (Path(__file__).parent / "llama_server_chunks.txt").read_bytes().splitlines()
+PAYLOADS = [line for line in LINES if line and not line.startswith(b"#")]  # in stream order
+TEXTS = [p for p in PAYLOADS if text_delta(p) is not None]
+
+
+def framed(payload: bytes) -> bytes:
+    """One SSE event in one HTTP chunk, as llama-server writes each."""
+    event = b"data: " + payload + b"\n\n"
+    return b"%x\r\n%b\r\n" % (len(event), event)
+
+
+def decoded_event(wire: bytes) -> bytes | None:
+    """What the chunked decoder makes of `wire` when it is exactly one chunk holding exactly
+    one single-line `data:` event: that event's payload; else None."""
+    decoder = ChunkedDecoder()
+    try:
+        body = decoder.feed(wire)
+    except ChunkedError:
+        return None
+    if not decoder.between_chunks or not body.startswith(b"data: ") or not body.endswith(b"\n\n"):
+        return None
+    payload = body[6:-2]
+    return payload if b"\n" not in payload and b"\r" not in payload else None
+
+
+def test_every_recorded_text_chunk_is_taken_with_its_text() -> None:
+    wire = b"".join(framed(p) for p in TEXTS)
+    pos, texts = 0, []
+    while (found := wire_text_delta(wire, pos)) is not None:
+        text, pos = found
+        texts.append(text)
+    assert pos == len(wire)
+    assert texts == [text_delta(p) for p in TEXTS] and len(texts) > 40
+
+
+def test_other_chunks_and_other_framings_are_declined() -> None:
+    for payload in PAYLOADS:
+        if text_delta(payload) is None:  # role, progress, finish, usage, [DONE]
+            assert wire_text_delta(framed(payload), 0) is None
+    chunk = framed(TEXTS[0])
+    size, _, rest = chunk.partition(b"\r\n")
+    for other in (
+        size.upper() if size.upper() != size else b"0" + size,  # another spelling of the size
+        b"0" + size,
+        b"0x" + size,
+        size + b";ext=1",
+        size + b" ",
+        b"%x" % (int(size, 16) + 1),
+        b"%x" % (int(size, 16) - 1),
+    ):
+        assert wire_text_delta(other + b"\r\n" + rest, 0) is None
+    assert wire_text_delta(chunk.replace(b"\n\n\r\n", b"\r\n\r\n"), 0) is None  # CRLF event end
+    for cut in range(len(chunk)):  # a chunk not yet whole is left to the decoder
+        assert wire_text_delta(chunk[:cut], 0) is None
+    assert wire_text_delta(b"0\r\n\r\n", 0) is None  # the body's end is never taken
+
+
+@given(st.sampled_from(TEXTS), st.data())
+def test_anything_taken_is_what_the_decoders_read(payload: bytes, data: st.DataObject) -> None:
+    """Arbitrary edits of a real chunk: whatever is taken, the chunked decoder reads as one
+    whole chunk of one event, whose payload the full fast path gives the same text."""
+    wire = bytearray(framed(payload))
+    for _ in range(data.draw(st.integers(0, 3))):
+        at = data.draw(st.integers(0, len(wire) - 1))
+        action = data.draw(st.sampled_from(["replace", "insert", "delete"]))
+        byte = data.draw(st.sampled_from(b'0aF \r\n\\"{}:,;x\x00\xc3'))
+        if action == "replace":
+            wire[at] = byte
+        elif action == "insert":
+            wire.insert(at, byte)
+        elif len(wire) > 1:
+            del wire[at]
+    wire_bytes = bytes(wire) + data.draw(st.sampled_from([b"", b"0\r\n\r\n", framed(TEXTS[1])]))
+    found = wire_text_delta(wire_bytes, 0)
+    if found is None:
+        return
+    text, end = found
+    event = decoded_event(wire_bytes[:end])
+    assert event is not None and text_delta(event) == text
+
+
+@given(st.text(max_size=40))
+def test_any_text_llama_server_could_send_is_taken_whole(text: str) -> None:
+    payload = TEXTS[0].replace(b'"content":"Repeat"', b'"content":' + orjson.dumps(text))
+    assert payload != TEXTS[0] or text == "Repeat"
+    assert wire_text_delta(framed(payload), 0) == (text, len(framed(payload)))
+
+
+# -- through the gateway: the same events, however the upstream's bytes are split ----------------
+
+HEAD = (
+    b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5, max=100\r\nContent-Type: text/event-stream\r\n"
+    b"Server: llama.cpp\r\nTransfer-Encoding: chunked\r\nAccess-Control-Allow-Origin: \r\n\r\n"
+)
+WIRE = b"".join(framed(p) for p in PAYLOADS[1:]) + b"0\r\n\r\n"  # role, texts, finish, usage, [DONE]
+
+
+def splits() -> Iterator[tuple[str, list[int]]]:
+    """Cut points in WIRE: none, at every chunk, inside size lines and texts, and at random."""
+    yield "whole", []
+    starts, pos = [], 0
+    while pos < len(WIRE):
+        starts.append(pos)
+        pos = WIRE.index(b"\r\n", pos)
+        pos += 2 + int(WIRE[starts[-1] : pos], 16) + 2 if WIRE[starts[-1] : pos] != b"0" else len(WIRE) - pos
+    yield "every chunk", starts[1:]
+    yield "inside size lines", [s + 1 for s in starts[1:]]
+    yield "inside the texts", [s + 80 for s in starts[1:]]
+    for seed in range(4):
+        chooser = random.Random(seed)
+        yield f"random {seed}", sorted(chooser.sample(range(1, len(WIRE)), 30))
+
+
+class SplitUpstream:
+    """A llama-server that answers /health, and a streamed chat with WIRE cut at `cuts`, each
+    piece its own write with a pause between (so that the gateway reads them apart)."""
+
+    def __init__(self, cuts: list[int], wire: bytes = WIRE) -> None:
+        self.cuts = cuts
+        self.wire = wire
+        self.server: asyncio.Server | None = None
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                await reader.readexactly(length)
+                if not head.startswith(b"POST /v1/chat/completions"):
+                    writer.write(b'HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n{"status":"ok"}')
+                    continue
+                writer.write(HEAD)
+                for a, b in zip([0, *self.cuts], [*self.cuts, len(self.wire)], strict=True):
+                    writer.write(self.wire[a:b])
+                    await writer.drain()
+                    await asyncio.sleep(0.002)
+                break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+async def relayed(start_gateway: GatewayFactory, cuts: list[int], wire: bytes = WIRE) -> list[tuple[str, Any]]:
+    async with SplitUpstream(cuts, wire) as url:
+        gateway = await start_gateway(gateway_config([url]))
+        events = await raw_events(gateway, {})
+        await gateway.shutdown()
+    for name, data in events:
+        if name == "message_start":
+            data["message"]["id"] = "msg"  # (each answer has its own)
+    return events
+
+
+@pytest.mark.parametrize(("name", "cuts"), list(splits()))
+async def test_the_client_gets_what_the_decoders_alone_would_relay(
+    name: str, cuts: list[int], start_gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    taken = 0
+
+    def counted(wire: bytes, pos: int) -> tuple[str, int] | None:
+        nonlocal taken
+        found = fast_delta.wire_text_delta(wire, pos)
+        taken += found is not None
+        return found
+
+    monkeypatch.setattr(relay, "wire_text_delta", counted)
+    fast = await relayed(start_gateway, cuts)
+    monkeypatch.setattr(relay, "wire_text_delta", lambda wire, pos: None)
+    slow = await relayed(start_gateway, cuts)
+    assert fast == slow
+    texts = "".join(d["delta"]["text"] for n, d in fast if n == "content_block_delta")
+    # (the recorded texts include a chat template's end marker, where the translator ends the answer)
+    assert len(texts) > 40 and "".join(text_delta(p) or "" for p in TEXTS).startswith(texts)
+    assert fast[-1][0] == "message_stop"
+    if name == "every chunk":  # (read whole, the first token leaves alone and the rest with it)
+        assert taken >= 10  # the fast path did the work (all but the first token, up to the end)
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+START = framed(PAYLOADS[1]) + framed(TEXTS[0]) + framed(TEXTS[1])  # role, then the first tokens
+END = b"".join(framed(p) for p in PAYLOADS if text_delta(p) is None and b"role" not in p) + b"0\r\n\r\n"
+# An event that spans two chunks: its first line in one, a whole text event in the next. SSE
+# makes one event of both (a payload of two lines, not JSON): the text must not be taken alone.
+SPANNING = START + chunk(b'data: {"x":1}\n') + framed(TEXTS[2]) + framed(TEXTS[3]) + END
+# A chunk whose data holds, after a whole event, what looks like a whole text chunk: a read that
+# begins inside that chunk (between its events) must not be taken as chunks of its own.
+HIDDEN = framed(TEXTS[3])
+NESTED = START + chunk(b"data: " + TEXTS[2] + b"\n\n" + HIDDEN) + framed(TEXTS[4]) + END
+
+
+@pytest.mark.parametrize(
+    ("wire", "cuts"),
+    [
+        (SPANNING, [len(START), len(START) + len(chunk(b'data: {"x":1}\n'))]),
+        (NESTED, [len(START), NESTED.index(HIDDEN)]),
+    ],
+    ids=["event spanning chunks", "chunk inside a chunk"],
+)
+async def test_reads_that_do_not_begin_an_event_are_left_to_the_decoders(
+    wire: bytes, cuts: list[int], start_gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fast = await relayed(start_gateway, cuts, wire)
+    monkeypatch.setattr(relay, "wire_text_delta", lambda wire, pos: None)
+    assert fast == await relayed(start_gateway, cuts, wire)
