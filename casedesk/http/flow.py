@@ -100,9 +100,8 @@ class StreamProtocol(asyncio.Protocol):
         self.flow.resume_writing()
 
 
-def peer_name(transport: asyncio.BaseTransport) -> str:
-    """`host:port` of the other end (or whatever the transport says, for a Unix socket)."""
-    peer = transport.get_extra_info("peername")
+def peer_name(peer: object) -> str:
+    """`host:port` of a transport's `peername` (or whatever it says, for a Unix socket)."""
     return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
 
 

@@ -397,8 +397,8 @@ class HttpProtocol(StreamProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self.client = peer_name(transport)
-        peer = transport.get_extra_info("peername")
+        peer = transport.get_extra_info("peername")  # (uvloop asks the kernel each time: once)
+        self.client = peer_name(peer)
         self.ip = str(peer[0]) if isinstance(peer, tuple) else self.client
         self._loopback_listener = _is_loopback_listener(transport.get_extra_info("sockname"))
         victim, refusal = self.tracker.make_room(self.ip, self.limits)
