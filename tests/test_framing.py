@@ -17,6 +17,7 @@ import pytest
 from casedesk.http.chunked import ChunkedDecoder, ChunkedError
 from casedesk.http.headers import join_headers
 from casedesk.http.limits import ServerLimits
+from casedesk.http.request_head import RequestHead
 from casedesk.http.response_head import CONTINUE, NO_REQUEST, HeadError, response_head
 from casedesk.http.server import (
     ConnectionTracker,
@@ -496,7 +497,8 @@ class Recorder:
 
 def hand_writer(head: h11.Request, draining: bool) -> tuple[ResponseWriter, Recorder]:
     recorder = Recorder(draining)
-    return ResponseWriter(cast(HttpProtocol, recorder), "req_1", asker_of_head(head)), recorder
+    parsed = RequestHead(head.method, head.target, head.http_version, tuple(head.headers), False)
+    return ResponseWriter(cast(HttpProtocol, recorder), "req_1", asker_of_head(parsed)), recorder
 
 
 Headers = tuple[tuple[str, str], ...]

@@ -2,7 +2,7 @@
 
 Why by hand: h11 re-validated and rebuilt every header of every answer (normalize_and_validate,
 a regex per name and value, its state machine per event), a good part of the gateway's CPU per
-request. h11 still parses every request head (http/server.py); what it did with our answers
+request. h11 parses only the request heads http/request_head.py leaves to it; what it did with our answers
 is written out here, rule for rule (h11 0.16 `_clean_up_response_headers_for_sending`,
 `_body_framing`, `_keep_alive`): names are written as given and the framing headers h11 adds
 are title-cased as it writes them; `content-length` frames a whole body, `Transfer-Encoding:

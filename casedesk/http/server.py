@@ -1,6 +1,7 @@
-"""HttpProtocol: one asyncio.Protocol per client connection; h11 parses its request heads.
+"""HttpProtocol: one asyncio.Protocol per client connection, reading requests, writing answers.
 
-h11 parses each request head and tracks its body; the answers are framed by hand
+Request heads are parsed by http/request_head.py (a fast path for the common shape, h11 for
+the rest and the authority); bodies are read here; the answers are framed by hand
 (http/response_head.py, byte for byte as h11 framed them). This module owns the socket:
 limits, timeouts, keep-alive, flow control, and the response writer handlers use. It knows
 HTTP and nothing of Anthropic: the application renders its own errors, and gives this layer an
@@ -31,6 +32,7 @@ import h11
 from casedesk.http.flow import FlowListener, StreamProtocol, peer_name, tcp_fd
 from casedesk.http.headers import join_headers
 from casedesk.http.limits import ServerLimits
+from casedesk.http.request_head import RequestHead, parse_request_head
 from casedesk.http.request_body import BodyError, ChunkedBodyReader, Progress
 from casedesk.http.response_head import (
     CHUNKED_END,
@@ -97,8 +99,8 @@ def frame_chunk(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
 
 
-def asker_of_head(head: h11.Request) -> Asker:
-    """What a request head h11 parsed says about its answer's framing."""
+def asker_of_head(head: RequestHead) -> Asker:
+    """What a parsed request head says about its answer's framing."""
     return asker_of(head.http_version, head.method, [value for name, value in head.headers if name == b"connection"])
 
 
@@ -358,9 +360,6 @@ class HttpProtocol(StreamProtocol):
         self._render_error = render_error
         self._check_head = check_head
         self._loop = asyncio.get_running_loop()
-        # h11 parses one request head per cycle (a fresh Connection each: it never sees our
-        # answers, so it cannot start the next cycle itself) and tracks that request's body.
-        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
         self._asker = NO_REQUEST  # what the request being read says about its answer
         self.client = ""
         self.ip = ""
@@ -371,7 +370,7 @@ class HttpProtocol(StreamProtocol):
         # request that arrives whole passes HEAD and BODY without a timer made for either.
         self._reading = False
         self._deadline: float | None = None
-        self._inbuf = bytearray()  # received, not yet handed to h11 or a body reader
+        self._inbuf = bytearray()  # received, not yet parsed as a head or read as a body
         self._scanned = 0  # bytes of _inbuf already searched for the head's end
         self._stepping = False  # a chunked body's next step is scheduled (reading waits)
         self._loopback_listener = False
@@ -551,21 +550,18 @@ class HttpProtocol(StreamProtocol):
         if found is None:
             self._scanned = len(inbuf)
             return False
-        # h11 is given exactly one head: the body is read by this module, so that bytes after
-        # this request never wait inside h11 where a reader cannot bound them.
-        self.conn.receive_data(bytes(inbuf[:end]))
+        # Exactly one head is parsed (and given to h11, when the fast path sends it there): the
+        # body is read by this module, so bytes after this request never wait inside a parser.
+        data = bytes(inbuf[:end])
         del inbuf[:end]
         self._scanned = 0
         try:
-            event = self.conn.next_event()
+            head = parse_request_head(data, self.limits.max_header_bytes)
         except h11.RemoteProtocolError as exc:
             self._reject(exc.error_status_hint, f"malformed HTTP request: {exc}")
             return False
-        if not isinstance(event, h11.Request):  # cannot happen: a whole head was given
-            self._reject(400, "malformed HTTP request")
-            return False
-        self._asker = asker_of_head(event)
-        self._on_request_head(event)
+        self._asker = asker_of_head(head)
+        self._on_request_head(head)
         return True
 
     def _reject_headers_too_large(self) -> None:
@@ -575,7 +571,7 @@ class HttpProtocol(StreamProtocol):
             f"{self.limits.max_header_count} fields)",
         )
 
-    def _on_request_head(self, head: h11.Request) -> None:
+    def _on_request_head(self, head: RequestHead) -> None:
         limits = self.limits
         if head.http_version not in (b"1.0", b"1.1"):
             version = head.http_version.decode("ascii", "replace")
@@ -625,14 +621,14 @@ class HttpProtocol(StreamProtocol):
             if refusal is not None:
                 self._answer_unread(refusal, request.request_id)
                 return
-        if self.conn.they_are_waiting_for_100_continue:
+        if head.expects_continue:
             # The client holds its body back until told to send it (curl does, for bodies
             # over 1 MB); h11: a server must answer 100 before it blocks on the body.
             self.write(CONTINUE)
         self._enter(Phase.BODY, limits.body_timeout)
 
     def _read_body(self) -> bool:
-        """The body, read here and not by h11 (it parsed the head; its Content-Length is checked):
+        """The body, read here (the head was parsed by request_head.py; its Content-Length checked):
         bytes counted off a Content-Length, or a chunked body through http/request_body.py."""
         cycle = self.cycle
         assert cycle is not None
@@ -740,7 +736,6 @@ class HttpProtocol(StreamProtocol):
         self.cycle = None
         # The body was read whole before the handler ran (_dispatch): the answer decides.
         if cycle.writer.finished and cycle.writer.keep_alive:
-            self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
             self._asker = NO_REQUEST
             if self.flow.writing_paused:
                 # The answer waits in our buffer: the next request is read once it has left
