@@ -104,8 +104,17 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
-async def scenario(target: Target, concurrency: int, streams: int) -> dict[str, Any]:
-    """`streams` streams, `concurrency` at a time: throughput, TTFT, gaps, the target's CPU."""
+@dataclass
+class Sample:
+    """What one run of streams against one target measured, unsummarised (rounds pool these)."""
+
+    results: list[StreamResult]
+    wall: float
+    cpu: float
+
+
+async def measure(target: Target, concurrency: int, streams: int) -> Sample:
+    """`streams` streams, `concurrency` at a time, and the target's CPU meanwhile."""
     semaphore = asyncio.Semaphore(concurrency)
 
     async def guarded() -> StreamResult:
@@ -117,13 +126,22 @@ async def scenario(target: Target, concurrency: int, streams: int) -> dict[str, 
     results = await asyncio.gather(*(guarded() for _ in range(streams)))
     wall = time.perf_counter() - started
     cpu = (cpu_seconds(target.pid) - cpu_before) if target.pid else 0.0
+    return Sample(list(results), wall, cpu)
+
+
+def summarize(target: Target, concurrency: int, samples: list[Sample]) -> dict[str, Any]:
+    """One row from one or more samples of the same target and concurrency: throughput, TTFT,
+    gaps, the target's CPU per token."""
+    results = [r for s in samples for r in s.results]
+    wall = sum(s.wall for s in samples)
+    cpu = sum(s.cpu for s in samples)
     tokens = sum(r.tokens for r in results)
     ttfts = sorted(r.ttft for r in results)
     gaps = sorted(g for r in results for g in r.gaps)
     return {
         "target": target.name,
         "concurrency": concurrency,
-        "streams": streams,
+        "streams": len(results),
         "tokens": tokens,
         "tokens_per_s": tokens / wall,
         "cpu_us_per_token": cpu / tokens * 1e6 if target.pid and tokens else None,
@@ -133,6 +151,22 @@ async def scenario(target: Target, concurrency: int, streams: int) -> dict[str, 
         "gap_p99_ms": pct(gaps, 99) * 1e3 if gaps else None,
         "rss_mb": rss_mb(target.pid) if target.pid else None,
     }
+
+
+async def scenario(target: Target, concurrency: int, streams: int) -> dict[str, Any]:
+    """`streams` streams, `concurrency` at a time: one row (see summarize)."""
+    return summarize(target, concurrency, [await measure(target, concurrency, streams)])
+
+
+async def interleaved(targets: list[Target], concurrency: int, streams: int, rounds: int) -> list[dict[str, Any]]:
+    """`streams` streams per target at `concurrency`, in `rounds` rounds that take the targets
+    in turn: a neighbour's burst on a shared machine then lands on all of them, not on one."""
+    samples: dict[str, list[Sample]] = {t.name: [] for t in targets}
+    per_round = max(concurrency, -(-streams // rounds))
+    for _ in range(rounds):
+        for target in targets:
+            samples[target.name].append(await measure(target, concurrency, per_round))
+    return [summarize(t, concurrency, samples[t.name]) for t in targets]
 
 
 async def slow_streams_rss(target: Target, streams: int) -> dict[str, Any]:
