@@ -167,9 +167,11 @@ async def test_large_bodies_are_checked_off_the_loop_one_at_a_time(monkeypatch: 
         finally:
             at_once -= 1
 
-    started = time.monotonic()
-    parse_body(request, False)  # what one of them would stall the loop for, on the loop
-    on_the_loop = time.monotonic() - started
+    on_the_loop = 0.0  # what the longest of them would stall the loop for, on the loop
+    for _ in range(3):
+        started = time.monotonic()
+        parse_body(request, False)
+        on_the_loop = max(on_the_loop, time.monotonic() - started)
     monkeypatch.setattr(request_body, "_parse", counted)
     watch = LoopWatch()
     parsed = await asyncio.gather(*(parsed_request(deployment, request) for _ in range(3)))  # type: ignore[arg-type]
@@ -177,7 +179,8 @@ async def test_large_bodies_are_checked_off_the_loop_one_at_a_time(monkeypatch: 
     assert [len(p.messages) for p in parsed] == [60_001] * 3
     assert most == LARGE_BODIES_AT_ONCE
     # Measured against the same work on the loop, in the same moment (a busy machine slows
-    # both): what is left is orjson's parse, which holds the GIL (about half of it here).
+    # both), the longest of three against the longest of three: what is left is orjson's
+    # parse, which holds the GIL (about half of it here).
     assert stall < on_the_loop * 0.9, (stall, on_the_loop)
 
 
