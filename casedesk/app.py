@@ -93,10 +93,10 @@ class Gateway:
             )
             for model in dep.models.values():
                 connect_timeout = settings.upstream_connect_timeout
-                pools = [UpstreamPool(u.host, u.port, model.max_connections, connect_timeout) for u in model.upstreams]
+                sizes = (model.max_connections, connect_timeout, model.spare_connections)
+                pools = [UpstreamPool(u.host, u.port, *sizes) for u in model.upstreams]
                 managed = [  # its llama-server, when CaseDesk runs it
-                    UpstreamPool(u.host, u.port, model.max_connections, connect_timeout)
-                    for u in upstreams.get((dep.id, model.tag), [])
+                    UpstreamPool(u.host, u.port, *sizes) for u in upstreams.get((dep.id, model.tag), [])
                 ]
                 thresholds = Thresholds(model.balance_abs_threshold, model.balance_rel_threshold)
                 balancer = Balancer([*pools, *managed], model.balance, thresholds)

@@ -61,6 +61,7 @@ class Model:
     upstreams: tuple[UpstreamAddress, ...] = ()
     llama_server: ManagedServer | None = None
     max_connections: int = 32  # per upstream: the pool's bound on open sockets
+    spare_connections: int = 1  # per upstream: idle sockets kept ready while requests come (upstream/pool.py)
     balance: str = "prefix"  # "prefix" (keep each conversation's prompt cache) or "least_in_flight"
     balance_abs_threshold: int = 4  # prefix: leave an upstream with this many more in flight than the least…
     balance_rel_threshold: float = 1.5  # …and more than this times as many
@@ -598,6 +599,9 @@ def _model(checker: _Checker, prefix: str, tag: str, raw: Any, base_dir: Path | 
     if not raw_upstreams and "llama_server" not in raw:
         checker.problem(prefix, "needs `upstreams = [...]` or a [llama_server] table")
     max_connections = checker.number(raw, "max_connections", prefix, _default(Model, "max_connections"))
+    spares = checker.number(
+        raw, "spare_connections", prefix, _default(Model, "spare_connections"), minimum=0, exclusive=False
+    )
     balance = raw.get("balance", _default(Model, "balance"))
     if balance not in BALANCE_POLICIES:
         choices = " or ".join(map(repr, BALANCE_POLICIES))
@@ -609,7 +613,15 @@ def _model(checker: _Checker, prefix: str, tag: str, raw: Any, base_dir: Path | 
     )
     checker.unknown(
         raw,
-        {"upstreams", "llama_server", "max_connections", "balance", "balance_abs_threshold", "balance_rel_threshold"},
+        {
+            "upstreams",
+            "llama_server",
+            "max_connections",
+            "spare_connections",
+            "balance",
+            "balance_abs_threshold",
+            "balance_rel_threshold",
+        },
         prefix,
     )
     return Model(
@@ -617,6 +629,7 @@ def _model(checker: _Checker, prefix: str, tag: str, raw: Any, base_dir: Path | 
         upstreams=tuple(upstreams),
         llama_server=managed,
         max_connections=max_connections,
+        spare_connections=int(spares),
         balance=balance,
         balance_abs_threshold=abs_threshold,
         balance_rel_threshold=float(rel_threshold),

@@ -31,6 +31,7 @@ def test_the_documented_shape_loads(tmp_path: Path) -> None:
     assert dep.max_concurrency == 8 and dep.max_queue == 64 and not dep.api_keys_sha256
     assert dep.models["llama3.1:8b"].upstreams[0].port == 8080
     assert config.server.limits.max_body_bytes == 32 * 1024 * 1024
+    assert dep.models["llama3.1:8b"].spare_connections == 1  # a stream's next socket is ready (upstream/pool.py)
 
 
 def test_the_examples_load() -> None:
@@ -51,6 +52,7 @@ def test_every_problem_is_reported_with_its_key() -> None:
                         "models": {
                             "m": {"upstreams": ["https://x:1", 5]},
                             "n": {},
+                            "p": {"upstreams": ["http://x:1"], "spare_connections": -1},
                             "o": {"llama_server": {"args": "-c 10"}},
                         },
                     },
@@ -69,6 +71,7 @@ def test_every_problem_is_reported_with_its_key() -> None:
         "deployments.d.models.n",
         "deployments.d.models.o.llama_server.model",
         "deployments.d.models.o.llama_server.args",
+        "deployments.d.models.p.spare_connections",
     ):
         assert key in problems, key
     assert len(caught.value.problems) >= 10

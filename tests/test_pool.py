@@ -5,6 +5,7 @@ closed, `Exchange` closing exactly once, one socket across its request cycles, a
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any
 
 import pytest
@@ -186,6 +187,145 @@ async def test_a_reused_socket_the_server_closed_unannounced_is_retried_on_a_fre
     pool.close()
     server.close()
     await server.wait_closed()
+
+
+async def streamed(pool: UpstreamPool) -> bytes:
+    """One streamed chat answer through the pool (llama-server closes its socket after it)."""
+    body = b'{"messages":[{"role":"user","content":"hi"}],"stream":true}'
+    exchange = await open_exchange(pool, "POST", "/v1/chat/completions", body, 5.0)
+    pieces: list[bytes] = []
+    try:
+        await exchange.relay(pieces.append, None)
+    finally:
+        exchange.close()
+    return b"".join(pieces)
+
+
+async def test_a_spare_opened_after_a_stream_carries_the_next_one_without_a_connect(
+    fake: FakeLlamaServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next stream's first token does not wait for a connect: the socket the last stream
+    spent was replaced by a spare while nobody waited. A spare is nobody's load."""
+    pool = UpstreamPool("127.0.0.1", fake.port, spares=1)
+    assert b"[DONE]" in await streamed(pool)
+    await until(lambda: fake.connections_accepted == 2)  # the spare, opened after the stream
+    await until(lambda: [c.state for c in pool._connections] == [ConnectionState.IDLE])
+    assert pool.in_flight == 0  # the balancer and /metrics see no load
+
+    async def no_connect(conn: UpstreamConnection) -> None:
+        raise AssertionError("the stream waited for a connect")
+
+    monkeypatch.setattr(pool, "_connect", no_connect)
+    assert b"[DONE]" in await streamed(pool)
+    await until(lambda: fake.connections_accepted == 3)  # and the next spare
+    assert pool.connections_opened == 3 and pool.open_connections == 1
+    pool.close()
+    await until(lambda: fake.open_connections == 0)
+
+
+async def test_a_quiet_pool_keeps_no_spare_and_a_whole_answer_opens_none(fake: FakeLlamaServer) -> None:
+    """The server closes a spare nobody used (its keep-alive timeout); none is opened in its
+    place until a request comes. An answer that keeps its socket needs no spare at all."""
+    fake.keepalive_timeout = 0.2
+    pool = UpstreamPool("127.0.0.1", fake.port, spares=1)
+    await streamed(pool)
+    await until(lambda: fake.connections_accepted == 2)
+    await until(lambda: pool.open_connections == 0 and fake.open_connections == 0)
+    await asyncio.sleep(0.3)
+    assert fake.connections_accepted == 2
+    await served(pool)
+    await served(pool)  # the socket it kept
+    assert fake.connections_accepted == 3 and pool.open_connections == 1
+    pool.close()
+
+
+async def test_a_spare_the_server_closed_as_the_request_came_is_retried_on_a_fresh_one() -> None:
+    """A spare that sat open may meet the server's close (its keep-alive timeout, a restart)
+    just as a request is sent on it: as on a reused socket, the request is sent once more."""
+    accepted = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        serial = accepted
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            if serial != 2:  # the spare reads the request and closes without a word
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    pool = UpstreamPool("127.0.0.1", server.sockets[0].getsockname()[1], spares=1)
+    assert await call_json(pool, "GET", "/health", None, 5.0) == (200, {})
+    await until(lambda: accepted == 2 and pool._connections[0].state is ConnectionState.IDLE)
+    assert await call_json(pool, "GET", "/health", None, 5.0) == (200, {})
+    assert accepted >= 3
+    pool.close()
+    server.close()
+    await server.wait_closed()
+
+
+async def test_a_spare_that_cannot_connect_is_dropped_quietly_and_the_next_request_says_why(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A failed spare is nobody's failure: no error, no load; the next request connects
+    itself and reports what it meets."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens on it once the probe is closed
+    pool = UpstreamPool("127.0.0.1", port, spares=1)
+    pool._top_up(asyncio.get_running_loop())  # what a release does when no socket is left
+    assert pool.open_connections == 1 and pool.in_flight == 0
+    await until(lambda: not pool._opening)
+    assert pool.open_connections == 0 and pool.connections_opened == 0
+    with pytest.raises(UpstreamError, match="cannot connect"):
+        await call_json(pool, "GET", "/health", None, 5.0)
+    assert not [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")]
+    pool.close()
+
+
+async def test_a_request_that_comes_while_a_spare_opens_takes_it(fake: FakeLlamaServer) -> None:
+    """A stream that comes right after another (an agent's next turn) meets its spare still
+    opening: it waits for that one rather than open a second socket."""
+    pool = UpstreamPool("127.0.0.1", fake.port, spares=1)
+    pool._top_up(asyncio.get_running_loop())  # what the last stream's release did
+    conn = await pool.acquire()
+    assert conn.opened_ahead and conn.state is ConnectionState.HELD and pool.in_flight == 1
+    await until(lambda: fake.connections_accepted == 1)
+    pool.release(conn)
+    await served(pool)
+    assert pool.connections_opened == 1 and fake.connections_accepted == 1
+    pool.close()
+
+
+async def test_a_request_that_gives_up_on_an_opening_spare_leaves_it_to_the_pool(fake: FakeLlamaServer) -> None:
+    pool = UpstreamPool("127.0.0.1", fake.port, spares=1)
+    pool._top_up(asyncio.get_running_loop())
+    waiting_one = asyncio.ensure_future(pool.acquire())
+    await asyncio.sleep(0)
+    waiting_one.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting_one
+    await until(lambda: [c.state for c in pool._connections] == [ConnectionState.IDLE])
+    assert pool.in_flight == 0
+    await served(pool)  # on that spare
+    assert fake.connections_accepted == 1
+    pool.close()
+
+
+async def test_a_request_whose_opening_spare_fails_connects_itself_and_says_why() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    pool = UpstreamPool("127.0.0.1", port, spares=1)
+    pool._top_up(asyncio.get_running_loop())
+    with pytest.raises(UpstreamError, match="cannot connect"):
+        await pool.acquire()
+    assert (pool.open_connections, pool.in_flight) == (0, 0)
+    pool.close()
 
 
 async def test_an_exchange_closes_once_and_can_be_aborted(fake: FakeLlamaServer) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import errno
+import functools
 import re
 from collections import deque
 from collections.abc import Callable
@@ -93,6 +94,11 @@ class UpstreamConnection(StreamProtocol):
         self.idle_since = 0.0
         self.last_data_at = 0.0
         self.received_any = False
+        # Opened ahead of need (a spare, see UpstreamPool): a close met on its first request
+        # means, as on a reused socket, that the server never saw it. `spare` stays True until
+        # it is handed out: until then it is no request's.
+        self.opened_ahead = False
+        self.spare = False
         # The future of the phase in progress (head, whole body, or relayed body).
         self._future: asyncio.Future[ResponseHead] | asyncio.Future[bytes] | asyncio.Future[None] | None = None
         self._method = ""
@@ -130,7 +136,7 @@ class UpstreamConnection(StreamProtocol):
             return
         elif state in _IN_FLIGHT:
             reason = f"upstream closed the connection ({exc})" if exc else "upstream closed the connection"
-            self._fail(UpstreamError(reason, retryable=not self.received_any and self.requests_sent > 1))
+            self._fail(UpstreamError(reason, retryable=not self.received_any and self.waited))
         self.state = ConnectionState.CLOSED
         self._on_lost(self)
 
@@ -139,9 +145,7 @@ class UpstreamConnection(StreamProtocol):
         if state is ConnectionState.AWAITING_HEAD:
             if not self.received_any:
                 # Closed before answering: on a reused socket the server never saw the request.
-                self._fail(
-                    UpstreamError("upstream closed the connection before answering", retryable=self.requests_sent > 1)
-                )
+                self._fail(UpstreamError("upstream closed the connection before answering", retryable=self.waited))
             else:
                 self._fail(UpstreamError("upstream closed the connection inside the response head"))
         elif state is _HEAD_RECEIVED:
@@ -341,6 +345,12 @@ class UpstreamConnection(StreamProtocol):
     # -- lifecycle ------------------------------------------------------------------------
 
     @property
+    def waited(self) -> bool:
+        """It sat open before this request (reused, or a spare): the server may have closed it
+        meanwhile, so a close with no answer means it never saw the request."""
+        return self.requests_sent > 1 or self.opened_ahead
+
+    @property
     def relaying(self) -> bool:
         return self.state is _CHUNKED or self.state is _RELAYING
 
@@ -398,20 +408,30 @@ class UpstreamPool:
     returns what to do, which `_run` does.
     """
 
-    def __init__(self, host: str, port: int, max_connections: int = 32, connect_timeout: float = 5.0) -> None:
+    def __init__(
+        self, host: str, port: int, max_connections: int = 32, connect_timeout: float = 5.0, spares: int = 0
+    ) -> None:
         self.host = host
         self.port = port
         self.authority = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
         self.max_connections = max_connections
         self.connect_timeout = connect_timeout
+        # Idle connections kept ready while requests come (Envoy's preconnect): llama-server
+        # closes every connection that carried a stream, so without one each stream's first
+        # token waits for a connect. A spare is opened when a request takes a connection,
+        # never for its own sake: it is retired like any idle socket, before the server's
+        # keep-alive timeout, and a quiet pool ends with none (docs/design.md, "Upstream pool").
+        self.spares = spares
         self._connections: list[UpstreamConnection] = []  # every live one, oldest first
         self._queue: deque[ConnectionWaiter] = deque()
+        self._opening: dict[UpstreamConnection, asyncio.Task[None]] = {}  # spares being opened
         self.connections_opened = 0
 
     @property
     def in_flight(self) -> int:
-        """Connections held by callers (a request in flight, or a socket being opened)."""
-        return sum(1 for c in self._connections if c.state is not ConnectionState.IDLE)
+        """Connections held by callers (a request in flight, or its socket being opened);
+        a spare being opened is nobody's request."""
+        return sum(1 for c in self._connections if c.state is not ConnectionState.IDLE and not c.spare)
 
     @property
     def open_connections(self) -> int:
@@ -438,8 +458,62 @@ class UpstreamPool:
                 self.release(waiter.future.result())
             raise
         if conn.state is ConnectionState.CONNECTING:
-            await self._connect(conn)
+            opening = self._opening.get(conn)
+            if opening is None:
+                await self._connect(conn)
+            elif not await self._spare_opened(conn, opening):
+                return await self.acquire(fresh=True)  # it failed: connect afresh (and say why)
         return conn
+
+    async def _spare_opened(self, conn: UpstreamConnection, opening: asyncio.Task[None]) -> bool:
+        """Wait for the spare this request was handed while it opened: sooner than a connect
+        of its own. Cancelled, the request leaves it to the pool."""
+        try:
+            await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            if opening.done():
+                self.release(conn)
+            else:
+                conn.spare = True  # idle in the pool once open
+            raise
+        return conn.state is ConnectionState.HELD
+
+    def _top_up(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Open spares (in the background) until `spares` are idle or opening, within the cap."""
+        live = self._connections
+        ready = sum(1 for c in live if c.spare or c.state is ConnectionState.IDLE)
+        for _ in range(min(self.spares - ready, self.max_connections - len(live))):
+            conn = self._new_connection()
+            conn.opened_ahead = conn.spare = True
+            live.append(conn)
+            # (kept, also because a task nobody references may be collected mid-way)
+            self._opening[conn] = task = loop.create_task(self._open_spare(conn))
+            task.add_done_callback(functools.partial(self._opened, conn))
+
+    def _opened(self, conn: UpstreamConnection, _task: asyncio.Task[None]) -> None:
+        self._opening.pop(conn, None)
+
+    async def _open_spare(self, conn: UpstreamConnection) -> None:
+        """Open a spare; once open it waits in the pool as an idle connection. A failure is
+        nobody's: the spare is dropped, and the next request connects (and reports) itself."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await loop.create_connection(lambda: conn, self.host, self.port)
+        except BaseException as exc:
+            conn.state = ConnectionState.CLOSED
+            if conn.transport is not None:
+                conn.transport.abort()
+            if not isinstance(exc, (OSError, TimeoutError)):
+                raise  # cancelled: the pool is closing
+        else:
+            self.connections_opened += 1
+            if conn.spare and conn.state is ConnectionState.HELD:  # (nobody took it, nor closed it)
+                conn.state = ConnectionState.IDLE
+                conn.idle_since = loop.time()
+            elif conn.state is ConnectionState.CLOSED and conn.transport is not None:
+                conn.transport.abort()  # given up on while it opened
+        self._run(self._assign(loop.time()))
 
     async def _connect(self, conn: UpstreamConnection) -> None:
         """Open the socket of a new connection; on failure it leaves the pool."""
@@ -472,7 +546,10 @@ class UpstreamPool:
         loop = asyncio.get_running_loop()
         now = loop.time()
         if conn.state is ConnectionState.CONNECTING:
-            conn.state = ConnectionState.CLOSED  # handed out but never opened
+            if conn in self._opening:
+                conn.spare = True  # a spare still opening: the pool's again
+            else:
+                conn.state = ConnectionState.CLOSED  # handed out but never opened
         elif not reusable:
             conn.abort()  # cut short: llama-server learns at once that nobody reads it
         elif conn.state is ConnectionState.HELD:
@@ -481,6 +558,8 @@ class UpstreamPool:
         else:
             conn.close()
         self._run(self._assign(now))
+        if self.spares:
+            self._top_up(loop)
 
     def _lost(self, conn: UpstreamConnection) -> None:
         if conn in self._connections:
@@ -488,8 +567,8 @@ class UpstreamPool:
 
     def _assign(self, now: float) -> Assignment:
         """Drop closed connections and close spent and expired idle ones; then serve waiting
-        requests in order: an idle connection (the newest), else a new one while below the
-        cap, else (a fresh one wanted and the pool full) close the oldest idle one to make
+        requests in order: an idle connection (the newest), else a spare still opening, else a
+        new one while below the cap, else (a fresh one wanted and the pool full) close the oldest idle one to make
         room for a new one; else they keep waiting. No I/O: returns what to do."""
         todo = Assignment()
         live: list[UpstreamConnection] = []
@@ -509,8 +588,12 @@ class UpstreamPool:
                 queue.popleft()
                 continue
             idle = [c for c in live if c.state is ConnectionState.IDLE]
+            opening = [c for c in live if c.spare and c.state is ConnectionState.CONNECTING]
             if idle and not waiter.fresh:
                 conn = idle[-1]
+            elif opening and not waiter.fresh:
+                conn = opening[0]  # a spare on its way: it opens before a new one would
+                conn.spare = False
             elif len(live) < self.max_connections:
                 conn = self._new_connection()
                 live.append(conn)
@@ -526,6 +609,7 @@ class UpstreamPool:
             queue.popleft()
             if conn.state is ConnectionState.IDLE:
                 conn.state = ConnectionState.HELD
+                conn.spare = False  # a request's now
             todo.hand.append((waiter, conn))
         return todo
 
@@ -540,6 +624,8 @@ class UpstreamPool:
             waiter.future.set_result(conn)
 
     def close(self) -> None:
+        for task in self._opening.values():
+            task.cancel()
         for conn in self._connections:
             if conn.state is ConnectionState.IDLE:
                 conn.close()
