@@ -1,7 +1,8 @@
 """The relay's per-token fast path gives the client exactly the bytes the full parse gives.
 
 `upstream/relay.py` hands a plain text-delta chunk to `StreamTranslator.feed_text` (its text
-cut out by translate/fast_delta.py) instead of `orjson.loads` + `feed`. Both paths are driven
+cut out by translate/fast_delta.py) instead of `orjson.loads` + `feed`, or a read's run of them
+to `feed_texts` at once. These paths are driven
 here over the same payloads (the real llama-server's recorded chunks, the fake's stream, and
 generated texts) in every translator mode that treats text specially (tool-call repair holds
 text back, max_tokens reads the delta count, thinking, one tool call only), and their bytes are
@@ -72,6 +73,29 @@ def fast_path(payloads: list[bytes], **options: Any) -> tuple[list[bytes], bytes
     return out, t.finish(), t
 
 
+def batched_path(payloads: list[bytes], run: int, **options: Any) -> tuple[bytes, bytes, StreamTranslator]:
+    """What the relay does with a read of many text chunks (`_Attempt.take_raw`): up to `run`
+    plain text deltas at a time by `feed_texts`, anything else in full."""
+    t = translator(**options)
+    out, texts = [], []
+    for p in payloads:
+        if p == b"[DONE]":
+            continue
+        text = text_delta(p)
+        if text is not None:
+            texts.append(text)
+            if len(texts) < run:
+                continue
+        if texts:
+            out.append(t.feed_texts(texts))
+            texts = []
+        if text is None:
+            out.append(t.feed(orjson.loads(p)))
+    if texts:
+        out.append(t.feed_texts(texts))
+    return b"".join(out), t.finish(), t
+
+
 def assert_same_bytes(payloads: list[bytes], **options: Any) -> int:
     """Both paths agree on every chunk's bytes, the end and what the caller reads after; the
     number of chunks the fast path took."""
@@ -86,6 +110,16 @@ def assert_same_bytes(payloads: list[bytes], **options: Any) -> int:
         full.has_tool_use,
         full.cut,
     )
+    for run in (2, 3, len(payloads)):
+        batched_out, batched_end, batched = batched_path(payloads, run, **options)
+        assert batched_out == b"".join(full_out)
+        assert same_ids(batched_end) == same_ids(full_end)
+        assert (batched.generated, batched.final_usage, batched.repaired, batched.cut) == (
+            full.generated,
+            full.final_usage,
+            full.repaired,
+            full.cut,
+        )
     return sum(text_delta(p) is not None for p in payloads)
 
 

@@ -1,4 +1,4 @@
-"""The relay's per-token wire path (translate/fast_delta.py `wire_text_delta`, taken by
+"""The relay's per-token wire path (translate/fast_delta.py `wire_text_deltas`, taken by
 upstream/relay.py `_Attempt.take_raw` before the chunked and SSE decoders) against the decoders
 it stands in for.
 
@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from casedesk.http.chunked import ChunkedDecoder, ChunkedError
 from casedesk.translate import fast_delta
-from casedesk.translate.fast_delta import text_delta, wire_text_delta
+from casedesk.translate.fast_delta import text_delta, wire_text_delta, wire_text_deltas
 from casedesk.upstream import relay
 from tests.support.gateway import GatewayFactory, gateway_config
 from tests.support.wire import raw_events
@@ -60,6 +60,26 @@ def test_every_recorded_text_chunk_is_taken_with_its_text() -> None:
         texts.append(text)
     assert pos == len(wire)
     assert texts == [text_delta(p) for p in TEXTS] and len(texts) > 40
+
+
+def test_a_read_of_many_is_taken_in_one_call_up_to_the_first_chunk_of_another_shape() -> None:
+    """`wire_text_deltas` (the relay's one call per read) takes what `wire_text_delta` would
+    take one by one, and stops where it would stop: at a chunk of another shape, or a part."""
+    other = framed(PAYLOADS[-2]) if text_delta(PAYLOADS[-2]) is None else framed(PAYLOADS[1])
+    head, tail = b"".join(framed(p) for p in TEXTS[:5]), b"".join(framed(p) for p in TEXTS[5:8])
+    wire = head + other + tail
+    texts: list[str] = []
+    assert wire_text_deltas(wire, 0, texts) == len(head)
+    assert texts == [text_delta(p) for p in TEXTS[:5]]
+    texts.clear()
+    assert wire_text_deltas(wire, len(head) + len(other), texts) == len(wire)
+    assert texts == [text_delta(p) for p in TEXTS[5:8]]
+    texts.clear()
+    assert wire_text_deltas(head + tail[:-1], 0, texts, most=2) == len(framed(TEXTS[0]) + framed(TEXTS[1]))
+    assert len(texts) == 2
+    texts.clear()
+    assert wire_text_deltas(tail[:-1], 0, texts) == len(framed(TEXTS[5]) + framed(TEXTS[6]))  # the last is cut
+    assert len(texts) == 2
 
 
 def test_other_chunks_and_other_framings_are_declined() -> None:
@@ -198,15 +218,16 @@ async def test_the_client_gets_what_the_decoders_alone_would_relay(
 ) -> None:
     taken = 0
 
-    def counted(wire: bytes, pos: int) -> tuple[str, int] | None:
+    def counted(wire: bytes, pos: int, texts: list[str]) -> int:
         nonlocal taken
-        found = fast_delta.wire_text_delta(wire, pos)
-        taken += found is not None
-        return found
+        before = len(texts)
+        end = fast_delta.wire_text_deltas(wire, pos, texts)
+        taken += len(texts) - before
+        return end
 
-    monkeypatch.setattr(relay, "wire_text_delta", counted)
+    monkeypatch.setattr(relay, "wire_text_deltas", counted)
     fast = await relayed(start_gateway, cuts)
-    monkeypatch.setattr(relay, "wire_text_delta", lambda wire, pos: None)
+    monkeypatch.setattr(relay, "wire_text_deltas", lambda wire, pos, texts: pos)
     slow = await relayed(start_gateway, cuts)
     assert fast == slow
     texts = "".join(d["delta"]["text"] for n, d in fast if n == "content_block_delta")
@@ -244,5 +265,5 @@ async def test_reads_that_do_not_begin_an_event_are_left_to_the_decoders(
     wire: bytes, cuts: list[int], start_gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fast = await relayed(start_gateway, cuts, wire)
-    monkeypatch.setattr(relay, "wire_text_delta", lambda wire, pos: None)
+    monkeypatch.setattr(relay, "wire_text_deltas", lambda wire, pos, texts: pos)
     assert fast == await relayed(start_gateway, cuts, wire)

@@ -74,26 +74,43 @@ def wire_text_delta(wire: bytes, pos: int) -> tuple[str, int] | None:
     """(text, where the next chunk starts) when `wire` at `pos` holds one whole chunk that is
     one plain text-delta event, `%x\r\ndata: {…}\n\n\r\n` (lower-case hex, no extension,
     as llama-server frames it); else None (not whole, another shape, or another framing)."""
-    eol = wire.find(b"\r\n", pos, pos + _SIZE_LINE_MAX)
-    if eol < 0:
-        return None
-    line = wire[pos:eol]
-    try:
-        size = int(line, 16)
-    except ValueError:
-        return None
-    if b"%x" % size != line:  # int() also takes "0x", "_", "+" and spaces: only the canonical form
-        return None
-    start = eol + 2
-    stop = start + size  # the chunk's data ends here, then its CRLF
-    if len(wire) < stop + 2 or not wire.startswith(_EVENT, start) or wire[stop - 2 : stop + 2] != b"\n\n\r\n":
-        return None
-    text_at = start + _TEXT_AT
-    end = wire.find(_END, text_at + 1, stop)
-    if end < 0 or not _plain_envelope(wire[end : stop - 2]):
-        return None
-    try:
-        text = orjson.loads(wire[text_at : end + 1])  # exactly one JSON string (as text_delta)
-    except orjson.JSONDecodeError:
-        return None
-    return (text, stop + 2) if isinstance(text, str) else None
+    texts: list[str] = []
+    end = wire_text_deltas(wire, pos, texts, 1)
+    return (texts[0], end) if texts else None
+
+
+def wire_text_deltas(wire: bytes, pos: int, texts: list[str], most: int = -1) -> int:
+    """Every such chunk from `pos` on, in a row (at most `most`; -1: no bound): their texts
+    appended to `texts`; returns where the first chunk not taken starts. One call per read,
+    not one per token: the loop is the relay's per-token path (bench/results/latest.md)."""
+    find, startswith, loads = wire.find, wire.startswith, orjson.loads
+    size_of = len(wire)
+    while most:
+        eol = find(b"\r\n", pos, pos + _SIZE_LINE_MAX)
+        if eol < 0:
+            return pos
+        line = wire[pos:eol]
+        try:
+            size = int(line, 16)
+        except ValueError:
+            return pos
+        if b"%x" % size != line:  # int() also takes "0x", "_", "+" and spaces: only the canonical form
+            return pos
+        start = eol + 2
+        stop = start + size  # the chunk's data ends here, then its CRLF
+        if size_of < stop + 2 or not startswith(_EVENT, start) or wire[stop - 2 : stop + 2] != b"\n\n\r\n":
+            return pos
+        text_at = start + _TEXT_AT
+        end = find(_END, text_at + 1, stop)
+        if end < 0 or not _plain_envelope(wire[end : stop - 2]):
+            return pos
+        try:
+            text = loads(wire[text_at : end + 1])  # exactly one JSON string (as text_delta)
+        except orjson.JSONDecodeError:
+            return pos
+        if not isinstance(text, str):
+            return pos
+        texts.append(text)
+        pos = stop + 2
+        most -= 1
+    return pos

@@ -153,6 +153,16 @@ class StreamTranslator:
             out += self._maybe_held(text)
         return out
 
+    def feed_texts(self, texts: list[str]) -> bytes:
+        """Exactly `feed_text` for each of `texts` in turn, in one call: an upstream read of
+        many plain text deltas (a fast model, or a client catching up). Once the text block is
+        open and nothing is held, each is one event: built here without a call per token."""
+        if self._block == "text" and self.started:  # (text is never held once its block is open)
+            self._deltas += len(texts)
+            prefix, dumps = self._text_prefix, orjson.dumps
+            return b"".join([prefix + dumps(text) + b"}}\n\n" for text in texts if text])
+        return b"".join([self.feed_text(text) for text in texts])
+
     def _maybe_held(self, text: str) -> bytes:
         """Text, unless it may still turn out to be a JSON tool call: then it waits."""
         held = self._held

@@ -35,7 +35,7 @@ import orjson
 from casedesk.anthropic.errors import ApiError, overloaded
 from casedesk.http.sse import SseDecoder
 from casedesk.translate.errors import stream_error_message, upstream_error
-from casedesk.translate.fast_delta import text_delta, wire_text_delta
+from casedesk.translate.fast_delta import text_delta, wire_text_deltas
 from casedesk.translate.stream import StreamTranslator
 from casedesk.upstream.affinity import RouteKey
 from casedesk.upstream.balancer import Balancer, UpstreamState
@@ -378,17 +378,16 @@ class _Attempt:
         if self.waiting or self.complete or self.fault is not None or not self.sse.idle:
             return 0
         translator = self.translator
-        pending = self.pending
-        pos = 0
+        texts: list[str] = []
         try:
-            while (found := wire_text_delta(wire, pos)) is not None:
-                text, pos = found
-                out = translator.feed_text(text)
-                if out:
-                    pending.append(out)
-                if translator.cut:
-                    self.complete = True
-                    break
+            pos = wire_text_deltas(wire, 0, texts)
+            if not texts:
+                return 0
+            out = translator.feed_texts(texts)
+            if out:
+                self.pending.append(out)
+            if translator.cut:  # (text never cuts an answer short today: only a second tool call)
+                self.complete = True
             self.flush()
         except Exception:
             log.warning("upstream %s sent an answer that cannot be translated: %.200r", self.upstream, wire[:200])
