@@ -9,7 +9,8 @@ sends `models.retrieve("hf.co/org/m:Q4")` as `…/models/hf.co%2Forg%2Fm:Q4`.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import functools
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
@@ -29,19 +30,28 @@ class Route:
 @dataclass(frozen=True, slots=True)
 class Match:
     handler: RouteHandler
-    params: dict[str, str]
+    params: Mapping[str, str]  # (shared by every request on this path: read only)
 
 
 class Router:
     def __init__(self) -> None:
         self._routes: list[Route] = []
+        # A gateway sees a handful of paths over and over (one per deployment and endpoint),
+        # and each request is routed twice (its head is checked before its body is read): the
+        # matches are remembered, a bounded number, so that unknown paths cannot grow it.
+        # (Refusals are raised, so never remembered.)
+        self._resolved = functools.lru_cache(maxsize=256)(self._resolve)
 
     def add(self, methods: str | tuple[str, ...], pattern: str, handler: RouteHandler) -> None:
         names = (methods,) if isinstance(methods, str) else methods
         self._routes.append(Route(frozenset(names), tuple(pattern.strip("/").split("/")), handler))
+        self._resolved.cache_clear()
 
     def resolve(self, method: str, path: str) -> Match:
         """The route for this request; ApiError 404 or 405 (with `allow`) when there is none."""
+        return self._resolved(method, path)
+
+    def _resolve(self, method: str, path: str) -> Match:
         parts = path.strip("/").split("/")
         if "" in parts and path.strip("/"):
             raise ApiError(404, f"no route for {path}")

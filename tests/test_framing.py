@@ -681,3 +681,14 @@ async def test_one_connection_end_to_end_writes_what_one_h11_connection_wrote() 
             conn.start_next_cycle()
     assert conn.our_state is h11.MUST_CLOSE  # the HTTP/1.0 stream: close-delimited
     assert wire == expected
+
+
+def test_a_head_seen_before_reads_the_same_and_a_refused_one_is_refused_again() -> None:
+    """Heads are remembered (llama-server's repeat byte for byte): the same bytes give an equal
+    head, and a refusal is never remembered as an answer."""
+    block = b"HTTP/1.1 200 OK\r\nServer: llama.cpp\r\nTransfer-Encoding: chunked\r\nConnection: close"
+    first, again = parse_head(block), parse_head(block)
+    assert first == again and first is not None and first.chunked and not first.keep_alive
+    for _ in range(2):
+        with pytest.raises(FramingError):
+            parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 1, 2")

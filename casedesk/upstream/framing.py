@@ -11,7 +11,9 @@ Compared with h11 on the same bytes, split at every point, in tests/test_framing
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -40,7 +42,7 @@ class ResponseHead:
     """A final (non-1xx) response head; `headers` as join_headers makes them."""
 
     status: int
-    headers: dict[str, str]
+    headers: Mapping[str, str]  # (shared by every answer with the same head: read only)
     keep_alive: bool  # HTTP/1.1 and no `Connection: close`
     chunked: bool  # Transfer-Encoding: chunked
     content_length: int | None = None  # the one valid Content-Length, if sent
@@ -108,8 +110,13 @@ class HeadParser:
                 return None
 
 
+@functools.lru_cache(maxsize=32)
 def parse_head(block: bytes) -> ResponseHead | None:
-    """A head's lines (the status line and fields, without the empty line); None for 1xx."""
+    """A head's lines (the status line and fields, without the empty line); None for 1xx.
+
+    llama-server's heads carry no date and no id: its answers' heads repeat byte for byte
+    (docs/llama-server-facts.md §4), so each is parsed once (7 µs) and looked up after. A
+    refused head raises, and is never remembered."""
     lines = block.split(b"\n")
     status_line = lines[0]
     if status_line[-1:] == b"\r":
