@@ -496,24 +496,16 @@ class UpstreamPool:
     async def _open_spare(self, conn: UpstreamConnection) -> None:
         """Open a spare; once open it waits in the pool as an idle connection. A failure is
         nobody's: the spare is dropped, and the next request connects (and reports) itself."""
-        loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(self.connect_timeout):
-                await loop.create_connection(lambda: conn, self.host, self.port)
-        except BaseException as exc:
-            conn.state = ConnectionState.CLOSED
-            if conn.transport is not None:
-                conn.transport.abort()
-            if not isinstance(exc, (OSError, TimeoutError)):
-                raise  # cancelled: the pool is closing
-        else:
-            self.connections_opened += 1
-            if conn.spare and conn.state is ConnectionState.HELD:  # (nobody took it, nor closed it)
-                conn.state = ConnectionState.IDLE
-                conn.idle_since = loop.time()
-            elif conn.state is ConnectionState.CLOSED and conn.transport is not None:
-                conn.transport.abort()  # given up on while it opened
-        self._run(self._assign(loop.time()))
+            await self._connect(conn)
+        except UpstreamError:
+            return  # (closed, and the pool told)
+        if conn.spare and conn.state is ConnectionState.HELD:  # (nobody took it, nor closed it)
+            conn.state = ConnectionState.IDLE
+            conn.idle_since = asyncio.get_running_loop().time()
+        elif conn.state is ConnectionState.CLOSED and conn.transport is not None:
+            conn.transport.abort()  # given up on while it opened
+        self._run(self._assign(asyncio.get_running_loop().time()))
 
     async def _connect(self, conn: UpstreamConnection) -> None:
         """Open the socket of a new connection; on failure it leaves the pool."""
