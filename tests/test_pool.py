@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from casedesk.upstream.client import MAX_ERROR_BODY, call_json, open_exchange
-from casedesk.upstream.pool import ConnectionState, UpstreamConnection, UpstreamError, UpstreamPool, ConnectionWaiter
+from casedesk.upstream.connection import ConnectionState, UpstreamConnection, UpstreamError
+from casedesk.upstream.pool import ConnectionWaiter, UpstreamPool
 from tests.fake_llama import FakeLlamaServer
 from tests.support.wait import until
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from casedesk.serving import ModelState
 from casedesk.upstream.client import call_json
-from casedesk.upstream.pool import UpstreamError
+from casedesk.upstream.connection import UpstreamError
 
 log = logging.getLogger("casedesk.model_facts")
 

@@ -19,7 +19,7 @@ from casedesk.http.server import Request, ResponseWriter
 from casedesk.ops.accesslog import RequestRecord
 from casedesk.serving import DeploymentState
 from casedesk.translate.request import to_chat_request
-from casedesk.upstream.pool import UpstreamError
+from casedesk.upstream.connection import UpstreamError
 from casedesk.upstream.relay import open_with_failover
 
 

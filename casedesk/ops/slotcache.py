@@ -31,7 +31,8 @@ from pathlib import Path
 import orjson
 
 from casedesk.upstream.client import call_json
-from casedesk.upstream.pool import UpstreamError, UpstreamPool
+from casedesk.upstream.connection import UpstreamError
+from casedesk.upstream.pool import UpstreamPool
 
 log = logging.getLogger("casedesk.slots")
 

@@ -30,7 +30,8 @@ from casedesk.upstream.affinity import (
     route_key,
 )
 from casedesk.upstream.client import call_json
-from casedesk.upstream.pool import UpstreamError, UpstreamPool
+from casedesk.upstream.connection import UpstreamError
+from casedesk.upstream.pool import UpstreamPool
 
 log = logging.getLogger("casedesk.balancer")
 

@@ -18,7 +18,9 @@ from typing import TypeVar
 
 import orjson
 
-from casedesk.upstream.pool import ResponseHead, UpstreamConnection, UpstreamError, UpstreamPool
+from casedesk.upstream.connection import UpstreamConnection, UpstreamError
+from casedesk.upstream.framing import ResponseHead
+from casedesk.upstream.pool import UpstreamPool
 
 T = TypeVar("T")
 

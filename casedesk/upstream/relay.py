@@ -40,7 +40,7 @@ from casedesk.translate.stream import StreamTranslator
 from casedesk.upstream.affinity import RouteKey
 from casedesk.upstream.balancer import Balancer, UpstreamState
 from casedesk.upstream.client import MAX_ERROR_BODY, Exchange, open_exchange
-from casedesk.upstream.pool import UpstreamError
+from casedesk.upstream.connection import UpstreamError
 
 log = logging.getLogger("casedesk.relay")
 
