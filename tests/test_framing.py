@@ -543,6 +543,30 @@ def test_streamed_answers_are_the_bytes_h11_wrote_and_keep_alive_as_h11_decided(
                     assert writer.keep_alive == (conn.our_state is h11.DONE), case
 
 
+def test_a_head_prepared_while_the_upstream_works_is_the_head_start_stream_renders() -> None:
+    """prepare_stream (called while llama-server reads the prompt) changes no byte: the same
+    wire as an unprepared stream for every request line and status, and a head prepared with
+    other headers, or before shutdown began, is rendered afresh (shutdown adds its close)."""
+    for method, version, connection in REQUEST_LINES:
+        request = request_bytes_of(method, version, connection)
+        for status in (200, 204, 529):
+            for extra in EXTRA_HEADERS:
+                for prepared_with, draining_after in ((extra, False), ((("x-other", "1"),), False), (extra, True)):
+                    conn, head, _ = h11_server_after(request)
+                    expected = h11_stream(conn, head, status, extra, draining_after)
+                    writer, recorder = hand_writer(head, draining=False)
+                    writer.prepare_stream(status, headers=prepared_with)
+                    assert recorder.wire == b"" and not writer.started  # nothing sent, nothing begun
+                    recorder.tracker.draining = draining_after
+                    writer.start_stream(status, headers=extra)
+                    for chunk in CHUNKS:
+                        writer.write(chunk)
+                    writer.end()
+                    case = (method, version, connection, status, extra, prepared_with, draining_after)
+                    assert recorder.wire == expected, case
+                    assert writer.keep_alive == (conn.our_state is h11.DONE), case
+
+
 def test_an_http_1_1_stream_reads_back_through_h11_at_every_split_point() -> None:
     conn, head, _ = h11_server_after(request_bytes_of(b"GET", b"1.1", None))
     writer, recorder = hand_writer(head, draining=False)

@@ -13,7 +13,7 @@ import pytest
 from casedesk.upstream.client import MAX_ERROR_BODY, call_json, open_exchange
 from casedesk.upstream.connection import ConnectionState, UpstreamConnection, UpstreamError
 from casedesk.upstream.pool import ConnectionWaiter, UpstreamPool
-from tests.fake_llama import FakeLlamaServer
+from tests.fake_llama import FakeLlamaServer, Reply
 from tests.support.wait import until
 
 
@@ -528,3 +528,24 @@ async def test_an_answer_whose_socket_closed_before_its_body_was_asked_for_is_re
         finally:
             exchange.close()
         assert pool.in_flight == 0 and pool.open_connections == 0
+
+
+async def test_sent_runs_once_the_request_is_written_while_the_head_is_awaited() -> None:
+    """open_exchange's `sent` (the streamed answer's head rendered meanwhile) runs after the
+    request left and before the upstream's head: work done while llama-server reads the prompt."""
+    events: list[str] = []
+    body = b'{"messages":[{"role":"user","content":"hi"}],"stream":true}'
+    async with FakeLlamaServer(Reply(tokens=["a"], head_delay=0.2)) as fake:
+        pool = UpstreamPool("127.0.0.1", fake.port, max_connections=1)
+
+        def sent() -> None:
+            events.append(f"sent, {len(fake.chat_requests())} requests seen")
+
+        started = asyncio.get_running_loop().time()
+        exchange = await open_exchange(pool, "POST", "/v1/chat/completions", body, 5.0, sent)
+        events.append(f"head {exchange.head.status}")
+        assert asyncio.get_running_loop().time() - started >= 0.2  # the head was withheld meanwhile
+        exchange.abort()
+        exchange.close()
+        pool.close()
+    assert events == ["sent, 0 requests seen", "head 200"]

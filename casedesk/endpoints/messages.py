@@ -105,18 +105,24 @@ async def _stream(
     answer: Answer, writer: ResponseWriter, record: RequestRecord, headers: tuple[tuple[str, str], ...]
 ) -> None:
     relay = answer.relay
+    head = (*STREAM_HEADERS, *headers)
+
+    def sent() -> None:
+        writer.prepare_stream(headers=head)  # while llama-server reads the prompt
 
     def start() -> None:
         answer.begun()
         if not writer.started:  # the keep-alive may have started it already
-            writer.start_stream(headers=(*STREAM_HEADERS, *headers))
+            writer.start_stream(headers=head)
 
     def first_token() -> None:
         record.ttft = time.monotonic() - record.started
 
     writer.set_flow_listener(relay)
     try:
-        outcome = await relay.run(answer.payload, answer.new_translator, start, writer.write, first_token, writer.end)
+        outcome = await relay.run(
+            answer.payload, answer.new_translator, start, writer.write, first_token, writer.end, sent
+        )
     finally:
         answer.count(record)  # also when the client left: what it was sent
     start()

@@ -40,6 +40,7 @@ from casedesk.http.response_head import (
     NO_REQUEST,
     Asker,
     Body,
+    Head,
     HeadError,
     asker_of,
     response_head,
@@ -184,6 +185,7 @@ class ResponseWriter:
         "_asker",
         "_body",
         "_held_head",
+        "_prepared",
     )
 
     def __init__(self, protocol: HttpProtocol, request_id: str, asker: Asker) -> None:
@@ -196,6 +198,7 @@ class ResponseWriter:
         self._asker = asker
         self._body = Body.NONE
         self._held_head = b""
+        self._prepared: tuple[tuple[object, ...], Head] | None = None  # see prepare_stream
 
     @property
     def head_only(self) -> bool:
@@ -213,12 +216,17 @@ class ResponseWriter:
     def _head(self, status: int, headers: list[tuple[str, str]]) -> bytes:
         if self.started:
             raise RuntimeError("response already started")
-        self.started = True
-        self.status = status
+        return self._commit(status, self._render(status, headers))
+
+    def _render(self, status: int, headers: list[tuple[str, str]]) -> Head:
         headers.append(("request-id", self.request_id))
         if self._protocol.tracker.draining and ("connection", "close") not in headers:
             headers.append(("connection", "close"))  # shutting down: no next request here
-        head = response_head(status, headers, self._asker)
+        return response_head(status, headers, self._asker)
+
+    def _commit(self, status: int, head: Head) -> bytes:
+        self.started = True
+        self.status = status
         self._body = head.body
         self.keep_alive = head.keep_alive
         return head.data
@@ -259,7 +267,36 @@ class ResponseWriter:
         keep-alive comment): this saves the client a wakeup and a syscall on the way to the
         first token.
         """
-        self._held_head = self._head(status, [("content-type", content_type), ("cache-control", "no-cache"), *headers])
+        prepared, self._prepared = self._prepared, None
+        if self.started:
+            raise RuntimeError("response already started")
+        key = (status, content_type, headers, self._protocol.tracker.draining)
+        if prepared is not None and prepared[0] == key:
+            self._held_head = self._commit(status, prepared[1])
+            return
+        self._held_head = self._commit(status, self._render(status, self._stream_headers(content_type, headers)))
+
+    def prepare_stream(
+        self,
+        status: int = 200,
+        content_type: str = "text/event-stream",
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        """Render the head `start_stream` with these arguments will send, without sending it or
+        starting the answer: called while llama-server works on the request (the relay's
+        `sent`), it takes the head's ~15 µs off the way to the first token. `start_stream`
+        renders afresh if it is called with anything else, or once shutdown began meanwhile."""
+        if self.started:
+            return
+        key = (status, content_type, headers, self._protocol.tracker.draining)
+        try:
+            self._prepared = (key, self._render(status, self._stream_headers(content_type, headers)))
+        except HeadError:
+            self._prepared = None  # start_stream raises it, where it is answered
+
+    @staticmethod
+    def _stream_headers(content_type: str, headers: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:
+        return [("content-type", content_type), ("cache-control", "no-cache"), *headers]
 
     def write(self, data: bytes) -> None:
         """Send one body piece now (one chunk, one transport.write: nothing is batched)."""

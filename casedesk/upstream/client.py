@@ -134,17 +134,23 @@ async def open_exchange(
     path: str,
     body: bytes | None,
     read_timeout: float,
+    sent: Callable[[], None] | None = None,
 ) -> Exchange:
     """Send one request and wait for its response head.
 
     A reused keep-alive socket that the server had already closed fails before any byte comes
     back; the request is then sent once more on a fresh connection, invisibly to the caller.
+    `sent`, if given, runs each time the request has been written, before the wait for the
+    head: work for the answer done while the server works on the request, not after.
     """
     message = f"upstream sent no response within {read_timeout:g} s"
     for attempt in (0, 1):
         conn = await pool.acquire(fresh=attempt == 1)
         try:
-            head = await _within(conn.send_request(method, path, pool.authority, body), read_timeout, conn, message)
+            waiting = conn.send_request(method, path, pool.authority, body)
+            if sent is not None:
+                sent()
+            head = await _within(waiting, read_timeout, conn, message)
         except UpstreamError as exc:
             pool.release(conn, reusable=False)
             if exc.retryable and attempt == 0:

@@ -113,11 +113,16 @@ def _transport(error: UpstreamError) -> Outcome:
 
 
 async def _open(
-    state: UpstreamState, method: str, path: str, body: bytes | None, read_timeout: float
+    state: UpstreamState,
+    method: str,
+    path: str,
+    body: bytes | None,
+    read_timeout: float,
+    sent: Callable[[], None] | None = None,
 ) -> Exchange | Outcome:
     """Send to one upstream: its 200 exchange, or the outcome of any other answer."""
     try:
-        exchange = await open_exchange(state.pool, method, path, body, read_timeout)
+        exchange = await open_exchange(state.pool, method, path, body, read_timeout, sent)
     except UpstreamError as exc:
         return _transport(exc)
     if exchange.head.status == 200:
@@ -190,6 +195,7 @@ class AnswerRelay:
         write: Callable[[bytes], None],
         on_first_token: Callable[[], None] | None = None,
         end: Callable[[bytes], None] | None = None,
+        sent: Callable[[], None] | None = None,
     ) -> Outcome:
         """Relay the answer to `payload` (a llama-server chat request, streamed).
 
@@ -199,6 +205,8 @@ class AnswerRelay:
         on_first_token: called once, just before the first token is written.
         end: when given, a complete answer's last events go to it instead of `write`, so that
             they leave with the end of the response in one write (e.g. ResponseWriter.end).
+        sent: called each time the request has been written to an upstream, while it works on
+            it (e.g. ResponseWriter.prepare_stream: the head rendered before it is needed).
         Returns the outcome of the attempt that answered: complete (`error` None), or ended
         early after its first event (`error`: the event to end the stream with). Raises the
         ApiError to answer when no attempt's answer began.
@@ -207,7 +215,7 @@ class AnswerRelay:
         for state in self.balancer.candidates(self.route_key):
             self.upstream = state.pool.authority
             with self.balancer.serving(self.route_key, state):
-                outcome = await self._attempt(state, payload, new_translator, start, write, on_first_token, end)
+                outcome = await self._attempt(state, payload, new_translator, start, write, on_first_token, end, sent)
             _judge(self.balancer, state, outcome)
             if outcome.fault is Fault.NONE or outcome.began:
                 return outcome
@@ -227,9 +235,10 @@ class AnswerRelay:
         write: Callable[[bytes], None],
         on_first_token: Callable[[], None] | None,
         end: Callable[[bytes], None] | None,
+        sent: Callable[[], None] | None,
     ) -> Outcome:
         self._stop_if_client_gone()
-        opened = await _open(state, "POST", CHAT_PATH, payload, self.read_timeout)
+        opened = await _open(state, "POST", CHAT_PATH, payload, self.read_timeout, sent)
         if isinstance(opened, Outcome):
             return opened
         try:
