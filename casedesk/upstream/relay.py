@@ -238,7 +238,14 @@ class AnswerRelay:
         sent: Callable[[], None] | None,
     ) -> Outcome:
         self._stop_if_client_gone()
-        opened = await _open(state, "POST", CHAT_PATH, payload, self.read_timeout, sent)
+        pool = state.pool
+
+        def on_sent() -> None:
+            if sent is not None:
+                sent()
+            pool.top_up()  # the next stream's socket opens while llama-server reads this prompt
+
+        opened = await _open(state, "POST", CHAT_PATH, payload, self.read_timeout, on_sent)
         if isinstance(opened, Outcome):
             return opened
         try:
