@@ -128,6 +128,58 @@ def test_anything_taken_is_what_the_decoders_read(payload: bytes, data: st.DataO
     assert event is not None and text_delta(event) == text
 
 
+def one_envelope(payload: bytes, like: bytes) -> bytes:
+    """`payload`'s text in `like`'s envelope: a stream's chunks share theirs (created, id, model)."""
+    cut, keep = payload.find(fast_delta._END), like.find(fast_delta._END)
+    return payload[:cut] + like[keep:]
+
+
+@given(st.lists(st.sampled_from(TEXTS), min_size=2, max_size=6), st.data())
+def test_a_read_of_many_takes_what_one_chunk_at_a_time_takes(payloads: list[bytes], data: st.DataObject) -> None:
+    """A read's chunks in one envelope, one of them edited anywhere (its envelope most of all:
+    the batched call compares a chunk's envelope with the last one checked, where it lies):
+    the one call takes exactly the texts and bytes that chunk-by-chunk calls take."""
+    chunks = [bytearray(framed(one_envelope(p, payloads[0]))) for p in payloads]
+    target = chunks[data.draw(st.integers(0, len(chunks) - 1))]
+    envelope_at = bytes(target).find(fast_delta._END)
+    for _ in range(data.draw(st.integers(1, 3))):
+        at = data.draw(st.integers(envelope_at, len(target) - 1) | st.integers(0, len(target) - 1))
+        action = data.draw(st.sampled_from(["replace", "insert", "delete"]))
+        byte = data.draw(st.sampled_from(b'0a9 \r\n\\"{}:,;x\x00\xc3'))
+        if action == "replace":
+            target[at] = byte
+        elif action == "insert":
+            target.insert(at, byte)
+        elif len(target) > 1:
+            del target[at]
+    wire = b"".join(bytes(c) for c in chunks)
+    one_at_a_time: list[str] = []
+    pos = 0
+    while (found := wire_text_delta(wire, pos)) is not None:
+        one_at_a_time.append(found[0])
+        pos = found[1]
+    texts: list[str] = []
+    assert wire_text_deltas(wire, 0, texts) == pos
+    assert texts == one_at_a_time
+
+
+def test_a_chunk_in_another_envelope_is_checked_afresh() -> None:
+    """The envelope compared where it lies: a second chunk whose envelope differs (a new
+    second in `created`, or one no plain chunk has) is checked, taken or declined, on its own."""
+    first = framed(one_envelope(TEXTS[0], TEXTS[0]))
+    later = one_envelope(TEXTS[1], TEXTS[0])
+    next_second = later.replace(b'"created":%d' % orjson.loads(TEXTS[0])["created"], b'"created":1999999999')
+    assert next_second != later
+    escaped_model = later.replace(b'"model":"', b'"model":"\\u0041')
+    for second, taken in ((later, True), (next_second, True), (escaped_model, False)):
+        texts: list[str] = []
+        end = wire_text_deltas(first + framed(second) + framed(TEXTS[2]), 0, texts)
+        if taken:
+            assert len(texts) == 3 and end == len(first) + len(framed(second)) + len(framed(TEXTS[2]))
+        else:
+            assert len(texts) == 1 and end == len(first)  # declined: the decoders take it
+
+
 @given(st.text(max_size=40))
 def test_any_text_llama_server_could_send_is_taken_whole(text: str) -> None:
     payload = TEXTS[0].replace(b'"content":"Repeat"', b'"content":' + orjson.dumps(text))
