@@ -68,10 +68,10 @@ def text_delta(payload: bytes) -> str | None:
 _EVENT = b"data: " + _PREFIX
 _TEXT_AT = len(_EVENT) - 1  # the text's opening quote, from the start of the chunk's data
 _SIZE_LINE_MAX = 10  # "%x\r\n" of any chunk an event fits in
-# Every canonical size line (lower-case hex, no extension, no leading zero) up to 4 KiB, with
+# Every canonical size line (lower-case hex, no extension, no leading zero) up to 2 KiB, with
 # its size: one lookup stands for int(line, 16) and the check that the line is the canonical
-# spelling. A larger chunk (a text delta is ~300 bytes) is left to the decoders.
-_SIZES = {b"%x\r\n" % size: size for size in range(1, 4097)}
+# spelling (~200 KB). A larger chunk (a text delta is ~300 bytes) is left to the decoders.
+_SIZES = {b"%x\r\n" % size: size for size in range(1, 2049)}
 
 
 def wire_text_delta(wire: bytes, pos: int) -> tuple[str, int] | None:
