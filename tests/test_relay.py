@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from casedesk.http.server import HttpProtocol
+from casedesk.upstream import relay as relay_module
 from tests.conftest import GatewayFactory, RunningGateway, gateway_config
 from tests.fake_llama import FakeLlamaServer, Reply
 from tests.support.wait import until
@@ -75,6 +76,31 @@ async def test_a_streams_closing_events_leave_with_the_end_of_the_body_in_one_wr
     last = writes[-1]
     assert b"message_delta" in last and b"message_stop" in last and last.endswith(b"\r\n0\r\n\r\n")
     assert b"0\r\n\r\n" not in writes  # the end never costs a write (a syscall) of its own
+
+
+async def test_the_cpu_is_offered_once_a_stream_right_after_its_first_token_and_never_for_a_whole_answer(
+    fake: FakeLlamaServer, gateway: RunningGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """upstream/relay.py hand_over_cpu: the reader just woken for the first token may take this
+    CPU before the rest is relayed; once a stream, only after that token is written."""
+    writes: list[bytes] = []
+    offered: list[bytes] = []  # what had been written when the CPU was offered
+    real_write = HttpProtocol.write
+
+    def recorded(self: HttpProtocol, data: bytes) -> None:
+        writes.append(data)
+        real_write(self, data)
+
+    monkeypatch.setattr(HttpProtocol, "write", recorded)
+    monkeypatch.setattr(relay_module, "_sched_yield", lambda: offered.append(b"".join(writes)))
+    fake.replies.append(Reply(tokens=["a", "b", "c"], token_delay=0.02))
+    assert [name for name, _ in await raw_events(gateway, {})][-1] == "message_stop"
+    assert len(offered) == 1
+    assert b'"text":"a"' in offered[0] and b'"text":"b"' not in offered[0]  # after the first token
+    fake.replies.append(Reply(tokens=["d", "e"]))
+    message = await sdk(gateway).messages.create(model="m", max_tokens=50, messages=ASK)
+    assert message.content[0].type == "text" and message.content[0].text == "de"
+    assert len(offered) == 1  # a whole answer has no reader waiting for its first token
 
 
 async def test_upstream_request_asks_for_stream_usage_and_progress(
