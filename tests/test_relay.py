@@ -101,6 +101,13 @@ async def test_the_cpu_is_offered_once_a_stream_right_after_its_first_token_and_
     message = await sdk(gateway).messages.create(model="m", max_tokens=50, messages=ASK)
     assert message.content[0].type == "text" and message.content[0].text == "de"
     assert len(offered) == 1  # a whole answer has no reader waiting for its first token
+    # A stream that begins while another is in flight offers nothing: the other would wait.
+    fake.replies.extend([Reply(tokens=["f", "g"], token_delay=0.5), Reply(tokens=["h"])])
+    slow = asyncio.ensure_future(raw_events(gateway, {}))
+    await until(lambda: len(offered) == 2)  # the slow one's first token: it was alone
+    assert [name for name, _ in await raw_events(gateway, {})][-1] == "message_stop"
+    assert not slow.done() and len(offered) == 2
+    assert [name for name, _ in await slow][-1] == "message_stop"
 
 
 async def test_upstream_request_asks_for_stream_usage_and_progress(

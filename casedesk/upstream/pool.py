@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -73,6 +74,11 @@ class UpstreamPool:
         """Connections held by callers (a request in flight, or its socket being opened);
         a spare being opened is nobody's request."""
         return sum(1 for c in self._connections if c.state is not ConnectionState.IDLE and not c.spare)
+
+    def carries_one(self) -> bool:
+        """Exactly one request holds a connection (in_flight == 1, counted no further than 2)."""
+        held = (c for c in self._connections if c.state is not ConnectionState.IDLE and not c.spare)
+        return sum(1 for _ in itertools.islice(held, 2)) == 1
 
     @property
     def open_connections(self) -> int:

@@ -298,8 +298,10 @@ def hand_over_cpu() -> None:
     the reader then waits for a scheduler tick, and the first token with it. Measured on the
     2-core box (make bench's fake upstream, 256-token streams, one at a time, 800 streams
     each way, interleaved; two runs): first tokens read over 1.5 ms after the request, 21 % and
-    14 % without, 16 % and 14 % with; TTFT p50 1.05 -> 0.79 and 0.72 -> 0.69 ms. One syscall a
-    stream where nothing else wants the CPU."""
+    14 % without, 16 % and 14 % with; TTFT p50 1.05 -> 0.79 and 0.72 -> 0.69 ms. Only for a
+    stream alone on its upstream: with others in flight, they would pay for it (make bench at
+    64 and 256 streams: throughput ÷ direct 0.85-0.88 with a yield per stream, 1.05-1.13 without).
+    One syscall a stream where nothing else wants the CPU."""
     _sched_yield()
 
 
@@ -473,8 +475,8 @@ class _Attempt:
                 self._before_first_writes()
             (write or self.write)(pending[0] if len(pending) == 1 else b"".join(pending))
             pending.clear()
-            if first and not self.waiting and self.streamed:
-                hand_over_cpu()
+            if first and not self.waiting and self.streamed and self.exchange.pool.carries_one():
+                hand_over_cpu()  # (alone: with other streams in flight, they would wait instead)
 
     def _bounded(self, write: Callable[[bytes], None]) -> Callable[[bytes], None]:
         """`write`, ending the answer once it would take more than `limit` bytes."""
