@@ -35,7 +35,7 @@ from bench.report import fmt_row
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=256, help="tokens per stream")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
-    parser.add_argument("--rounds", type=int, default=4, help="rounds that take the targets in turn")
+    parser.add_argument("--rounds", type=int, default=8, help="rounds that take the targets in turn")
     parser.add_argument("--streams", type=int, default=200, help="streams per target at one stream at a time")
     parser.add_argument("--slow-streams", type=int, default=500, help="held open at once for the memory figure")
     parser.add_argument("--peer", help="another Anthropic-compatible gateway's base URL on the same fake upstream")
@@ -85,8 +85,9 @@ async def run(args: argparse.Namespace, procs: Processes, config_dir: Path) -> d
         await scenario(target, 4, 8)
     for concurrency in args.concurrency:
         # Enough streams for a steady p50 at one stream (a few dozen is a coin toss on a VM);
-        # at least two waves at higher concurrency, so that some streams start while others run.
-        streams = max(args.streams, 4 * concurrency)
+        # two waves a round at higher concurrency, so that some streams start while others run
+        # (one wave a round measured a burst: ÷ floor moved by ±20 % between runs at 256).
+        streams = max(args.streams, 2 * concurrency * args.rounds)
         for row in await interleaved(targets, concurrency, streams, args.rounds):
             rows.append(row)
             print(fmt_row(row), flush=True)
