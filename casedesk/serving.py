@@ -12,7 +12,7 @@ import asyncio
 import math
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 
 from casedesk.admission import Admission
@@ -58,16 +58,19 @@ class ModelState:
     managed: ManagedModel | None = None
     facts: ModelFacts = field(default_factory=ModelFacts)
 
-    @asynccontextmanager
-    async def lease(self) -> AsyncIterator[Lease]:
+    def lease(self) -> AbstractAsyncContextManager[Lease]:
         """Around a request's upstream part: a managed model is loaded if needed and kept
         running until the request ends (Supervisor.acquire … release); nothing to do for other
-        models. The lease pins the request to a llama-server slot (`Lease.pin`) when the model
-        keeps its prompt caches (ops/slotcache.py: a saved one may be restored into it first)."""
+        models (a plain object then, not a generator: this is on every request's path). The
+        lease pins the request to a llama-server slot (`Lease.pin`) when the model keeps its
+        prompt caches (ops/slotcache.py: a saved one may be restored into it first)."""
         managed = self.managed
         if managed is None:
-            yield Lease(None)
-            return
+            return _NoHold()
+        return self._managed_lease(managed)
+
+    @asynccontextmanager
+    async def _managed_lease(self, managed: ManagedModel) -> AsyncIterator[Lease]:
         process = managed.process
         try:
             ticket = await managed.supervisor.acquire(process, managed.queue_timeout)
@@ -90,6 +93,18 @@ class ModelState:
         finally:
             lease.unpin()
             managed.supervisor.release(process, ticket)
+
+
+class _NoHold:
+    """The lease of a model CaseDesk does not run: nothing to hold, no slot to pin."""
+
+    __slots__ = ()
+
+    async def __aenter__(self) -> Lease:
+        return Lease(None)
+
+    async def __aexit__(self, *_exc: object) -> None:
+        return None
 
 
 class Lease:
