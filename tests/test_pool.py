@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from casedesk.upstream.client import MAX_ERROR_BODY, call_json, open_exchange
-from casedesk.upstream.connection import ConnectionState, UpstreamConnection, UpstreamError
+from casedesk.upstream.connection import ConnectionState, UpstreamConnection, UpstreamError, _keep_alive
 from casedesk.upstream.pool import ConnectionWaiter, UpstreamPool
 from tests.fake_llama import FakeLlamaServer, Reply
 from tests.support.wait import until
@@ -549,3 +549,12 @@ async def test_sent_runs_once_the_request_is_written_while_the_head_is_awaited()
         exchange.close()
         pool.close()
     assert events == ["sent, 0 requests seen", "head 200"]
+
+
+def test_the_keep_alive_header_sets_the_sockets_idle_bound_and_request_count() -> None:
+    """llama-server's `Keep-Alive: timeout=5, max=100` (read once per value, then looked up):
+    each number on its own, the last one counting, anything else ignored."""
+    assert _keep_alive("timeout=5, max=100") == (5.0, 100)
+    assert _keep_alive("max=3") == (None, 3) and _keep_alive("timeout = 2") == (2.0, None)
+    assert _keep_alive("timeout=1, timeout=9") == (9.0, None)
+    assert _keep_alive("") == (None, None) and _keep_alive("close") == (None, None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import re
 from collections.abc import Callable
 from typing import cast
@@ -32,6 +33,20 @@ from casedesk.upstream.framing import (
 
 _KEEP_ALIVE = re.compile(r"(timeout|max)\s*=\s*(\d+)")
 _IDLE_MARGIN = 1.0  # retire idle sockets this long before the server's keep-alive timeout
+
+
+@functools.lru_cache(maxsize=32)
+def _keep_alive(value: str) -> tuple[float | None, int | None]:
+    """A Keep-Alive header's (timeout, max), each None when absent (the last one counts); one
+    llama-server sends the same value on every answer: read once."""
+    timeout: float | None = None
+    most: int | None = None
+    for key, number in _KEEP_ALIVE.findall(value):
+        if key == "timeout":
+            timeout = float(number)
+        else:
+            most = int(number)
+    return timeout, most
 
 
 class UpstreamError(Exception):
@@ -222,11 +237,11 @@ class UpstreamConnection(StreamProtocol):
         if parsed is None:
             return
         head, rest = parsed
-        for key, number in _KEEP_ALIVE.findall(head.headers.get("keep-alive", "")):
-            if key == "timeout":
-                self.keepalive_timeout = float(number)
-            else:
-                self.max_requests = int(number)
+        timeout, most = _keep_alive(head.headers.get("keep-alive", ""))
+        if timeout is not None:
+            self.keepalive_timeout = timeout
+        if most is not None:
+            self.max_requests = most
         self._parser = None
         self._head = head
         if rest:

@@ -56,17 +56,29 @@ def request_bytes(
     The same bytes h11 wrote for it; a value that would break the framing (CR, LF) is a bug
     of ours, refused as h11 refused it.
     """
-    if not (_METHOD.fullmatch(method) and _TARGET.fullmatch(target) and _FIELD_VALUE.fullmatch(host)):
-        raise ValueError(f"cannot frame request {method!r} {target!r} for host {host!r}")
+    if not _frames(method, target, host, content_type if body is not None else "*/*"):
+        if not (_METHOD.fullmatch(method) and _TARGET.fullmatch(target) and _FIELD_VALUE.fullmatch(host)):
+            raise ValueError(f"cannot frame request {method!r} {target!r} for host {host!r}")
+        raise ValueError(f"cannot frame content-type {content_type!r}")
     if body is None:
         return f"{method} {target} HTTP/1.1\r\nhost: {host}\r\naccept: */*\r\n\r\n".encode("ascii")
-    if not _FIELD_VALUE.fullmatch(content_type):
-        raise ValueError(f"cannot frame content-type {content_type!r}")
     head = (
         f"{method} {target} HTTP/1.1\r\nhost: {host}\r\naccept: */*\r\n"
         f"content-type: {content_type}\r\ncontent-length: {len(body)}\r\n\r\n"
     ).encode("ascii")
     return head + body
+
+
+@functools.lru_cache(maxsize=64)
+def _frames(method: str, target: str, host: str, content_type: str) -> bool:
+    """These values cannot break a request's framing. A gateway sends a handful of distinct
+    requests (chat, tokenize, health…) to a handful of hosts: checked once each, not per call."""
+    return bool(
+        _METHOD.fullmatch(method)
+        and _TARGET.fullmatch(target)
+        and _FIELD_VALUE.fullmatch(host)
+        and _FIELD_VALUE.fullmatch(content_type)
+    )
 
 
 class HeadParser:
