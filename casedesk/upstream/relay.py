@@ -421,11 +421,14 @@ class _Attempt:
             if not texts:
                 return 0
             out = translator.feed_texts(texts)
-            if out:
-                self.pending.append(out)
             if translator.cut:  # (text never cuts an answer short today: only a second tool call)
                 self.complete = True
-            self.flush()
+            if out:
+                if self.pending:  # (a read's events are flushed at its end: none wait here)
+                    self.pending.append(out)
+                    self.flush()
+                else:
+                    self.write(out)  # this read's events, in one write
         except Exception:
             log.warning("upstream %s sent an answer that cannot be translated: %.200r", self.upstream, wire[:200])
             log.debug("the translation failed", exc_info=True)
