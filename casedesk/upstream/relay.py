@@ -296,11 +296,10 @@ def hand_over_cpu() -> None:
     Its reader (a client or a proxy on this box) was just woken, while llama-server goes on
     generating and this loop on relaying: on a box with fewer free cores than busy processes,
     the reader then waits for a scheduler tick, and the first token with it. Measured on the
-    2-core box (make bench's fake upstream, 256-token streams, one at a time, 800 streams
-    each way, interleaved; two runs): first tokens read over 1.5 ms after the request, 21 % and
-    14 % without, 16 % and 14 % with; TTFT p50 1.05 -> 0.79 and 0.72 -> 0.69 ms. Only for a
-    stream alone on its upstream: with others in flight, they would pay for it (make bench at
-    64 and 256 streams: throughput ÷ direct 0.85-0.88 with a yield per stream, 1.05-1.13 without).
+    2-core box (make bench's fake upstream, 256-token streams one at a time, 1,600 streams each
+    way, interleaved, twice in either order): first tokens read over 1.5 ms after the request
+    18-19 % without, 9 % with; TTFT p50 0.94-1.02 -> 0.76-0.77 ms, p90 2.06 -> 1.41 ms. Only
+    for a stream alone on its upstream: with others in flight, they would wait for it instead.
     One syscall a stream where nothing else wants the CPU."""
     _sched_yield()
 
