@@ -30,6 +30,8 @@ import re
 
 import orjson
 
+from casedesk.http.chunked import CHUNK_SIZES
+
 _PREFIX = b'{"choices":[{"finish_reason":null,"index":0,"delta":{"content":"'
 _START = len(_PREFIX) - 1  # the text's opening quote
 _END = b'"}}],"created":'
@@ -68,10 +70,6 @@ def text_delta(payload: bytes) -> str | None:
 _EVENT = b"data: " + _PREFIX
 _TEXT_AT = len(_EVENT) - 1  # the text's opening quote, from the start of the chunk's data
 _SIZE_LINE_MAX = 10  # "%x\r\n" of any chunk an event fits in
-# Every canonical size line (lower-case hex, no extension, no leading zero) up to 2 KiB, with
-# its size: one lookup stands for int(line, 16) and the check that the line is the canonical
-# spelling (~200 KB). A larger chunk (a text delta is ~300 bytes) is left to the decoders.
-_SIZES = {b"%x\r\n" % size: size for size in range(1, 2049)}
 
 
 def wire_text_delta(wire: bytes, pos: int) -> tuple[str, int] | None:
@@ -91,7 +89,7 @@ def wire_text_deltas(wire: bytes, pos: int, texts: list[str], most: int = -1) ->
     compared with it where they lie (no copy, no hash); one that differs is checked afresh."""
     find, startswith, loads = wire.find, wire.startswith, orjson.loads
     size_of = len(wire)
-    sizes = _SIZES
+    sizes = CHUNK_SIZES
     append = texts.append
     tail = b""  # the envelope of the last chunk taken, checked (never b"" then: it holds _END)
     while most:

@@ -67,7 +67,7 @@ class Exchange:
 
     async def relay(
         self,
-        sink: Callable[[bytes], None],
+        sink: Callable[[bytes], object],
         gone: Callable[[], bool] | None = None,
         raw: Callable[[bytes], int] | None = None,
     ) -> None:

@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable
 from typing import cast
 
-from casedesk.http.chunked import ChunkedDecoder, ChunkedError
+from casedesk.http.chunked import CHUNK_SIZES, ChunkedDecoder, ChunkedError
 from casedesk.http.flow import StreamProtocol
 from casedesk.upstream.framing import (
     BodyDecoder,
@@ -47,6 +47,19 @@ def _keep_alive(value: str) -> tuple[float | None, int | None]:
         else:
             most = int(number)
     return timeout, most
+
+
+_OPENING_CHUNKS = 16  # an answer's chunks before its text: the role, progress steps, the first token
+
+
+def _whole_chunk(data: bytes, pos: int) -> int:
+    """The length of the chunk at `pos` (size line, data, CRLF) when `data` holds it whole
+    with a canonical size line (as llama-server writes them); else 0."""
+    eol = data.find(b"\r\n", pos, pos + 10) + 2
+    size = CHUNK_SIZES.get(data[pos:eol]) if eol > 1 else None
+    if size is None or eol + size + 2 > len(data):
+        return 0
+    return eol + size + 2 - pos
 
 
 class UpstreamError(Exception):
@@ -111,11 +124,12 @@ class UpstreamConnection(StreamProtocol):
         self._pending: list[bytes] = []  # body bytes that came with or after the head, unread
         self._eof = False  # the server closed while its head waited for the caller
         self._decoder: BodyDecoder | None = None
-        self._sink: Callable[[bytes], None] | None = None
+        self._sink: Callable[[bytes], object] | None = None
         # A relayed chunked body's reader of whole chunks straight off the wire (the relay's
         # per-token fast path): it takes what it can from the start of a read, when the read
         # begins a chunk, and says how many bytes it took; the rest is de-chunked as usual.
         self._raw: Callable[[bytes], int] | None = None
+        self._opening = False  # the body's first read `raw` declines: see _open_answer
         self._body_parts: list[bytes] = []
         self._body_limit = 0
         self._body_size = 0
@@ -178,6 +192,8 @@ class UpstreamConnection(StreamProtocol):
             raw = self._raw
             if raw is not None and cast(ChunkedDecoder, decoder).between_chunks:
                 taken = raw(data)
+                if not taken and self._opening:
+                    taken = self._open_answer(data, state, raw)
                 if taken:
                     if self.state is not state:  # (the relay cut it short)
                         return
@@ -202,6 +218,34 @@ class UpstreamConnection(StreamProtocol):
         else:
             # Bytes nobody asked for: the connection is out of step; never reuse it.
             self.abort()
+
+    def _open_answer(self, data: bytes, state: ConnectionState, raw: Callable[[bytes], int]) -> int:
+        """The first read of an answer, which `raw` declined: its opening chunks (the role, the
+        prompt's progress, the first token, which leaves alone) go through the decoders one at
+        a time until the sink says the answer has begun (a true return), and `raw` is offered
+        what follows; how many bytes were used (fed or taken). A fast model's first read may
+        hold hundreds of tokens: they are taken as those of the later reads are, not event by
+        event. At most `_OPENING_CHUNKS`, once an answer."""
+        self._opening = False
+        decoder = cast(ChunkedDecoder, self._decoder)
+        sink = self._sink
+        assert sink is not None
+        used = 0
+        for _ in range(_OPENING_CHUNKS):
+            size = _whole_chunk(data, used)
+            if not size or used + size == len(data):
+                break  # (a chunk not here whole, or the read's last: the decoders take the rest)
+            try:
+                body = decoder.feed(data[used : used + size])
+            except ChunkedError:
+                break  # (the decoders meet it again, with the rest of the read, and say so)
+            used += size
+            begun = sink(body) if body else False
+            if self.state is not state or decoder.done:
+                break  # (cut short, or ended: the caller looks at the state)
+            if begun:
+                return used + raw(data[used:])
+        return used
 
     # -- requests ------------------------------------------------------------------------
 
@@ -262,13 +306,14 @@ class UpstreamConnection(StreamProtocol):
         return future
 
     def stream_body(
-        self, sink: Callable[[bytes], None], raw: Callable[[bytes], int] | None = None
+        self, sink: Callable[[bytes], object], raw: Callable[[bytes], int] | None = None
     ) -> asyncio.Future[None]:
         """Hand each piece of body to `sink` as it arrives; the future ends with the body.
         `raw`, for a chunked body: offered each read that begins a chunk first (see _raw)."""
         assert self.state is _HEAD_RECEIVED and self._head is not None
         self._sink = sink
         self._raw = raw if self._head.chunked else None
+        self._opening = self._raw is not None
         future: asyncio.Future[None] = self._loop.create_future()
         self._future = future
         self._start_body(_CHUNKED if self._head.chunked else _RELAYING)

@@ -369,7 +369,9 @@ class _Attempt:
         feed = self.sse.feed
         flush = self.flush
 
-        def feed_then_flush(body: bytes) -> None:
+        def feed_then_flush(body: bytes) -> bool:
+            """True once the first token is out: the connection may offer the rest of its read to
+            take_raw (UpstreamConnection._open_answer)."""
             try:
                 feed(body)
                 flush()
@@ -378,6 +380,7 @@ class _Attempt:
                 log.warning("upstream %s sent an answer that cannot be translated: %.200r", self.upstream, body)
                 log.debug("the translation failed", exc_info=True)
                 self.end(Fault.ANSWER, "upstream sent a chunk of an unexpected shape")
+            return not self.waiting
 
         try:
             await self.exchange.relay(feed_then_flush, client_gone, self.take_raw)
