@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= examples/local.toml
 
-.PHONY: install lint serve test test-fast bench bench-real bench-fleet bench-swap clean
+.PHONY: install lint serve test test-fast bench bench-real bench-fleet bench-swap bench-instructions clean
 
 install: $(STAMP)
 
@@ -77,6 +77,11 @@ bench-fleet: $(STAMP)
 # "Prompt caches that survive a swap and a restart"): a few minutes, the cold prefill dominates.
 bench-swap: $(STAMP)
 	$(PY) -m bench swap
+
+# CaseDesk's own CPU work counted in instructions under callgrind (valgrind): the same count for
+# the same code whatever the machine does, for before/after (CHECKOUT="before=/path/to/checkout").
+bench-instructions: $(STAMP)
+	$(PY) -m bench instructions $(if $(CHECKOUT),--checkout $(CHECKOUT))
 
 clean:
 	rm -rf $(VENV) build *.egg-info

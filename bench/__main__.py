@@ -4,12 +4,13 @@
     python -m bench real       # real llama-server + Gemma 3 270M (make bench-real)
     python -m bench fleet      # prefix vs least_in_flight over real llama-servers (make bench-fleet)
     python -m bench swap       # a prompt cache across a model swap and a restart (make bench-swap; or --swap)
+    python -m bench instructions  # CaseDesk's CPU work in instructions, under callgrind (make bench-instructions)
     python -m bench --peer http://127.0.0.1:4000/anthropic   # another gateway too
     python -m bench --checkout before=/path/to/other/checkout  # another CaseDesk version too
 
 Run from the repository root (it imports tests.fake_llama). Each server under test runs in
 its own process, the load generator here: a gateway's CPU is read from /proc, so it is its
-own. Results go to bench/results/{latest,real,fleet,swap}.{json,md} (and latest.png).
+own. Results go to bench/results/{latest,real,fleet,swap,instructions}.{json,md} (and latest.png).
 """
 
 from __future__ import annotations
@@ -23,13 +24,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import fake, fleet, real, swap
+from bench import fake, fleet, instructions, real, swap
 from bench.loop import runner
 from bench.procs import ROOT, Processes
 from bench.report import chart, markdown
 
 RESULTS = ROOT / "bench" / "results"
-MODES = {"fake": (fake, "latest"), "real": (real, "real"), "fleet": (fleet, "fleet"), "swap": (swap, "swap")}
+MODES = {
+    "fake": (fake, "latest"),
+    "real": (real, "real"),
+    "fleet": (fleet, "fleet"),
+    "swap": (swap, "swap"),
+    "instructions": (instructions, "instructions"),
+}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -39,6 +46,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     real.add_arguments(modes.add_parser("real", help="the real llama-server and model, vs its own /v1/messages"))
     fleet.add_arguments(modes.add_parser("fleet", help="prefix vs least_in_flight over several llama-servers"))
     swap.add_arguments(modes.add_parser("swap", help="a prompt cache across a model swap and a CaseDesk restart"))
+    instructions.add_arguments(modes.add_parser("instructions", help="CaseDesk's CPU work in instructions (callgrind)"))
     if argv[:1] == ["--swap"]:
         argv = ["swap", *argv[1:]]
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):

@@ -204,6 +204,26 @@ def swap_section(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def instructions_section(result: dict[str, Any]) -> list[str]:
+    """Instructions per request and per token of each CaseDesk, and each against the first."""
+    counted = result["instructions"]
+    first = next(iter(counted))
+    lines = [
+        "Instructions CaseDesk ran in user space (callgrind), per request and per token; the last column",
+        f"against {first}:",
+        "",
+        "| load | CaseDesk | k instructions / request | instructions / token | ÷ " + first + " |",
+        "|---|---|---|---|---|",
+    ]
+    for shape in counted[first]:
+        for name, counts in counted.items():
+            row = counts[shape]
+            ratio = row["per_request"] / counted[first][shape]["per_request"]
+            per_token = f"{row['per_token']:,.0f}" if row["per_token"] is not None else "–"
+            lines.append(f"| {shape} | {name} | {row['per_request'] / 1e3:,.0f} | {per_token} | {ratio:.3f} |")
+    return lines
+
+
 def profile_section(result: dict[str, Any]) -> list[str]:
     """The cProfile tables of `make bench`."""
     lines: list[str] = []
@@ -228,6 +248,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines += fleet_section(result)
     if "swap" in result:
         lines += swap_section(result)
+    if "instructions" in result:
+        lines += instructions_section(result)
     if result.get("profile"):
         lines += profile_section(result)
     return "\n".join(lines) + "\n"
