@@ -11,6 +11,7 @@ Modules, one job each:
   fleet.py             `make bench-fleet`: prefix vs least-in-flight routing over llama-servers
   fleet_traffic.py     the fleet's conversations (Anthropic SDK, turns, branches)
   swap.py              `make bench-swap`: a prompt cache across a model swap and a CaseDesk restart
+  instructions.py      `make bench-instructions`: CaseDesk's user-space instructions (callgrind), per request and token
   slot_pinning.py      id_slot vs llama-server's own slot choice, inside one server
   llama.py             starting real llama-servers on the real model
   procs.py             processes, ports, CPU and memory from /proc, starting a CaseDesk
