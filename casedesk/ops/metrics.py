@@ -39,6 +39,14 @@ class Histogram:
         self.last = value
 
 
+def _histogram(by: dict[Labels, Histogram], labels: Labels, buckets: tuple[float, ...]) -> Histogram:
+    """The series' histogram, made on its first observation (setdefault would make one per call)."""
+    histogram = by.get(labels)
+    if histogram is None:
+        histogram = by[labels] = Histogram(buckets)
+    return histogram
+
+
 class ModelStats:
     """One managed model's counters: loads (from its process's transitions), evictions and
     restarts (from the Supervisor's stops)."""
@@ -130,7 +138,7 @@ class Metrics:
             self.prompt_tokens[by_upstream] += input_tokens
             self.cached_prompt_tokens[by_upstream] += cached_tokens
         self.requests[(*labels, ("status", str(status)))] += 1
-        self.duration.setdefault(labels, Histogram(DURATION_BUCKETS)).observe(duration)
+        _histogram(self.duration, labels, DURATION_BUCKETS).observe(duration)
         if input_tokens:
             self.input_tokens[labels] += input_tokens
         if output_tokens:
@@ -138,10 +146,10 @@ class Metrics:
         if repaired_tool_calls:
             self.repaired_tool_calls[labels] += repaired_tool_calls
         if ttft is not None:
-            self.ttft.setdefault(labels, Histogram(LATENCY_BUCKETS)).observe(ttft)
+            _histogram(self.ttft, labels, LATENCY_BUCKETS).observe(ttft)
             if output_tokens > 1:
                 gap = (duration - ttft) / (output_tokens - 1)
-                self.inter_token.setdefault(labels, Histogram(GAP_BUCKETS)).observe(gap)
+                _histogram(self.inter_token, labels, GAP_BUCKETS).observe(gap)
 
     def record_tenant(self, record: RequestRecord) -> None:
         """One finished request of a named tenant (issue 17)."""
