@@ -104,21 +104,25 @@ def test_other_chunks_and_other_framings_are_declined() -> None:
     assert wire_text_delta(b"0\r\n\r\n", 0) is None  # the body's end is never taken
 
 
+def edit(wire: bytearray, at: int, data: st.DataObject) -> None:
+    """One byte replaced, inserted or deleted at `at`, of the kinds that break or fake a framing."""
+    action = data.draw(st.sampled_from(["replace", "insert", "delete"]))
+    byte = data.draw(st.sampled_from(b'0aF9 \r\n\\"{}:,;x\x00\xc3'))
+    if action == "replace":
+        wire[at] = byte
+    elif action == "insert":
+        wire.insert(at, byte)
+    elif len(wire) > 1:
+        del wire[at]
+
+
 @given(st.sampled_from(TEXTS), st.data())
 def test_anything_taken_is_what_the_decoders_read(payload: bytes, data: st.DataObject) -> None:
     """Arbitrary edits of a real chunk: whatever is taken, the chunked decoder reads as one
     whole chunk of one event, whose payload the full fast path gives the same text."""
     wire = bytearray(framed(payload))
     for _ in range(data.draw(st.integers(0, 3))):
-        at = data.draw(st.integers(0, len(wire) - 1))
-        action = data.draw(st.sampled_from(["replace", "insert", "delete"]))
-        byte = data.draw(st.sampled_from(b'0aF \r\n\\"{}:,;x\x00\xc3'))
-        if action == "replace":
-            wire[at] = byte
-        elif action == "insert":
-            wire.insert(at, byte)
-        elif len(wire) > 1:
-            del wire[at]
+        edit(wire, data.draw(st.integers(0, len(wire) - 1)), data)
     wire_bytes = bytes(wire) + data.draw(st.sampled_from([b"", b"0\r\n\r\n", framed(TEXTS[1])]))
     found = wire_text_delta(wire_bytes, 0)
     if found is None:
@@ -143,15 +147,7 @@ def test_a_read_of_many_takes_what_one_chunk_at_a_time_takes(payloads: list[byte
     target = chunks[data.draw(st.integers(0, len(chunks) - 1))]
     envelope_at = bytes(target).find(fast_delta._END)
     for _ in range(data.draw(st.integers(1, 3))):
-        at = data.draw(st.integers(envelope_at, len(target) - 1) | st.integers(0, len(target) - 1))
-        action = data.draw(st.sampled_from(["replace", "insert", "delete"]))
-        byte = data.draw(st.sampled_from(b'0a9 \r\n\\"{}:,;x\x00\xc3'))
-        if action == "replace":
-            target[at] = byte
-        elif action == "insert":
-            target.insert(at, byte)
-        elif len(target) > 1:
-            del target[at]
+        edit(target, data.draw(st.integers(envelope_at, len(target) - 1) | st.integers(0, len(target) - 1)), data)
     wire = b"".join(bytes(c) for c in chunks)
     one_at_a_time: list[str] = []
     pos = 0
