@@ -4,10 +4,9 @@ A connection goes back to the pool only after its response ended cleanly; anythi
 is closed, never reused. A socket that carried a stream is never pooled (llama-server closes
 it), idle ones are retired a little before the server's keep-alive timeout, and a request that
 still meets a closed socket is sent once more on a fresh one (client.open_exchange). Since
-every stream spends its socket, a spare is opened as one is sent (`top_up`) and after one
-ends, so that the next stream need not wait for a connect (`spares`). The pool keeps the
-connection objects (a new one is handed out while it opens) and decides in one function,
-`_assign`, which returns what to do.
+every stream spends its socket, a spare is opened after one, so that the next stream need not
+wait for a connect (`spares`). The pool keeps the connection objects (a new one is handed out
+while it opens) and decides in one function, `_assign`, which returns what to do.
 """
 
 from __future__ import annotations
@@ -124,12 +123,6 @@ class UpstreamPool:
                 conn.spare = True  # idle in the pool once open
             raise
         return conn.state is ConnectionState.HELD
-
-    def top_up(self) -> None:
-        """A stream was sent: its socket is spent once it ends (llama-server closes it), so the
-        next one's spare opens now, while this one's prompt is read, not between the two."""
-        if self.spares:
-            self._top_up(asyncio.get_running_loop())
 
     def _top_up(self, loop: asyncio.AbstractEventLoop) -> None:
         """Open spares (in the background) until `spares` are idle or opening, within the cap."""

@@ -239,14 +239,7 @@ class AnswerRelay:
         sent: Callable[[], None] | None,
     ) -> Outcome:
         self._stop_if_client_gone()
-        pool = state.pool
-
-        def on_sent() -> None:
-            if sent is not None:
-                sent()
-            pool.top_up()  # the next stream's socket opens while llama-server reads this prompt
-
-        opened = await _open(state, "POST", CHAT_PATH, payload, self.read_timeout, on_sent)
+        opened = await _open(state, "POST", CHAT_PATH, payload, self.read_timeout, sent)
         if isinstance(opened, Outcome):
             return opened
         try:
