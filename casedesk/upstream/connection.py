@@ -50,6 +50,7 @@ def _keep_alive(value: str) -> tuple[float | None, int | None]:
 
 
 _OPENING_CHUNKS = 16  # an answer's chunks before its text: the role, progress steps, the first token
+_FIRST_TEXT = b'"delta":{"content":"'  # where llama-server's first text delta is (fast_delta's shape)
 
 
 def _whole_chunk(data: bytes, pos: int) -> int:
@@ -221,31 +222,39 @@ class UpstreamConnection(StreamProtocol):
 
     def _open_answer(self, data: bytes, state: ConnectionState, raw: Callable[[bytes], int]) -> int:
         """The first read of an answer, which `raw` declined: its opening chunks (the role, the
-        prompt's progress, the first token, which leaves alone) go through the decoders one at
-        a time until the sink says the answer has begun (a true return), and `raw` is offered
-        what follows; how many bytes were used (fed or taken). A fast model's first read may
-        hold hundreds of tokens: they are taken as those of the later reads are, not event by
-        event. At most `_OPENING_CHUNKS`, once an answer."""
+        prompt's progress, the first token, which leaves alone) go through the decoders, up to
+        the end of the chunk where the first text delta is, and if the sink then says the answer
+        has begun (a true return) `raw` is offered what follows; how many bytes were used (fed
+        or taken). A fast model's first read may hold hundreds of tokens: they are taken as
+        those of the later reads are, not event by event. Once an answer, within its first
+        `_OPENING_CHUNKS` chunks; 0 (all to the decoders) when it does not apply."""
         self._opening = False
+        first = data.find(_FIRST_TEXT)
+        if first < 0:
+            return 0
+        end = 0
+        for _ in range(_OPENING_CHUNKS):
+            size = _whole_chunk(data, end)
+            if not size:
+                return 0  # (a chunk not here whole: the decoders take the read)
+            end += size
+            if end > first:
+                break
+        else:
+            return 0
+        if end == len(data):
+            return 0  # (nothing after it)
         decoder = cast(ChunkedDecoder, self._decoder)
         sink = self._sink
         assert sink is not None
-        used = 0
-        for _ in range(_OPENING_CHUNKS):
-            size = _whole_chunk(data, used)
-            if not size or used + size == len(data):
-                break  # (a chunk not here whole, or the read's last: the decoders take the rest)
-            try:
-                body = decoder.feed(data[used : used + size])
-            except ChunkedError:
-                break  # (the decoders meet it again, with the rest of the read, and say so)
-            used += size
-            begun = sink(body) if body else False
-            if self.state is not state or decoder.done:
-                break  # (cut short, or ended: the caller looks at the state)
-            if begun:
-                return used + raw(data[used:])
-        return used
+        try:
+            body = decoder.feed(data[:end])
+        except ChunkedError:
+            return 0  # (the decoders meet it again, with the rest of the read, and say so)
+        begun = sink(body) if body else False
+        if self.state is not state or decoder.done or not begun:
+            return end  # (cut short, ended, or the text held: the caller goes on from here)
+        return end + raw(data[end:])
 
     # -- requests ------------------------------------------------------------------------
 
