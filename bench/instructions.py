@@ -5,9 +5,10 @@ neighbour's load, where the scheduler puts each process, how the reads happen to
 cut of 3 % is invisible in it. `valgrind --tool=callgrind` counts the instructions a process
 runs in user space: the same count for the same code and requests, whatever else the machine
 does (±0.1 % for one-token requests; ±2 % for streams, whose reads still batch as they
-happen). So each CaseDesk (this checkout and every `--checkout`) runs under callgrind in front of the fake llama-server (tests/fake_llama.py, in its own process, not counted), and
-for each shape of load its counter is zeroed after a warm-up and read after the measured
-requests (`callgrind_control`): instructions per request, and per token.
+happen). So each CaseDesk (this checkout and every `--checkout`) runs under callgrind in front
+of the fake llama-server (tests/fake_llama.py, in its own process, not counted), and for each
+shape of load its counter is zeroed after a warm-up and read after the measured requests
+(`callgrind_control`): instructions per request, and per token.
 
 What it leaves out: the kernel's side of each syscall, and time spent waiting (callgrind makes
 the gateway ~50× slower, so reads batch more than at full speed; compare checkouts with it, and
