@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import threading
 import time
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
@@ -150,38 +151,43 @@ async def test_large_valid_bodies_are_answered(fake: FakeLlamaServer, gateway: R
 
 
 async def test_large_bodies_are_checked_off_the_loop_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Parsing and checking this body takes ~0.4 s of CPU here; on the loop it would stall
-    # every other client that long. The upstream is left out: only CaseDesk's work is timed.
+    # Parsing and checking this body takes ~0.1-0.4 s of CPU here; on the loop it would stall
+    # every other client that long. Where the work runs is asserted, not how long the loop
+    # waited: a timing bound on a shared 2-core box failed now and then with the work
+    # where it belongs (orjson's part holds the GIL; the scheduler decides the rest).
     body = long_conversation(60_001)
     request = Request("POST", "/v1/messages", "", {"anthropic-version": "2023-06-01"}, body, "test", "r1")
     deployment = SimpleNamespace(large_bodies=new_large_body_gate(), settings=ServerSettings())
     at_once = most = 0
+    threads: set[int] = set()
     parse_body = request_body._parse
 
     def counted(*args: Any) -> Any:
         nonlocal at_once, most
         at_once += 1
         most = max(most, at_once)
+        threads.add(threading.get_ident())
         try:
             return parse_body(*args)
         finally:
             at_once -= 1
 
-    on_the_loop = 0.0  # what the longest of them would stall the loop for, on the loop
-    for _ in range(3):
-        started = time.monotonic()
-        parse_body(request, False)
-        on_the_loop = max(on_the_loop, time.monotonic() - started)
     monkeypatch.setattr(request_body, "_parse", counted)
-    watch = LoopWatch()
+    beats = 0
+
+    async def heartbeat() -> None:  # the loop serves others meanwhile
+        nonlocal beats
+        while True:
+            await asyncio.sleep(0.001)
+            beats += 1
+
+    beating = asyncio.ensure_future(heartbeat())
     parsed = await asyncio.gather(*(parsed_request(deployment, request) for _ in range(3)))  # type: ignore[arg-type]
-    stall = watch.stop()
+    beating.cancel()
     assert [len(p.messages) for p in parsed] == [60_001] * 3
-    assert most == LARGE_BODIES_AT_ONCE
-    # Measured against the same work on the loop, in the same moment (a busy machine slows
-    # both), the longest of three against the longest of three: what is left is orjson's
-    # parse, which holds the GIL (about half of it here).
-    assert stall < on_the_loop * 0.9, (stall, on_the_loop)
+    assert most == LARGE_BODIES_AT_ONCE  # one at a time: a burst of them cannot take every core
+    assert threading.get_ident() not in threads  # never on the loop's thread
+    assert beats > 0  # and the loop ran other work while they were checked
 
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32
