@@ -201,6 +201,7 @@ def splits() -> Iterator[tuple[str, list[int]]]:
         pos = WIRE.index(b"\r\n", pos)
         pos += 2 + int(WIRE[starts[-1] : pos], 16) + 2 if WIRE[starts[-1] : pos] != b"0" else len(WIRE) - pos
     yield "every chunk", starts[1:]
+    yield "the role alone, then the rest", starts[1:2]  # (a prefill's progress comes before the text)
     yield "inside size lines", [s + 1 for s in starts[1:]]
     yield "inside the texts", [s + 80 for s in starts[1:]]
     for seed in range(4):
@@ -284,8 +285,8 @@ async def test_the_client_gets_what_the_decoders_alone_would_relay(
     assert fast[-1][0] == "message_stop"
     if name == "every chunk":  # (read whole, the first token leaves alone and the rest with it)
         assert taken >= 10  # the fast path did the work (all but the first token, up to the end)
-    if name == "whole":  # one read: the role and the first token through the decoders, one by
-        assert taken >= 10  # one (_open_answer), the text chunks after them straight off the wire
+    if name in ("whole", "the role alone, then the rest"):  # the read with the first token: the
+        assert taken >= 10  # chunks up to it through the decoders (_open_answer), the rest off the wire
 
 
 def chunk(data: bytes) -> bytes:

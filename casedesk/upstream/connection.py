@@ -130,7 +130,7 @@ class UpstreamConnection(StreamProtocol):
         # per-token fast path): it takes what it can from the start of a read, when the read
         # begins a chunk, and says how many bytes it took; the rest is de-chunked as usual.
         self._raw: Callable[[bytes], int] | None = None
-        self._opening = False  # the body's first read `raw` declines: see _open_answer
+        self._opening = False  # until the read with the answer's first text: see _open_answer
         self._body_parts: list[bytes] = []
         self._body_limit = 0
         self._body_size = 0
@@ -227,11 +227,12 @@ class UpstreamConnection(StreamProtocol):
         has begun (a true return) `raw` is offered what follows; how many bytes were used (fed
         or taken). A fast model's first read may hold hundreds of tokens: they are taken as
         those of the later reads are, not event by event. Once an answer, within its first
-        `_OPENING_CHUNKS` chunks; 0 (all to the decoders) when it does not apply."""
-        self._opening = False
+        `_OPENING_CHUNKS` chunks; 0 (all to the decoders) when it does not apply. Reads before
+        the first text (llama-server's progress during a long prefill) leave it for a later one."""
         first = data.find(_FIRST_TEXT)
         if first < 0:
             return 0
+        self._opening = False
         end = 0
         for _ in range(_OPENING_CHUNKS):
             size = _whole_chunk(data, end)
