@@ -169,6 +169,7 @@ class FakeLlamaServer:
         self._port = port
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
+        self._closed = False
         self._slot_gate = asyncio.Semaphore(slots) if wait_for_slot else None
         self._encoded: dict[int, tuple[Reply, list[str], list[bytes]]] = {}
 
@@ -186,6 +187,7 @@ class FakeLlamaServer:
 
     async def start(self) -> FakeLlamaServer:
         loop = asyncio.get_running_loop()
+        self._closed = False
         self._server = await loop.create_server(
             lambda: _Connection(self), "127.0.0.1", self._port, backlog=1024, reuse_address=True
         )
@@ -193,7 +195,18 @@ class FakeLlamaServer:
 
     async def close(self) -> None:
         """Stop listening and drop every connection (their handlers are cancelled)."""
+        self._closed = True
         if self._server is not None:
+            loop = asyncio.get_running_loop()
+            if isinstance(loop, asyncio.SelectorEventLoop):
+                # asyncio's own loop sets up an accepted socket a few turns later, and one still
+                # being set up when the server closes is left open, unanswered (Python 3.11's
+                # Server._attach asserts and the socket leaks): a dead server resets it. So stop
+                # accepting, let those finish (connection_made drops them), then close.
+                for sock in self._server.sockets:
+                    loop.remove_reader(sock.fileno())
+                for _ in range(4):
+                    await asyncio.sleep(0)
             self._server.close()
         for conn in list(self._connections):
             conn.drop()
@@ -265,6 +278,11 @@ class _Connection(asyncio.Protocol):
         self.server.open_connections += 1
         self.serial = self.server.connections_accepted
         self.server._connections.add(self)
+        if self.server._closed:
+            # Accepted by the loop just before close(), set up just after: a dead server answers
+            # nothing, so it goes the way of the connections close() dropped.
+            self.drop()
+            return
         self._arm_idle_timer()  # httplib's read timeout also closes a connection that never spoke
 
     def data_received(self, data: bytes) -> None:

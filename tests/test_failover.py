@@ -10,6 +10,7 @@ import contextlib
 import gc
 import os
 import resource
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -426,3 +427,26 @@ async def test_running_out_of_file_descriptors_is_never_the_upstreams_fault(star
         assert b"retry-after: 1" in answer.lower()
         assert await readyz(gw) == 200
         assert await ask(gw, stream=False) == ("from the good one", "end_turn")
+
+
+@pytest.mark.parametrize("turns_before_close", range(6))
+async def test_a_closed_fake_answers_nothing_even_on_a_connection_it_was_accepting(
+    turns_before_close: int,
+) -> None:
+    """The fake dies as a process does: a connection the loop was still setting up as it
+    closed (a gateway's spare, say) is reset or ended, never answered and never left hanging.
+    Each count of loop turns lands the close in another step of asyncio's accept."""
+    fake = await FakeLlamaServer(Reply(tokens=["ok"])).start()
+    loop = asyncio.get_running_loop()
+    with socket.create_connection(("127.0.0.1", fake.port)) as conn:
+        conn.setblocking(False)
+        for _ in range(turns_before_close):
+            await asyncio.sleep(0)
+        await fake.close()
+        try:
+            await loop.sock_sendall(conn, b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+            answer = await asyncio.wait_for(loop.sock_recv(conn, 1024), 5)
+        except ConnectionError:
+            answer = b""
+    assert answer == b""
+    assert fake.requests == []
