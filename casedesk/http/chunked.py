@@ -15,9 +15,9 @@ _MAX_LINE = 4096
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
 # Every canonical size line (lower-case hex, no extension, no leading zero, its CRLF) up to
 # 2 KiB, with its size: one lookup stands for int(line, 16) and the check that the line is
-# spelled as llama-server spells it (~200 KB). The per-token paths use it (upstream/
-# connection.py, translate/fast_delta.py); a larger chunk (a text delta is ~300 bytes) is
-# left to ChunkedDecoder.
+# spelled as llama-server spells it (~200 KB). An answer's opening chunks are stepped through
+# with it (upstream/connection.py); translate/fast_delta.py keys its own table the same way. A
+# larger chunk (a text delta is ~300 bytes) is left to ChunkedDecoder.
 CHUNK_SIZES = {b"%x\r\n" % size: size for size in range(1, 2049)}
 
 

@@ -30,7 +30,6 @@ import re
 
 import orjson
 
-from casedesk.http.chunked import CHUNK_SIZES
 
 _PREFIX = b'{"choices":[{"finish_reason":null,"index":0,"delta":{"content":"'
 _START = len(_PREFIX) - 1  # the text's opening quote
@@ -55,7 +54,7 @@ def text_delta(payload: bytes) -> str | None:
     """The text of a plain text-delta chunk (the `data:` payload), or None: parse it in full."""
     if not payload.startswith(_PREFIX):
         return None
-    end = payload.find(_END, _START + 1)
+    end = payload.rfind(_END, _START + 1)  # (the envelope's strings hold no quote)
     if end < 0 or not _plain_envelope(payload[end:]):
         return None
     try:
@@ -68,8 +67,13 @@ def text_delta(payload: bytes) -> str | None:
 
 
 _EVENT = b"data: " + _PREFIX
-_TEXT_AT = len(_EVENT) - 1  # the text's opening quote, from the start of the chunk's data
-_SIZE_LINE_MAX = 10  # "%x\r\n" of any chunk an event fits in
+_EVENT_LEN = len(_EVENT)
+_TEXT_AT = _EVENT_LEN - 1  # the text's opening quote, from the start of the chunk's data
+_EVENT_END = b"\n\n\r\n"  # the event's blank line, then the chunk's CRLF
+# A chunk's first six bytes, its canonical size line (as in http/chunked.py's CHUNK_SIZES) and
+# the start of `data: `, for every chunk size up to 2 KiB: (size, the size line's length). One
+# slice and one lookup stand for finding the line's end, reading the size and checking its spelling.
+_HEADS = {(b"%x\r\n" % size + _EVENT)[:6]: (size, len(b"%x\r\n" % size)) for size in range(1, 2049)}
 
 
 def wire_text_delta(wire: bytes, pos: int) -> tuple[str, int] | None:
@@ -85,31 +89,34 @@ def wire_text_deltas(wire: bytes, pos: int, texts: list[str], most: int = -1) ->
     """Every such chunk from `pos` on, in a row (at most `most`; -1: no bound): their texts
     appended to `texts`; returns where the first chunk not taken starts. One call per read,
     not one per token: the loop is the relay's per-token path (bench/results/latest.md).
+
     A read's chunks share their envelope: once one passed `_plain_envelope`, the next are
-    compared with it where they lie (no copy, no hash); one that differs is checked afresh."""
-    find, startswith, loads = wire.find, wire.startswith, orjson.loads
-    size_of = len(wire)
-    sizes = CHUNK_SIZES
-    append = texts.append
-    tail = b""  # the envelope of the last chunk taken, checked (never b"" then: it holds _END)
+    expected to end with it, so the text's end is where the envelope would begin (the chunk's
+    size says where) and one comparison checks the envelope, the event's end and the chunk's
+    CRLF; a chunk that differs is checked afresh. Written for the interpreter's sake: slices
+    compared and dict lookups, not `find`/`startswith` with bounds, whose argument parsing
+    cost more than the search (callgrind: 14.0 k -> 8.4 k instructions a token at 32 a read)."""
+    loads, heads, append = orjson.loads, _HEADS, texts.append
+    envelope = b""  # the last chunk's envelope, checked (it begins with _END), then _EVENT_END
     while most:
-        eol = find(b"\r\n", pos, pos + _SIZE_LINE_MAX) + 2
-        if eol < 2:
+        head = heads.get(wire[pos : pos + 6])
+        if head is None:
             return pos
-        size = sizes.get(wire[pos:eol])
-        if size is None:
-            return pos
+        size, line = head
+        eol = pos + line
         stop = eol + size  # the chunk's data ends here, then its CRLF
-        if size_of < stop + 2 or not startswith(_EVENT, eol) or not startswith(b"\n\n\r\n", stop - 2):
-            return pos
         text_at = eol + _TEXT_AT
-        end = find(_END, text_at + 1, stop)
-        if end < 0:
+        if wire[eol : text_at + 1] != _EVENT:
             return pos
-        if not (end + len(tail) == stop - 2 and startswith(tail, end)):
-            tail = wire[end : stop - 2]
-            if not _plain_envelope(tail):
+        end = stop + 2 - len(envelope)  # the text's closing quote, if the envelope is the last one's
+        if not (envelope and end > text_at and wire[end : stop + 2] == envelope):
+            if wire[stop - 2 : stop + 2] != _EVENT_END:
                 return pos
+            # The envelope's strings hold no quote: its start is the chunk's last _END.
+            end = wire.rfind(_END, text_at + 1, stop)
+            if end < 0 or not _plain_envelope(wire[end : stop - 2]):
+                return pos
+            envelope = wire[end : stop + 2]
         try:
             text = loads(wire[text_at : end + 1])  # exactly one JSON string (as text_delta)
         except orjson.JSONDecodeError:
