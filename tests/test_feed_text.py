@@ -145,6 +145,7 @@ def test_text_that_may_be_a_tool_call_gives_the_same_bytes(mode: str, pieces: li
 
 @given(st.lists(st.sampled_from(["{", "}", '"name"', " ", "```", "\n", "a", '"', "\\", "é"]) | st.text(), max_size=12))
 @example(['{"name": "get_weather", ', '"arguments": {}}'])
+@example([",", "", ",", '","', '"', "a\\"])  # empty deltas among others; texts like the join's seams
 def test_any_texts_give_the_same_bytes_in_every_mode(pieces: list[str]) -> None:
     payloads = [ROLE] + [llama_chunk(nlohmann_string(p)) for p in pieces] + [FINISH]
     for options in MODES.values():

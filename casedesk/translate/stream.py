@@ -159,8 +159,13 @@ class StreamTranslator:
         open and nothing is held, each is one event: built here without a call per token."""
         if self._block == "text" and self.started:  # (text is never held once its block is open)
             self._deltas += len(texts)
-            prefix, dumps = self._text_prefix, orjson.dumps
-            return b"".join([prefix + dumps(text) + b"}}\n\n" for text in texts if text])
+            if "" in texts:  # (an empty delta counts as a token and makes no event)
+                texts = [text for text in texts if text]
+                if not texts:
+                    return b""
+            # The events' bytes joined in C (map, join): no Python step per token.
+            prefix = self._text_prefix
+            return prefix + (b"}}\n\n" + prefix).join(map(orjson.dumps, texts)) + b"}}\n\n"
         return b"".join([self.feed_text(text) for text in texts])
 
     def _maybe_held(self, text: str) -> bytes:
