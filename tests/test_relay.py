@@ -4,6 +4,8 @@ streamed and not, and what happens when the upstream misbehaves."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import inspect
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +19,7 @@ from casedesk.upstream import relay as relay_module
 from tests.conftest import GatewayFactory, RunningGateway, gateway_config
 from tests.fake_llama import FakeLlamaServer, Reply
 from tests.support.wait import until
-from tests.support.wire import ASK, get, raw_events, sdk
+from tests.support.wire import ASK, MESSAGES, get, http_post, raw_events, sdk
 
 
 @pytest.fixture
@@ -677,3 +679,33 @@ async def http_get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
     lines = head.decode().split("\r\n")
     headers = dict(line.lower().split(": ", 1) for line in lines[1:])
     return int(lines[0].split(" ")[1]), headers, body
+
+
+async def test_an_answered_request_leaves_nothing_for_the_garbage_collector(
+    fake: FakeLlamaServer, gateway: RunningGateway
+) -> None:
+    """A request's objects (its connections, writer, translator, relay) are freed by reference
+    counting the moment it ends: none of CaseDesk's is held in a reference cycle, which would
+    keep the whole request in memory until a collection and make every collection walk it."""
+    fake.default = Reply(tokens=["Hello", " there"])
+    for _ in range(2):  # (the pool's spare is opened by the first)
+        assert len(await raw_events(gateway, {})) >= 6
+        status, _, _ = await http_post(gateway.port, MESSAGES, {"model": "m", "max_tokens": 50, "messages": ASK})
+        assert status == 200
+    await asyncio.sleep(0.05)  # (the handlers' last steps after the response's last byte)
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds now stays in gc.garbage to look at
+    try:
+        assert len(await raw_events(gateway, {})) >= 6
+        status, _, _ = await http_post(gateway.port, MESSAGES, {"model": "m", "max_tokens": 50, "messages": ASK})
+        assert status == 200
+        await asyncio.sleep(0.05)
+        gc.collect()
+        ours = sorted(
+            {type(o).__qualname__ for o in gc.garbage if type(o).__module__.startswith("casedesk.")}
+            | {o.__qualname__ for o in gc.garbage if inspect.isfunction(o) and o.__module__.startswith("casedesk.")}
+        )
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert ours == []

@@ -114,6 +114,12 @@ class SseDecoder:
         else:
             self._on_data(payload)
 
+    def close(self) -> None:
+        """Let go of the callbacks (their owner usually holds this decoder: a cycle otherwise,
+        and the request's objects would wait for the garbage collector); later feeds are ignored."""
+        self._buf = b""
+        self._on_data = self._on_error = _ignore
+
     def _overflow(self) -> None:
         on_error = self._on_error
         self._buf = b""

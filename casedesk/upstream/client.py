@@ -85,7 +85,9 @@ class Exchange:
         conn.last_data_at = loop.time()
         interval = max(0.05, min(self.read_timeout / 4, 1.0))
 
-        def watchdog() -> None:
+        def watchdog(again: Callable[..., None]) -> None:
+            # (it gets itself as `again`: naming itself would make a cycle, this frame's objects
+            # kept for the garbage collector instead of freed as the relay ends)
             if not conn.relaying:
                 return
             if gone is not None and gone():
@@ -94,9 +96,9 @@ class Exchange:
             if not self._paused and loop.time() - conn.last_data_at > self.read_timeout:
                 conn.fail(UpstreamError(f"upstream stalled: no bytes for {self.read_timeout:g} s"))
                 return
-            handle[0] = loop.call_later(interval, watchdog)
+            handle[0] = loop.call_later(interval, again, again)
 
-        handle = [loop.call_later(interval, watchdog)]
+        handle = [loop.call_later(interval, watchdog, watchdog)]
         try:
             await done
         finally:

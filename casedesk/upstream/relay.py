@@ -300,6 +300,10 @@ def hand_over_cpu() -> None:
 _sched_yield: Callable[[], None] = getattr(os, "sched_yield", lambda: None)
 
 
+def _discard(_data: bytes) -> None:
+    pass
+
+
 class _Attempt:
     """One upstream's SSE stream → decoded chunks → translator → `write`.
 
@@ -376,31 +380,41 @@ class _Attempt:
             return not self.waiting
 
         try:
-            await self.exchange.relay(feed_then_flush, client_gone, self.take_raw)
-        except UpstreamError as exc:
-            if self.fault is None and not self.complete:
-                self.end(Fault.GATEWAY if exc.local else Fault.TRANSPORT, str(exc))
-        if self.fault is None and not self.complete:
-            self.end(Fault.TRANSPORT, "upstream ended the stream before the answer was complete")
-        if self.fault is None:
             try:
-                self.pending.append(self.translator.finish())
-                self.flush(self.last_write)
-            except Exception:
-                log.warning("upstream %s ended with a usage CaseDesk cannot read", self.upstream)
-                log.debug("the translation failed", exc_info=True)
-                self.pending.clear()
-                self.fault, self.message = Fault.ANSWER, "upstream sent a final chunk of an unexpected shape"
-        if self.fault is None:
-            return COMPLETE
-        began = self.begun  # the client (or the accumulator) has had events: no retry
-        if began:
-            error = ApiError(502, f"upstream failed mid-stream: {self.message}")
-        elif self.fault is Fault.TRANSPORT:
-            error = ApiError(502, f"no upstream could be reached: {self.message}")
-        else:
-            error = ApiError(502, f"upstream {self.upstream} failed: {self.message}")
-        return Outcome(self.fault, error, began)
+                await self.exchange.relay(feed_then_flush, client_gone, self.take_raw)
+            except UpstreamError as exc:
+                if self.fault is None and not self.complete:
+                    self.end(Fault.GATEWAY if exc.local else Fault.TRANSPORT, str(exc))
+            if self.fault is None and not self.complete:
+                self.end(Fault.TRANSPORT, "upstream ended the stream before the answer was complete")
+            if self.fault is None:
+                try:
+                    self.pending.append(self.translator.finish())
+                    self.flush(self.last_write)
+                except Exception:
+                    log.warning("upstream %s ended with a usage CaseDesk cannot read", self.upstream)
+                    log.debug("the translation failed", exc_info=True)
+                    self.pending.clear()
+                    self.fault, self.message = Fault.ANSWER, "upstream sent a final chunk of an unexpected shape"
+            if self.fault is None:
+                return COMPLETE
+            began = self.begun  # the client (or the accumulator) has had events: no retry
+            if began:
+                error = ApiError(502, f"upstream failed mid-stream: {self.message}")
+            elif self.fault is Fault.TRANSPORT:
+                error = ApiError(502, f"no upstream could be reached: {self.message}")
+            else:
+                error = ApiError(502, f"upstream {self.upstream} failed: {self.message}")
+            return Outcome(self.fault, error, began)
+        finally:
+            self._let_go()
+
+    def _let_go(self) -> None:
+        """Break the cycles an attempt is in (its decoder holds its methods, a bounded write
+        holds it): the request's objects are then freed by reference counts as it ends, not left
+        for the garbage collector to find and walk (tests/test_relay.py)."""
+        self.sse.close()
+        self.write = self.last_write = _discard
 
     def take_raw(self, wire: bytes) -> int:
         """The plain text-delta chunks at the start of an upstream read, taken straight off the
