@@ -55,7 +55,9 @@ def parse_request_head(data: bytes, max_incomplete_event_size: int = _MAX_HEAD) 
 
 def fast_request_head(data: bytes) -> RequestHead | None:
     """The head if it has the common shape and h11 would accept it; None sends it to h11."""
-    if not data.endswith(b"\r\n\r\n") or b"\x00" in data or b"\x0b" in data or b"\x0c" in data:
+    # NUL, VT, FF looked for by value: `b"\x00" in data` first tries its operand as an int and
+    # raises (and formats) a TypeError inside, ~1.8 k instructions a test.
+    if not data.endswith(b"\r\n\r\n") or 0 in data or 11 in data or 12 in data:
         return None
     lines = data.count(b"\r\n")  # the request line, the header lines, the blank line
     if data.count(b"\n") != lines:
