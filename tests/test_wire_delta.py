@@ -1,6 +1,6 @@
-"""The relay's per-token wire path (translate/fast_delta.py `wire_text_deltas`, taken by
-upstream/relay.py `_Attempt.take_raw` before the chunked and SSE decoders) against the decoders
-it stands in for.
+"""The relay's wire path (translate/fast_delta.py `wire_text_deltas` and `wire_events`, taken
+by upstream/relay.py `_Attempt.take_raw` before the chunked and SSE decoders) against the
+decoders it stands in for.
 
 It may decline anything (None: the decoders take the bytes); it must never take bytes the
 decoders would read otherwise, and a streamed answer must reach the client exactly as the
@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 
 from casedesk.http.chunked import ChunkedDecoder, ChunkedError
 from casedesk.translate import fast_delta
-from casedesk.translate.fast_delta import text_delta, wire_text_delta, wire_text_deltas
+from casedesk.http.sse import SseDecoder
+from casedesk.translate.fast_delta import text_delta, wire_events, wire_text_delta, wire_text_deltas
 from casedesk.upstream import relay
 from tests.support.gateway import GatewayFactory, gateway_config
 from tests.support.wire import raw_events
@@ -276,7 +277,7 @@ async def test_the_client_gets_what_the_decoders_alone_would_relay(
 
     monkeypatch.setattr(relay, "wire_text_deltas", counted)
     fast = await relayed(start_gateway, cuts)
-    monkeypatch.setattr(relay, "wire_text_deltas", lambda wire, pos, texts: pos)
+    decoders_only(monkeypatch)
     slow = await relayed(start_gateway, cuts)
     assert fast == slow
     texts = "".join(d["delta"]["text"] for n, d in fast if n == "content_block_delta")
@@ -285,8 +286,8 @@ async def test_the_client_gets_what_the_decoders_alone_would_relay(
     assert fast[-1][0] == "message_stop"
     if name == "every chunk":  # (read whole, the first token leaves alone and the rest with it)
         assert taken >= 10  # the fast path did the work (all but the first token, up to the end)
-    if name in ("whole", "the role alone, then the rest"):  # the read with the first token: the
-        assert taken >= 10  # chunks up to it through the decoders (_open_answer), the rest off the wire
+    if name in ("whole", "the role alone, then the rest"):  # the read with the first token: its
+        assert taken >= 10  # events up to it one by one (wire_events), the texts after it in one go
 
 
 def chunk(data: bytes) -> bytes:
@@ -316,5 +317,87 @@ async def test_reads_that_do_not_begin_an_event_are_left_to_the_decoders(
     wire: bytes, cuts: list[int], start_gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fast = await relayed(start_gateway, cuts, wire)
-    monkeypatch.setattr(relay, "wire_text_deltas", lambda wire, pos, texts: pos)
+    decoders_only(monkeypatch)
     assert fast == await relayed(start_gateway, cuts, wire)
+
+
+def decoders_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The relay without its wire path: every byte through the chunked and SSE decoders."""
+    monkeypatch.setattr(relay, "wire_text_deltas", lambda wire, pos, texts: pos)
+    monkeypatch.setattr(relay, "wire_events", lambda wire, pos: None)
+
+
+# llama-server's own framing (docs/llama-server-facts.md §4): the role delta and the first token
+# in one chunk, the finish and the usage in another.
+ROLE = PAYLOADS[1]
+FINISH = next(p for p in PAYLOADS if b'"finish_reason":"' in p)
+USAGE = next(p for p in PAYLOADS if p.startswith(b'{"choices":[],'))
+PAIRS = [[ROLE, TEXTS[0]], [FINISH, USAGE], [b"[DONE]"], [ROLE]]
+
+
+def events_chunk(payloads: list[bytes]) -> bytes:
+    return chunk(b"".join(b"data: " + p + b"\n\n" for p in payloads))
+
+
+def decoded_events(wire: bytes) -> list[bytes] | None:
+    """What the chunked and SSE decoders make of `wire` when it is exactly one chunk of whole
+    `data:` events and nothing else: their payloads; else None."""
+    decoder = ChunkedDecoder()
+    try:
+        body = decoder.feed(wire)
+    except ChunkedError:
+        return None
+    payloads: list[bytes] = []
+    errors: list[bytes] = []
+    sse = SseDecoder(payloads.append, errors.append)
+    sse.feed(body)
+    whole = decoder.between_chunks and sse.idle and not errors and body.endswith(b"\n\n")
+    return payloads if whole and payloads and body.count(b"data: ") == len(payloads) else None
+
+
+def test_llama_servers_chunks_of_events_are_taken_as_the_decoders_read_them() -> None:
+    for payloads in PAIRS:
+        wire = events_chunk(payloads) + framed(TEXTS[1])
+        assert wire_events(wire, 0) == (payloads, len(events_chunk(payloads)))
+        assert decoded_events(events_chunk(payloads)) == payloads
+    assert wire_events(b"0\r\n\r\n", 0) is None  # the body's end is the decoder's
+    role = events_chunk([ROLE])
+    for other in (
+        chunk(b"error: " + ROLE + b"\n\n"),  # llama-server's error event
+        chunk(b": comment\n\n"),
+        chunk(b"data:" + ROLE + b"\n\n"),  # no space: the same event, left to the decoder
+        chunk(b"data: " + ROLE + b"\r\n\r\n"),  # CRLF line ends
+        chunk(b"data: " + ROLE + b"\ndata: 2\n\n"),  # one event of two lines
+        chunk(b"data: " + ROLE + b"\n\nevent: x\n\n"),
+        b"0" + role,  # the size line spelt otherwise (a leading zero)
+        role[: len(role) - 1],  # not yet whole
+    ):
+        assert wire_events(other, 0) is None
+
+
+@given(st.sampled_from(PAIRS), st.data())
+def test_any_chunk_of_events_taken_is_what_the_decoders_read(payloads: list[bytes], data: st.DataObject) -> None:
+    """Arbitrary edits of llama-server's chunks of events: whatever is taken, the decoders read
+    as one whole chunk of exactly those events."""
+    wire = bytearray(events_chunk(payloads))
+    for _ in range(data.draw(st.integers(0, 3))):
+        edit(wire, data.draw(st.integers(0, len(wire) - 1)), data)
+    wire_bytes = bytes(wire) + data.draw(st.sampled_from([b"", b"0\r\n\r\n", framed(TEXTS[1])]))
+    found = wire_events(wire_bytes, 0)
+    if found is None:
+        return
+    taken, end = found
+    assert decoded_events(wire_bytes[:end]) == taken
+
+
+async def test_llama_servers_own_framing_reaches_the_client_as_the_decoders_make_it(
+    start_gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    texts = b"".join(framed(p) for p in TEXTS[1:30])
+    wire = events_chunk([ROLE, TEXTS[0]]) + texts + events_chunk([FINISH, USAGE]) + framed(b"[DONE]") + b"0\r\n\r\n"
+    for cuts in ([], [len(events_chunk([ROLE, TEXTS[0]]))], sorted(random.Random(7).sample(range(1, len(wire)), 12))):
+        fast = await relayed(start_gateway, cuts, wire)
+        with monkeypatch.context() as patched:
+            decoders_only(patched)
+            assert fast == await relayed(start_gateway, cuts, wire)
+        assert fast[-1][0] == "message_stop" and sum(n == "content_block_delta" for n, _ in fast) == 30

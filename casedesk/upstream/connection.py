@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable
 from typing import cast
 
-from casedesk.http.chunked import CHUNK_SIZES, ChunkedDecoder, ChunkedError
+from casedesk.http.chunked import ChunkedDecoder, ChunkedError
 from casedesk.http.flow import StreamProtocol
 from casedesk.upstream.framing import (
     BodyDecoder,
@@ -47,20 +47,6 @@ def _keep_alive(value: str) -> tuple[float | None, int | None]:
         else:
             most = int(number)
     return timeout, most
-
-
-_OPENING_CHUNKS = 16  # an answer's chunks before its text: the role, progress steps, the first token
-_FIRST_TEXT = b'"delta":{"content":"'  # where llama-server's first text delta is (fast_delta's shape)
-
-
-def _whole_chunk(data: bytes, pos: int) -> int:
-    """The length of the chunk at `pos` (size line, data, CRLF) when `data` holds it whole
-    with a canonical size line (as llama-server writes them); else 0."""
-    eol = data.find(b"\r\n", pos, pos + 10) + 2
-    size = CHUNK_SIZES.get(data[pos:eol]) if eol > 1 else None
-    if size is None or eol + size + 2 > len(data):
-        return 0
-    return eol + size + 2 - pos
 
 
 class UpstreamError(Exception):
@@ -130,7 +116,6 @@ class UpstreamConnection(StreamProtocol):
         # per-token fast path): it takes what it can from the start of a read, when the read
         # begins a chunk, and says how many bytes it took; the rest is de-chunked as usual.
         self._raw: Callable[[bytes], int] | None = None
-        self._opening = False  # until the read with the answer's first text: see _open_answer
         self._body_parts: list[bytes] = []
         self._body_limit = 0
         self._body_size = 0
@@ -193,8 +178,6 @@ class UpstreamConnection(StreamProtocol):
             raw = self._raw
             if raw is not None and cast(ChunkedDecoder, decoder).between_chunks:
                 taken = raw(data)
-                if not taken and self._opening:
-                    taken = self._open_answer(data, state, raw)
                 if taken:
                     if self.state is not state:  # (the relay cut it short)
                         return
@@ -219,43 +202,6 @@ class UpstreamConnection(StreamProtocol):
         else:
             # Bytes nobody asked for: the connection is out of step; never reuse it.
             self.abort()
-
-    def _open_answer(self, data: bytes, state: ConnectionState, raw: Callable[[bytes], int]) -> int:
-        """The first read of an answer, which `raw` declined: its opening chunks (the role, the
-        prompt's progress, the first token, which leaves alone) go through the decoders, up to
-        the end of the chunk where the first text delta is, and if the sink then says the answer
-        has begun (a true return) `raw` is offered what follows; how many bytes were used (fed
-        or taken). A fast model's first read may hold hundreds of tokens: they are taken as
-        those of the later reads are, not event by event. Once an answer, within its first
-        `_OPENING_CHUNKS` chunks; 0 (all to the decoders) when it does not apply. Reads before
-        the first text (llama-server's progress during a long prefill) leave it for a later one."""
-        first = data.find(_FIRST_TEXT)
-        if first < 0:
-            return 0
-        self._opening = False
-        end = 0
-        for _ in range(_OPENING_CHUNKS):
-            size = _whole_chunk(data, end)
-            if not size:
-                return 0  # (a chunk not here whole: the decoders take the read)
-            end += size
-            if end > first:
-                break
-        else:
-            return 0
-        if end == len(data):
-            return 0  # (nothing after it)
-        decoder = cast(ChunkedDecoder, self._decoder)
-        sink = self._sink
-        assert sink is not None
-        try:
-            body = decoder.feed(data[:end])
-        except ChunkedError:
-            return 0  # (the decoders meet it again, with the rest of the read, and say so)
-        begun = sink(body) if body else False
-        if self.state is not state or decoder.done or not begun:
-            return end  # (cut short, ended, or the text held: the caller goes on from here)
-        return end + raw(data[end:])
 
     # -- requests ------------------------------------------------------------------------
 
@@ -323,7 +269,6 @@ class UpstreamConnection(StreamProtocol):
         assert self.state is _HEAD_RECEIVED and self._head is not None
         self._sink = sink
         self._raw = raw if self._head.chunked else None
-        self._opening = self._raw is not None
         future: asyncio.Future[None] = self._loop.create_future()
         self._future = future
         self._start_body(_CHUNKED if self._head.chunked else _RELAYING)

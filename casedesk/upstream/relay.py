@@ -36,7 +36,7 @@ import orjson
 from casedesk.anthropic.errors import ApiError, overloaded
 from casedesk.http.sse import SseDecoder
 from casedesk.translate.errors import stream_error_message, upstream_error
-from casedesk.translate.fast_delta import text_delta, wire_text_deltas
+from casedesk.translate.fast_delta import text_delta, wire_events, wire_text_deltas
 from casedesk.translate.stream import StreamTranslator
 from casedesk.upstream.affinity import RouteKey
 from casedesk.upstream.balancer import Balancer, UpstreamState
@@ -366,9 +366,7 @@ class _Attempt:
         feed = self.sse.feed
         flush = self.flush
 
-        def feed_then_flush(body: bytes) -> bool:
-            """True once the first token is out: the connection may offer the rest of its read to
-            take_raw (UpstreamConnection._open_answer)."""
+        def feed_then_flush(body: bytes) -> None:
             try:
                 feed(body)
                 flush()
@@ -377,7 +375,6 @@ class _Attempt:
                 log.warning("upstream %s sent an answer that cannot be translated: %.200r", self.upstream, body)
                 log.debug("the translation failed", exc_info=True)
                 self.end(Fault.ANSWER, "upstream sent a chunk of an unexpected shape")
-            return not self.waiting
 
         try:
             try:
@@ -417,34 +414,45 @@ class _Attempt:
         self.write = self.last_write = _discard
 
     def take_raw(self, wire: bytes) -> int:
-        """The plain text-delta chunks at the start of an upstream read, taken straight off the
-        wire (translate/fast_delta.py), with the events `on_data` would make of them; how many
-        bytes were taken. Only once the first token is out (it leaves at once, alone) and while
-        no event is half read; the rest of the read goes the usual way, in order."""
-        if self.waiting or self.complete or self.fault is not None or not self.sse.idle:
+        """The whole chunks at the start of an upstream read, taken straight off the wire
+        (translate/fast_delta.py) while each is a plain text delta (once the first token is out:
+        `wire_text_deltas`, the read's run of them translated in one call) or one single-line
+        event or a few (`wire_events`, to `on_data` as the SSE decoder would give them); how many bytes were
+        taken: the rest of the read goes through the decoders, in order. The read's events
+        leave at its end in one write, the first token at once (on_data flushes it). Not while
+        an event is half read."""
+        if self.complete or self.fault is not None or not self.sse.idle:
             return 0
-        translator = self.translator
-        texts: list[str] = []
+        translator, pending = self.translator, self.pending
+        pos, size = 0, len(wire)
         try:
-            pos = wire_text_deltas(wire, 0, texts)
-            if not texts:
-                return 0
-            out = translator.feed_texts(texts)
-            if translator.cut:  # (text never cuts an answer short today: only a second tool call)
-                self.complete = True
-            if out:
-                if self.pending:  # (a read's events are flushed at its end: none wait here)
-                    self.pending.append(out)
-                    self.flush()
-                else:
-                    self.write(out)  # this read's events, in one write
+            while pos < size:
+                if not self.waiting:
+                    texts: list[str] = []
+                    pos = wire_text_deltas(wire, pos, texts)
+                    if texts:
+                        out = translator.feed_texts(texts)
+                        if out:
+                            pending.append(out)
+                        if translator.cut:  # (text never cuts an answer short today: only a second tool call)
+                            self.complete = True
+                            self.flush()
+                            self.exchange.abort()  # the answer is complete; llama-server stops here
+                            return pos
+                events = wire_events(wire, pos)
+                if events is None:
+                    break
+                payloads, pos = events
+                for payload in payloads:
+                    self.on_data(payload)
+                if self.complete or self.fault is not None:
+                    break
+            self.flush()  # (this read's events, in one write)
         except Exception:
             log.warning("upstream %s sent an answer that cannot be translated: %.200r", self.upstream, wire[:200])
             log.debug("the translation failed", exc_info=True)
             self.end(Fault.ANSWER, "upstream sent a chunk of an unexpected shape")
-            return len(wire)
-        if self.complete:
-            self.exchange.abort()  # the answer is complete; llama-server stops here
+            return size
         return pos
 
     def on_data(self, payload: bytes) -> None:
