@@ -147,6 +147,13 @@ def response_head(status: int, headers: list[tuple[str, str]], asker: Asker) -> 
     return Head(data, body, keep_alive)
 
 
+@functools.lru_cache(maxsize=256)
+def response_head_of(status: int, headers: tuple[tuple[str, str], ...], asker: Asker) -> Head:
+    """`response_head` remembered: a gateway sends the same few heads again and again (a
+    stream's ~40 k instructions of checks and rendering, each time); a HeadError is not kept."""
+    return response_head(status, list(headers), asker)
+
+
 def _length(value: str, seen: list[str]) -> str:
     """A Content-Length value as h11 writes it ("" for a repeat of the first one)."""
     if value.isascii() and value.isdigit():

@@ -44,6 +44,7 @@ from casedesk.http.response_head import (
     HeadError,
     asker_of,
     response_head,
+    response_head_of,
 )
 
 log = logging.getLogger("casedesk.http")
@@ -107,6 +108,10 @@ def asker_of_head(head: RequestHead) -> Asker:
 
 def new_request_id() -> str:
     return "req_" + os.urandom(12).hex()
+
+
+_ID_STAND_IN = "req_" + "x" * 24  # (no id is one: not hex)
+_ID_LINE = b"request-id: %b\r\n" % _ID_STAND_IN.encode()
 
 
 class Phase(enum.Enum):
@@ -219,10 +224,13 @@ class ResponseWriter:
         return self._commit(status, self._render(status, headers))
 
     def _render(self, status: int, headers: list[tuple[str, str]]) -> Head:
-        headers.append(("request-id", self.request_id))
+        # Rendered with a stand-in for the request's id (every answer's own) and remembered
+        # for the next answer with the same headers (response_head_of); the id is put in after.
+        headers.append(("request-id", _ID_STAND_IN))
         if self._protocol.tracker.draining and ("connection", "close") not in headers:
             headers.append(("connection", "close"))  # shutting down: no next request here
-        return response_head(status, headers, self._asker)
+        head = response_head_of(status, tuple(headers), self._asker)
+        return replace(head, data=head.data.replace(_ID_LINE, b"request-id: %b\r\n" % self.request_id.encode(), 1))
 
     def _commit(self, status: int, head: Head) -> bytes:
         self.started = True
