@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 
 import orjson
 
+from casedesk.ops.accesslog import WallClock
 from casedesk.ops.logsink import LineSink, printable
 from tests.conftest import GatewayFactory, gateway_config
 from tests.fake_llama import FakeLlamaServer, Reply
@@ -176,3 +179,17 @@ async def test_a_huge_model_name_makes_neither_a_huge_answer_nor_a_huge_log_line
     await until(lambda: log.exists() and log.read_bytes().endswith(b"\n"), what="the access-log line")
     line = log.read_bytes().splitlines()[-1]
     assert len(line) < 2000 and orjson.loads(line)["status"] == 404
+
+
+async def test_the_access_logs_clock_writes_utc_to_the_millisecond_across_seconds() -> None:
+    """The wall time of each line (formatted once a second, then only its milliseconds):
+    RFC 3339 in UTC, between the times read just before and after, a second boundary crossed."""
+    clock = WallClock()
+    for _ in range(6):  # 1.2 s: at least one new second
+        before = time.time()
+        text = clock.now()
+        after = time.time()
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", text), text
+        logged = datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+        assert int(before * 1000) / 1000 - 1e-6 <= logged <= after + 1e-6
+        await asyncio.sleep(0.2)

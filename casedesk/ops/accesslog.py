@@ -12,7 +12,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 import orjson
 
@@ -45,12 +44,13 @@ class RequestRecord:
     batch_id: str = ""
     custom_id: str = ""
 
-    def line(self, now: float) -> bytes:
+    def line(self, now: float, wall: str | None = None) -> bytes:
+        """The JSON line; `wall`: the time to log, RFC 3339 in UTC to the millisecond (now's by default)."""
         batch = {"batch_id": self.batch_id, "custom_id": self.custom_id} if self.batch_id else {}
         return (
             orjson.dumps(
                 {
-                    "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                    "time": wall or WallClock().now(),
                     "request_id": self.request_id,
                     "method": printable(self.method, 32),
                     "path": printable(self.path, 1024),
@@ -74,11 +74,31 @@ class RequestRecord:
         )
 
 
+class WallClock:
+    """The time as the access log writes it (2026-12-03T08:21:16.783Z), its seconds formatted
+    once a second: datetime's isoformat was ~13 k instructions a request."""
+
+    __slots__ = ("_second", "_prefix")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def now(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._prefix}.{int((now - second) * 1000):03d}Z"
+
+
 class AccessLog:
     """Where the lines go: "-" for stdout, a path to append to, or "" for nowhere."""
 
     def __init__(self, target: str) -> None:
         self.target = target
+        self._clock = WallClock()
         self._fd = -1
         self._sink: LineSink | None = None
         if target == "-":
@@ -95,7 +115,7 @@ class AccessLog:
 
     def write(self, record: RequestRecord) -> None:
         if self._sink is not None:
-            self._sink.write(record.line(time.monotonic()))
+            self._sink.write(record.line(time.monotonic(), self._clock.now()))
 
     def close(self) -> None:
         if self._sink is not None:
