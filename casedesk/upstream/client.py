@@ -30,7 +30,7 @@ MAX_ERROR_BODY = 64 * 1024  # an error answer needs kilobytes; its first 300 byt
 
 async def _within(future: asyncio.Future[T], seconds: float, conn: UpstreamConnection, message: str) -> T:
     """`future`'s result, or UpstreamError(message) (the socket closed) after `seconds`."""
-    handle = asyncio.get_running_loop().call_later(seconds, lambda: conn.fail(UpstreamError(message)))
+    handle = conn.loop.call_later(seconds, lambda: conn.fail(UpstreamError(message)))
     try:
         return await future
     finally:
@@ -79,8 +79,8 @@ class Exchange:
         `gone()` true (the client left) at a watchdog tick also ends the relay, in case the
         cancellation that should have ended it was lost.
         """
-        loop = asyncio.get_running_loop()
         conn = self.conn
+        loop = conn.loop
         done = conn.stream_body(sink, raw)
         conn.last_data_at = loop.time()
         interval = max(0.05, min(self.read_timeout / 4, 1.0))
@@ -113,7 +113,7 @@ class Exchange:
 
     def resume(self) -> None:
         self._paused = False
-        self.conn.last_data_at = asyncio.get_running_loop().time()
+        self.conn.last_data_at = self.conn.loop.time()
         self.conn.resume_reading()
 
     def abort(self) -> None:

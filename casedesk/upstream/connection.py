@@ -355,6 +355,11 @@ class UpstreamConnection(StreamProtocol):
         return self.requests_sent > 1 or self.opened_ahead
 
     @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop it was opened on (asked of it rather than of asyncio: see UpstreamPool._loop)."""
+        return self._loop
+
+    @property
     def relaying(self) -> bool:
         return self.state is _CHUNKED or self.state is _RELAYING
 

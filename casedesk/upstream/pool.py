@@ -67,6 +67,15 @@ class UpstreamPool:
         self._queue: deque[ConnectionWaiter] = deque()
         self._opening: dict[UpstreamConnection, asyncio.Task[None]] = {}  # spares being opened
         self.connections_opened = 0
+        self._event_loop: asyncio.AbstractEventLoop | None = None
+
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        """The loop this pool serves on, asked once: `asyncio.get_running_loop()` makes a getpid
+        syscall each time on Python 3.11 (it was five a request here)."""
+        loop = self._event_loop
+        if loop is None:
+            loop = self._event_loop = asyncio.get_running_loop()
+        return loop
 
     @property
     def in_flight(self) -> int:
@@ -89,7 +98,7 @@ class UpstreamPool:
 
     async def acquire(self, fresh: bool = False) -> UpstreamConnection:
         """A connection to send one request on; release() it after. Cancellation-safe."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop()
         waiter = ConnectionWaiter(loop.create_future(), fresh)
         self._queue.append(waiter)
         self._run(self._assign(loop.time()))
@@ -148,14 +157,14 @@ class UpstreamPool:
             return  # (closed, and the pool told)
         if conn.spare and conn.state is ConnectionState.HELD:  # (nobody took it, nor closed it)
             conn.state = ConnectionState.IDLE
-            conn.idle_since = asyncio.get_running_loop().time()
+            conn.idle_since = self._loop().time()
         elif conn.state is ConnectionState.CLOSED and conn.transport is not None:
             conn.transport.abort()  # given up on while it opened
-        self._run(self._assign(asyncio.get_running_loop().time()))
+        self._run(self._assign(self._loop().time()))
 
     async def _connect(self, conn: UpstreamConnection) -> None:
         """Open the socket of a new connection; on failure it leaves the pool."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop()
         try:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
             # cancellation that lands as the connection completes.
@@ -181,7 +190,7 @@ class UpstreamPool:
 
     def release(self, conn: UpstreamConnection, reusable: bool = True) -> None:
         """Give a connection back: kept for reuse only if its last response ended cleanly."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop()
         now = loop.time()
         if conn.state is ConnectionState.CONNECTING:
             if conn in self._opening:
@@ -201,7 +210,7 @@ class UpstreamPool:
 
     def _lost(self, conn: UpstreamConnection) -> None:
         if conn in self._connections:
-            self._run(self._assign(asyncio.get_running_loop().time()))
+            self._run(self._assign(self._loop().time()))
 
     def _assign(self, now: float) -> Assignment:
         """Drop closed connections and close spent and expired idle ones; then serve waiting
@@ -252,7 +261,7 @@ class UpstreamPool:
         return todo
 
     def _new_connection(self) -> UpstreamConnection:
-        return UpstreamConnection(asyncio.get_running_loop(), self._lost)
+        return UpstreamConnection(self._loop(), self._lost)
 
     @staticmethod
     def _run(todo: Assignment) -> None:
