@@ -43,8 +43,8 @@ async def run(args: argparse.Namespace, procs: Processes, config_dir: Path) -> d
     await one_stream(ours)
     runs: dict[str, list[StreamResult]] = {own.name: [], ours.name: []}
     targets: tuple[Target, Target] = (own, ours)
-    for _ in range(args.runs):  # interleaved, so both see the same machine
-        for target in targets:
+    for i in range(args.runs):  # interleaved, so both see the same machine; who goes first alternates
+        for target in targets if i % 2 == 0 else targets[::-1]:
             runs[target.name].append(await one_stream(target))
     summary = {}
     for name, results in runs.items():
@@ -53,8 +53,19 @@ async def run(args: argparse.Namespace, procs: Processes, config_dir: Path) -> d
             "runs": len(results),
             "tokens": results[0].tokens,
             "tokens_per_s_median": statistics.median(rates),
+            # llama-server's own pace moves ~±10 % from run to run: the spread says how far
+            # apart two medians must be before they differ
+            "tokens_per_s_quartiles": _quartiles(rates),
             "ttft_ms_median": statistics.median(r.ttft for r in results) * 1e3,
         }
     ratio = summary["casedesk"]["tokens_per_s_median"] / summary[own.name]["tokens_per_s_median"]
     print(json.dumps(summary, indent=1), f"\nratio casedesk / llama-server own: {ratio:.4f}", flush=True)
     return {"real": summary, "ratio": ratio, "threads": args.threads}
+
+
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    """The first and third quartiles (the values themselves when there are too few)."""
+    if len(values) < 2:
+        return (values[0], values[0]) if values else (0.0, 0.0)
+    q = statistics.quantiles(values, n=4)
+    return q[0], q[2]

@@ -110,12 +110,14 @@ def real_section(result: dict[str, Any]) -> list[str]:
         "",
         f"Real llama-server (Gemma 3 270M, {result['threads']} thread(s)), streamed, interleaved runs:",
         "",
-        "| target | runs | tokens | tokens/s (median) | TTFT ms (median) |",
-        "|---|---|---|---|---|",
+        "| target | runs | tokens | tokens/s (median) | tokens/s (middle half of the runs) | TTFT ms (median) |",
+        "|---|---|---|---|---|---|",
     ]
     for name, s in result["real"].items():
+        low, high = s.get("tokens_per_s_quartiles", (s["tokens_per_s_median"],) * 2)
         lines.append(
-            f"| {name} | {s['runs']} | {s['tokens']} | {s['tokens_per_s_median']:.1f} | {s['ttft_ms_median']:.1f} |"
+            f"| {name} | {s['runs']} | {s['tokens']} | {s['tokens_per_s_median']:.1f} | {low:.1f}–{high:.1f} "
+            f"| {s['ttft_ms_median']:.1f} |"
         )
     lines += ["", f"CaseDesk tokens/s ÷ llama-server's own /v1/messages: **{result['ratio']:.4f}**"]
     return lines
