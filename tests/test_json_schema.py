@@ -174,6 +174,17 @@ def test_output_config_and_output_format_become_a_response_format() -> None:
         assert chat["response_format"] == {"type": "json_schema", "json_schema": {"schema": WEATHER}}
 
 
+def test_a_schema_answer_may_not_spend_its_tokens_on_newlines() -> None:
+    schema = {"output_config": {"format": {"type": "json_schema", "schema": WEATHER}}}
+    chat = to_chat_request(parse_messages_request(body(**schema)), stream=False)
+    assert chat["logit_bias"] == [["\n", False], ["\n\n", False]]
+    # Thinking comes before the JSON, in prose: its newlines stay.
+    thinking = {"thinking": {"type": "enabled", "budget_tokens": 1024}}
+    assert "logit_bias" not in to_chat_request(parse_messages_request(body(**schema, **thinking)), stream=False)
+    # An answer without a schema is prose too.
+    assert "logit_bias" not in to_chat_request(parse_messages_request(body()), stream=False)
+
+
 def test_output_format_errors_name_the_field() -> None:
     cases = [
         (body(output_config={"format": {"type": "json_object"}}), "output_config.format.type"),

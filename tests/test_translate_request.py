@@ -321,6 +321,7 @@ def test_a_forced_call_of_strict_tools_is_asked_as_a_grammar_held_json_answer() 
     payload = chat(system="s", tools=[STRICT_TOOL], tool_choice={"type": "tool", "name": "get_weather"})
     assert "tools" not in payload and "tool_choice" not in payload
     schema = payload["response_format"]["json_schema"]["schema"]
+    assert payload["logit_bias"] == [["\n", False], ["\n\n", False]]  # no whitespace wandering
     assert schema == {
         "type": "object",
         "properties": {"name": {"const": "get_weather"}, "arguments": STRICT_TOOL["input_schema"]},

@@ -17,6 +17,13 @@ from casedesk.anthropic.schema import MessagesRequest
 # low, medium, high). A template without the variable ignores it.
 REASONING_EFFORT = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}
 SYSTEM_OPEN, SYSTEM_CLOSE = "<system>\n", "\n</system>"
+# llama-server's schema grammar lets a newline or two and up to 20 spaces and tabs stand between
+# any two tokens of the JSON (common/json-schema-to-grammar.cpp, its `space` rule); at
+# temperature 1 a small model can spend its whole max_tokens there (docs/llama-server-facts.md
+# §11). A raw newline belongs nowhere inside a JSON value (strings escape it), so banning the
+# newline tokens costs the answer nothing and leaves the grammar one space at most. llama-server
+# tokenizes each string and bans its tokens (`false` is minus infinity).
+NO_NEWLINE_TOKENS = [["\n", False], ["\n\n", False]]
 
 
 def to_chat_request(request: MessagesRequest, *, stream: bool, fold_system: bool = False) -> dict[str, Any]:
@@ -64,6 +71,9 @@ def to_chat_request(request: MessagesRequest, *, stream: bool, fold_system: bool
             "Answer with only one compact JSON value that matches this JSON Schema:\n"
             + orjson.dumps(request.output_schema).decode(),
         )
+    if "response_format" in body and not request.wants_thinking:
+        # Not with thinking: its text comes before the JSON and needs its newlines.
+        body["logit_bias"] = NO_NEWLINE_TOKENS
     if request.effort is not None:
         body["reasoning_effort"] = REASONING_EFFORT[request.effort]
     if request.thinking == "disabled":
