@@ -335,16 +335,7 @@ def _server(checker: _Checker, raw: Any) -> ServerSettings:
     ):
         checker.problem("server.identity_header", f"must be an HTTP header name, got {identity_header!r}")
         identity_header = ""
-    proxies = raw.get("trusted_proxies", [])
-    trusted: list[str] = []
-    if not isinstance(proxies, list):
-        checker.problem("server.trusted_proxies", 'must be a list of networks like "127.0.0.1/32"')
-        proxies = []
-    for i, network in enumerate(proxies):
-        try:
-            trusted.append(str(ipaddress.ip_network(network, strict=False)))
-        except (TypeError, ValueError):
-            checker.problem(f"server.trusted_proxies[{i}]", f"must be an address or CIDR network, got {network!r}")
+    trusted = _networks(checker, raw, "trusted_proxies", '["127.0.0.1/32"]')
     if identity_header and not trusted:
         checker.problem("server.identity_header", "needs trusted_proxies: the addresses allowed to set it")
     shared = raw.get("shared_limits", defaults.shared_limits)
@@ -422,17 +413,24 @@ def _image_fetching(checker: _Checker, raw: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(fetch, bool):
         checker.problem("server.fetch_image_urls", "must be true or false")
         fetch = False
-    allow = raw.get("image_url_allow", [])
+    networks = _networks(checker, raw, "image_url_allow", '["10.1.2.0/24"]')
+    return {"fetch_image_urls": fetch, "image_url_allow": tuple(networks)}
+
+
+def _networks(checker: _Checker, raw: dict[str, Any], key: str, example: str) -> list[str]:
+    """[server] KEY, a list of addresses and CIDR networks, each written as a network
+    ("10.0.0.7" is "10.0.0.7/32"); what is not one is a problem named by its index."""
+    items = raw.get(key, [])
+    if not isinstance(items, list):
+        checker.problem(f"server.{key}", f"must be a list of addresses or CIDR networks, e.g. {example}")
+        return []
     networks: list[str] = []
-    if not isinstance(allow, list):
-        checker.problem("server.image_url_allow", 'must be a list of networks, e.g. ["10.1.2.0/24"]')
-        allow = []
-    for i, item in enumerate(allow):
+    for i, item in enumerate(items):
         try:
             networks.append(str(ipaddress.ip_network(item, strict=False)))
         except (TypeError, ValueError):
-            checker.problem(f"server.image_url_allow[{i}]", f"not an IP network: {item!r}")
-    return {"fetch_image_urls": fetch, "image_url_allow": tuple(networks)}
+            checker.problem(f"server.{key}[{i}]", f"must be an address or CIDR network, got {item!r}")
+    return networks
 
 
 def _deployment(checker: _Checker, dep_id: str, raw: Any, base_dir: Path | None) -> Deployment | None:

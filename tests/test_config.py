@@ -77,6 +77,20 @@ def test_every_problem_is_reported_with_its_key() -> None:
     assert len(caught.value.problems) >= 10
 
 
+def test_network_lists_name_what_is_not_a_network_and_write_addresses_as_networks() -> None:
+    deployments = {"d": {"models": {"m": {"upstreams": ["http://x:1"]}}}}
+    server = {"trusted_proxies": ["10.0.0.7", "10.1.0.0/16"], "image_url_allow": ["192.168.1.0/24"]}
+    config = parse({"server": server, "deployments": deployments})
+    assert config.server.trusted_proxies == ("10.0.0.7/32", "10.1.0.0/16")
+    assert config.server.image_url_allow == ("192.168.1.0/24",)
+    with pytest.raises(ConfigError) as caught:
+        parse({"server": {"trusted_proxies": ["10.0.0.7", "proxy"], "image_url_allow": "10.0.0.0/8"}, "deployments": deployments})
+    assert caught.value.problems == [
+        "server.trusted_proxies[1]: must be an address or CIDR network, got 'proxy'",
+        'server.image_url_allow: must be a list of addresses or CIDR networks, e.g. ["10.1.2.0/24"]',
+    ]
+
+
 def test_no_deployments_is_a_problem() -> None:
     with pytest.raises(ConfigError, match="deployments"):
         parse({"server": {}})
