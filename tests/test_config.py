@@ -84,7 +84,12 @@ def test_network_lists_name_what_is_not_a_network_and_write_addresses_as_network
     assert config.server.trusted_proxies == ("10.0.0.7/32", "10.1.0.0/16")
     assert config.server.image_url_allow == ("192.168.1.0/24",)
     with pytest.raises(ConfigError) as caught:
-        parse({"server": {"trusted_proxies": ["10.0.0.7", "proxy"], "image_url_allow": "10.0.0.0/8"}, "deployments": deployments})
+        parse(
+            {
+                "server": {"trusted_proxies": ["10.0.0.7", "proxy"], "image_url_allow": "10.0.0.0/8"},
+                "deployments": deployments,
+            }
+        )
     assert caught.value.problems == [
         "server.trusted_proxies[1]: must be an address or CIDR network, got 'proxy'",
         'server.image_url_allow: must be a list of addresses or CIDR networks, e.g. ["10.1.2.0/24"]',

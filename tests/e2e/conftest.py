@@ -28,6 +28,49 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+class Serve:
+    """`casedesk serve --config CONFIG` in a subprocess, returned once /healthz answers; its
+    output is appended to casedesk.log beside the config (a restart's follows the first's)."""
+
+    def __init__(self, config: Path, port: int, *, ready_within: float = 60) -> None:
+        self.gateway = f"http://127.0.0.1:{port}"
+        self.log_path = config.parent / "casedesk.log"
+        self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "casedesk", "serve", "--config", str(config)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        deadline = time.monotonic() + ready_within
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"casedesk serve exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.gateway}/healthz", timeout=2) as answer:
+                    if answer.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.process.kill()
+                raise RuntimeError(f"casedesk did not answer /healthz in {ready_within:.0f} s:\n{self.log_tail()}")
+            time.sleep(0.2)
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+    def stop(self, within: float = 30) -> None:
+        """SIGTERM (CaseDesk stops its llama-servers), SIGKILL after `within` seconds."""
+        self.process.terminate()
+        try:
+            self.process.wait(within)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
+
+
 @dataclass(frozen=True)
 class Rig:
     gateway: str  # http://127.0.0.1:PORT
@@ -71,39 +114,11 @@ chat_template_file = "{TEMPLATE}"
 args = ["-c", "{2 * SLOT_CONTEXT}", "-np", "2", "-t", "2"]
 """
     )
-    log = open(config.parent / "casedesk.log", "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "casedesk", "serve", "--config", str(config)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    gateway = f"http://127.0.0.1:{gateway_port}"
-    deadline = time.monotonic() + 300
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(
-                f"casedesk serve exited with {process.returncode}:\n{Path(log.name).read_text()[-3000:]}"
-            )
-        try:
-            with urllib.request.urlopen(f"{gateway}/healthz", timeout=2) as answer:
-                if answer.status == 200:
-                    break
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"casedesk did not answer /healthz in 300 s:\n{Path(log.name).read_text()[-3000:]}")
-        time.sleep(0.2)
+    serve = Serve(config, gateway_port, ready_within=300)  # the model loads before it listens
     try:
-        yield Rig(gateway=gateway, llama=f"http://127.0.0.1:{llama_port}", process=process, log=Path(log.name))
+        yield Rig(serve.gateway, f"http://127.0.0.1:{llama_port}", serve.process, serve.log_path)
     finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+        serve.stop()
 
 
 @pytest.fixture(scope="session")

@@ -7,10 +7,6 @@ Answers are kept short (small max_tokens, short prompts): 2 cores run everything
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +17,7 @@ import jsonschema
 import pytest
 from pydantic import BaseModel
 
-from tests.e2e.conftest import MODEL, SLOT_CONTEXT, Rig, free_port
+from tests.e2e.conftest import MODEL, SLOT_CONTEXT, Rig, Serve, free_port
 
 T1 = {"temperature": 1}
 STRICT_TEMPLATE = Path(__file__).resolve().parents[1] / "templates" / "strict-system.jinja"
@@ -203,32 +199,11 @@ chat_template_file = "{STRICT_TEMPLATE}"
 args = ["-c", "{SMALL_WINDOW}", "-np", "1", "-t", "1"]  # -t 1: steady on a shared box (facts §10)
 """
     )
-    log = open(config.parent / "casedesk.log", "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "casedesk", "serve", "--config", str(config)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    gateway = f"http://127.0.0.1:{gateway_port}"
-    deadline = time.monotonic() + 300
-    while True:
-        assert process.poll() is None, Path(log.name).read_text()[-3000:]
-        try:
-            get_json(f"{gateway}/healthz")
-            break
-        except OSError:
-            assert time.monotonic() < deadline, Path(log.name).read_text()[-3000:]
-            time.sleep(0.2)
+    serve = Serve(config, gateway_port, ready_within=300)
     try:
-        yield Rig(gateway=gateway, llama=f"http://127.0.0.1:{llama_port}", process=process, log=Path(log.name))
+        yield Rig(serve.gateway, f"http://127.0.0.1:{llama_port}", serve.process, serve.log_path)
     finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+        serve.stop()
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -17,17 +15,18 @@ from pathlib import Path
 import anthropic
 import pytest
 
-from tests.e2e.conftest import TEMPLATE, free_port
+from tests.e2e.conftest import TEMPLATE, Serve, free_port
 
 DEPLOYMENT = "box"
 PROMPT = [{"role": "user", "content": "Write a long story about the sea, with many ships."}]
 
 
-class Box:
-    def __init__(self, gateway: str, process: subprocess.Popen[bytes]) -> None:
-        self.gateway = gateway
-        self.process = process
+class Box(Serve):
+    """The gateway, and the llama-server processes it was seen to run."""
+
+    def __init__(self, config: Path, port: int) -> None:
         self.seen: set[int] = set()  # llama-server processes seen as CaseDesk's children
+        super().__init__(config, port)  # nothing loads at boot: it listens at once
 
     def children(self) -> set[int]:
         tasks = Path(f"/proc/{self.process.pid}/task")
@@ -67,31 +66,12 @@ queue_timeout = 120
 {model}args = ["-c", "1024", "-np", "1", "-t", "1", "--temp", "0"]
 """
     )
-    log = open(config.parent / "casedesk.log", "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "casedesk", "serve", "--config", str(config)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    gateway = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60  # nothing loads at boot: it listens at once
-    while True:
-        assert process.poll() is None, Path(log.name).read_text()[-3000:]
-        try:
-            with urllib.request.urlopen(f"{gateway}/healthz", timeout=2):
-                break
-        except OSError:
-            assert time.monotonic() < deadline, Path(log.name).read_text()[-3000:]
-            time.sleep(0.2)
-    running = Box(gateway, process)
+    running = Box(config, port)
     try:
         yield running
     finally:
         running.children()
-        process.terminate()
-        process.wait(60)
-        log.close()
+        running.stop(60)
     assert running.seen and not [pid for pid in running.seen if alive(pid)]  # no llama-server left behind
 
 

@@ -6,10 +6,7 @@ time to first token, counted from a being ready again, at most a quarter of the 
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -18,7 +15,7 @@ from typing import Any
 import anthropic
 import pytest
 
-from tests.e2e.conftest import TEMPLATE, free_port
+from tests.e2e.conftest import TEMPLATE, Serve, free_port
 
 DEPLOYMENT = "box"
 DOCUMENT = " ".join(f"Line {i}: the harbour log notes ship {i % 37} arriving with cargo {i % 11}." for i in range(300))
@@ -26,32 +23,8 @@ HELLO = [{"role": "user", "content": "hi"}]
 FIRST = [{"role": "user", "content": "Here is a log.\n" + DOCUMENT + "\nWhich ship came first? One word."}]
 
 
-class Serve:
-    """`casedesk serve` on a config, until stopped."""
-
-    def __init__(self, config: Path, port: int) -> None:
-        self.gateway = f"http://127.0.0.1:{port}"
-        self.log = open(config.parent / "casedesk.log", "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "casedesk", "serve", "--config", str(config)],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            assert self.process.poll() is None, Path(self.log.name).read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{self.gateway}/healthz", timeout=2):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(120)
-        self.log.close()
+class Gateway(Serve):
+    """The gateway, with what this test reads of it."""
 
     def metric(self, name: str, **labels: str) -> float:
         with urllib.request.urlopen(f"{self.gateway}/metrics", timeout=10) as answer:
@@ -106,7 +79,7 @@ queue_timeout = 900
 {model}args = ["-c", "1024", "-np", "1", "-t", "1"]
 """
     )
-    serve = Serve(config, port)
+    serve = Gateway(config, port)
     figures: list[str] = []
     try:
         serve.load("a")
@@ -127,8 +100,8 @@ queue_timeout = 900
         assert ttft3 <= ttft1 / 4
         serve.load("b")  # evicts a again: saved anew
     finally:
-        serve.stop()
-    serve = Serve(config, port)  # a CaseDesk restart: the index is on disk
+        serve.stop(120)
+    serve = Gateway(config, port)  # a CaseDesk restart: the index is on disk
     try:
         later = [*second, {"role": "assistant", "content": third.content[0].text}]  # type: ignore[union-attr]
         later.append({"role": "user", "content": "How many ships?"})
@@ -141,7 +114,7 @@ queue_timeout = 900
         assert ttft5 <= ttft1 / 4
         assert serve.metric("casedesk_slot_files_restored_total") == 1
     finally:
-        serve.stop()
+        serve.stop(120)
     log = (tmp_path / "casedesk.log").read_text()
     figures += re.findall(r"(?:saved|restored) .*? in \d+ ms", log)
     with capsys.disabled():
