@@ -23,7 +23,7 @@ SYSTEM_OPEN, SYSTEM_CLOSE = "<system>\n", "\n</system>"
 # §11). A raw newline belongs nowhere inside a JSON value (strings escape it), so banning the
 # newline tokens costs the answer nothing and leaves the grammar one space at most. llama-server
 # tokenizes each string and bans its tokens (`false` is minus infinity).
-NO_NEWLINE_TOKENS = [["\n", False], ["\n\n", False]]
+NO_NEWLINE_TOKENS = (("\n", False), ("\n\n", False))
 
 
 def to_chat_request(request: MessagesRequest, *, stream: bool, fold_system: bool = False) -> dict[str, Any]:
@@ -73,7 +73,7 @@ def to_chat_request(request: MessagesRequest, *, stream: bool, fold_system: bool
         )
     if "response_format" in body and not request.wants_thinking:
         # Not with thinking: its text comes before the JSON and needs its newlines.
-        body["logit_bias"] = NO_NEWLINE_TOKENS
+        body["logit_bias"] = [list(ban) for ban in NO_NEWLINE_TOKENS]  # (each body its own list)
     if request.effort is not None:
         body["reasoning_effort"] = REASONING_EFFORT[request.effort]
     if request.thinking == "disabled":
