@@ -1,4 +1,4 @@
-"""The relay's wire path (translate/fast_delta.py `wire_text_deltas` and `wire_events`, taken
+"""The relay's wire path (translate/fast_delta.py `WireTexts` and `wire_events`, taken
 by upstream/relay.py `_Attempt.take_raw` before the chunked and SSE decoders) against the
 decoders it stands in for.
 
@@ -177,6 +177,39 @@ def test_a_chunk_in_another_envelope_is_checked_afresh() -> None:
             assert len(texts) == 1 and end == len(first)  # declined: the decoders take it
 
 
+def test_the_envelope_is_remembered_from_read_to_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One token a read (a model's pace): a stream's WireTexts checks its envelope once, not once
+    a read; a later read in another envelope (a new second in `created`) is checked afresh,
+    and one no plain chunk has is declined, as on the first read."""
+    reads = [framed(one_envelope(text, TEXTS[0])) for text in TEXTS[:4]]
+    later = one_envelope(TEXTS[4], TEXTS[0])
+    next_second = later.replace(b'"created":%d' % orjson.loads(TEXTS[0])["created"], b'"created":1999999999')
+    expected = [[text_delta(text)] for text in [*TEXTS[:4], next_second]]
+    checked: list[bytes] = []
+    plain = fast_delta._plain_envelope
+
+    def counted(tail: bytes) -> bool:
+        checked.append(tail)
+        return plain(tail)
+
+    monkeypatch.setattr(fast_delta, "_plain_envelope", counted)
+    stream = fast_delta.WireTexts()
+    for read, want in zip(reads, expected, strict=False):
+        texts: list[str] = []
+        assert stream.take(read, 0, texts) == len(read)
+        assert texts == want
+    assert len(checked) == 1  # the first read's envelope, and no other
+    texts = []
+    assert stream.take(framed(next_second), 0, texts) == len(framed(next_second))
+    assert texts == expected[4] and len(checked) == 2
+    escaped_model = next_second.replace(b'"model":"', b'"model":"\\u0041')
+    texts = []
+    assert stream.take(framed(escaped_model), 0, texts) == 0 and texts == []  # the decoders take it
+    texts = []
+    assert stream.take(framed(next_second), 0, texts) == len(framed(next_second))  # (still known)
+    assert len(checked) == 3
+
+
 @given(st.text(max_size=40))
 def test_any_text_llama_server_could_send_is_taken_whole(text: str) -> None:
     payload = TEXTS[0].replace(b'"content":"Repeat"', b'"content":' + orjson.dumps(text))
@@ -268,14 +301,16 @@ async def test_the_client_gets_what_the_decoders_alone_would_relay(
 ) -> None:
     taken = 0
 
-    def counted(wire: bytes, pos: int, texts: list[str]) -> int:
+    take = fast_delta.WireTexts.take
+
+    def counted(self: fast_delta.WireTexts, wire: bytes, pos: int, texts: list[str], most: int = -1) -> int:
         nonlocal taken
         before = len(texts)
-        end = fast_delta.wire_text_deltas(wire, pos, texts)
+        end = take(self, wire, pos, texts, most)
         taken += len(texts) - before
         return end
 
-    monkeypatch.setattr(relay, "wire_text_deltas", counted)
+    monkeypatch.setattr(fast_delta.WireTexts, "take", counted)
     fast = await relayed(start_gateway, cuts)
     decoders_only(monkeypatch)
     slow = await relayed(start_gateway, cuts)
@@ -323,7 +358,7 @@ async def test_reads_that_do_not_begin_an_event_are_left_to_the_decoders(
 
 def decoders_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """The relay without its wire path: every byte through the chunked and SSE decoders."""
-    monkeypatch.setattr(relay, "wire_text_deltas", lambda wire, pos, texts: pos)
+    monkeypatch.setattr(fast_delta.WireTexts, "take", lambda self, wire, pos, texts, most=-1: pos)
     monkeypatch.setattr(relay, "wire_events", lambda wire, pos: None)
 
 

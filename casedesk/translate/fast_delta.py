@@ -111,50 +111,67 @@ def wire_text_delta(wire: bytes, pos: int) -> tuple[str, int] | None:
     one plain text-delta event, `%x\r\ndata: {…}\n\n\r\n` (lower-case hex, no extension,
     as llama-server frames it); else None (not whole, another shape, or another framing)."""
     texts: list[str] = []
-    end = wire_text_deltas(wire, pos, texts, 1)
+    end = WireTexts().take(wire, pos, texts, 1)
     return (texts[0], end) if texts else None
 
 
 def wire_text_deltas(wire: bytes, pos: int, texts: list[str], most: int = -1) -> int:
-    """Every such chunk from `pos` on, in a row (at most `most`; -1: no bound): their texts
-    appended to `texts`; returns where the first chunk not taken starts. One call per read,
-    not one per token: the loop is the relay's per-token path (bench/results/latest.md).
+    """`WireTexts.take` with nothing remembered from an earlier read."""
+    return WireTexts().take(wire, pos, texts, most)
 
-    A read's chunks share their envelope: once one passed `_plain_envelope`, the next are
+
+class WireTexts:
+    """Takes runs of plain text-delta chunks off one stream's wire, read after read.
+
+    A stream's chunks share their envelope: once one passed `_plain_envelope`, the next are
     expected to end with it, so the text's end is where the envelope would begin (the chunk's
     size says where) and one comparison checks the envelope, the event's end and the chunk's
-    CRLF; a chunk that differs is checked afresh. Written for the interpreter's sake: slices
-    compared and dict lookups, not `find`/`startswith` with bounds, whose argument parsing
-    cost more than the search, and the sums made in _HEADS once (callgrind: 14.0 k -> 7.4 k
-    instructions a token at 32 chunks a read, 14.8 k -> 9.1 k at 5)."""
-    loads, heads, append = orjson.loads, _HEADS, texts.append
-    envelope = b""  # the last chunk's envelope, checked (it begins with _END), then _EVENT_END
-    envelope_size = 0
-    for _ in range(most if most >= 0 else len(wire)):
-        head = heads.get(wire[pos : pos + 6])
-        if head is None:
-            return pos
-        event_at, text_at, after = head
-        text_at += pos  # the text's opening quote
-        if wire[pos + event_at : text_at + 1] != _EVENT:
-            return pos
-        after += pos  # the next chunk
-        end = after - envelope_size  # the text's closing quote, if the envelope is the last one's
-        if not (envelope_size and end > text_at and wire[end:after] == envelope):
-            if wire[after - 4 : after] != _EVENT_END:
-                return pos
-            # The envelope's strings hold no quote: its start is the chunk's last _END.
-            end = wire.rfind(_END, text_at + 1, after - 2)
-            if end < 0 or not _plain_envelope(wire[end : after - 4]):
-                return pos
-            envelope = wire[end:after]
-            envelope_size = len(envelope)
-        try:
-            text = loads(wire[text_at : end + 1])  # exactly one JSON string (as text_delta)
-        except orjson.JSONDecodeError:
-            return pos
-        if text.__class__ is not str:
-            return pos
-        append(text)
-        pos = after
-    return pos
+    CRLF; a chunk that differs is checked afresh. The envelope is remembered from read to read
+    (`created` changes once a second at most): a model's tokens come one a read, and checking
+    each read's first chunk afresh cost ~0.5 µs of its ~1.4 (bench/results/latest.md)."""
+
+    __slots__ = ("_envelope",)
+
+    def __init__(self) -> None:
+        self._envelope = b""  # the last chunk's envelope, checked (it begins with _END), then _EVENT_END
+
+    def take(self, wire: bytes, pos: int, texts: list[str], most: int = -1) -> int:
+        """Every such chunk from `pos` on, in a row (at most `most`; -1: no bound): their texts
+        appended to `texts`; returns where the first chunk not taken starts. One call per read,
+        not one per token: the loop is the relay's per-token path.
+
+        Written for the interpreter's sake: slices compared and dict lookups, not
+        `find`/`startswith` with bounds, whose argument parsing cost more than the search, and
+        the sums made in _HEADS once (callgrind: 14.0 k -> 7.4 k instructions a token at 32
+        chunks a read, 14.8 k -> 9.1 k at 5)."""
+        loads, heads, append = orjson.loads, _HEADS, texts.append
+        envelope = self._envelope
+        envelope_size = len(envelope)
+        for _ in range(most if most >= 0 else len(wire)):
+            head = heads.get(wire[pos : pos + 6])
+            if head is None:
+                break
+            event_at, text_at, after = head
+            text_at += pos  # the text's opening quote
+            if wire[pos + event_at : text_at + 1] != _EVENT:
+                break
+            after += pos  # the next chunk
+            end = after - envelope_size  # the text's closing quote, if the envelope is the last one's
+            if not (envelope_size and end > text_at and wire[end:after] == envelope):
+                if wire[after - 4 : after] != _EVENT_END:
+                    break
+                # The envelope's strings hold no quote: its start is the chunk's last _END.
+                end = wire.rfind(_END, text_at + 1, after - 2)
+                if end < 0 or not _plain_envelope(wire[end : after - 4]):
+                    break
+                envelope = self._envelope = wire[end:after]
+                envelope_size = len(envelope)
+            try:
+                text = loads(wire[text_at : end + 1])  # exactly one JSON string (as text_delta)
+            except orjson.JSONDecodeError:
+                break
+            if text.__class__ is not str:
+                break
+            append(text)
+            pos = after
+        return pos

@@ -36,7 +36,7 @@ import orjson
 from casedesk.anthropic.errors import ApiError, overloaded
 from casedesk.http.sse import SseDecoder
 from casedesk.translate.errors import stream_error_message, upstream_error
-from casedesk.translate.fast_delta import text_delta, wire_events, wire_text_deltas
+from casedesk.translate.fast_delta import WireTexts, text_delta, wire_events
 from casedesk.translate.stream import StreamTranslator
 from casedesk.upstream.affinity import RouteKey
 from casedesk.upstream.balancer import Balancer, UpstreamState
@@ -329,6 +329,7 @@ class _Attempt:
         "taken",
         "sse",
         "streamed",
+        "wire_texts",
     )
 
     def __init__(
@@ -360,6 +361,7 @@ class _Attempt:
         self.taken = 0
         self.sse = SseDecoder(self.on_data, self.on_error)
         self.streamed = limit is None  # to a client as it comes (not held whole)
+        self.wire_texts = WireTexts()  # (its envelope remembered from read to read)
 
     async def run(self, client_gone: Callable[[], bool] | None) -> Outcome:
         """Relay until the stream ends; the outcome says how it ended."""
@@ -416,20 +418,20 @@ class _Attempt:
     def take_raw(self, wire: bytes) -> int:
         """The whole chunks at the start of an upstream read, taken straight off the wire
         (translate/fast_delta.py) while each is a plain text delta (once the first token is out:
-        `wire_text_deltas`, the read's run of them translated in one call) or one single-line
+        `WireTexts.take`, the read's run of them translated in one call) or one single-line
         event or a few (`wire_events`, to `on_data` as the SSE decoder would give them); how many bytes were
         taken: the rest of the read goes through the decoders, in order. The read's events
         leave at its end in one write, the first token at once (on_data flushes it). Not while
         an event is half read."""
         if self.complete or self.fault is not None or not self.sse.idle:
             return 0
-        translator, pending = self.translator, self.pending
+        translator, pending, take_texts = self.translator, self.pending, self.wire_texts.take
         pos, size = 0, len(wire)
         try:
             while pos < size:
                 if not self.waiting:
                     texts: list[str] = []
-                    pos = wire_text_deltas(wire, pos, texts)
+                    pos = take_texts(wire, pos, texts)
                     if texts:
                         out = translator.feed_texts(texts)
                         if out:
