@@ -26,6 +26,7 @@ import struct
 import termios
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from typing import Final
 
 import h11
 
@@ -126,6 +127,23 @@ class Phase(enum.Enum):
     CLOSED = "closed"
 
 
+# Python 3.11's EnumType has a __getattr__, so every `Phase.IDLE` in code is a call of the
+# metaclass's __getattribute__ (~850 instructions, callgrind; 75 of them a request here and in
+# upstream/): the request cycle names its phases, and the writer its answer's framing, by these
+# module globals, a dict lookup.
+_IDLE: Final = Phase.IDLE
+_HEAD: Final = Phase.HEAD
+_BODY: Final = Phase.BODY
+_HANDLING: Final = Phase.HANDLING
+_DRAINING: Final = Phase.DRAINING
+_LINGERING: Final = Phase.LINGERING
+_CLOSED: Final = Phase.CLOSED
+_LENGTH_BODY: Final = Body.LENGTH
+_CHUNKED_BODY: Final = Body.CHUNKED
+_UNTIL_CLOSE_BODY: Final = Body.UNTIL_CLOSE
+_NO_BODY: Final = Body.NONE
+
+
 class ConnectionTracker:
     """The open connections of one listening server: the caps and shutdown use it."""
 
@@ -201,7 +219,7 @@ class ResponseWriter:
         self.finished = False
         self.keep_alive = False
         self._asker = asker
-        self._body = Body.NONE
+        self._body = _NO_BODY
         self._held_head = b""
         self._prepared: tuple[tuple[object, ...], Head] | None = None  # see prepare_stream
 
@@ -252,7 +270,7 @@ class ResponseWriter:
         if close:
             head.append(("connection", "close"))
         data = self._head(status, head)
-        if self._body is Body.LENGTH:
+        if self._body is _LENGTH_BODY:
             data += body
         elif body and not self.head_only:
             raise HeadError(f"a {status} answer has no body")  # as h11 refused it
@@ -311,9 +329,9 @@ class ResponseWriter:
         if not data or self.finished:
             return
         body = self._body
-        if body is Body.CHUNKED:
+        if body is _CHUNKED_BODY:
             framed = frame_chunk(data)
-        elif body is Body.UNTIL_CLOSE:
+        elif body is _UNTIL_CLOSE_BODY:
             framed = data
         elif self.started:
             return  # HEAD, 204, 304: the head only
@@ -332,10 +350,10 @@ class ResponseWriter:
         if not self.started:
             raise RuntimeError("the end of a response that has not started")  # h11 refused it too
         self.finished = True
-        if self._body is Body.CHUNKED:
+        if self._body is _CHUNKED_BODY:
             tail = (frame_chunk(last) + CHUNKED_END) if last else CHUNKED_END
         else:
-            tail = last if self._body is Body.UNTIL_CLOSE else b""  # HEAD, 204, 304: the head only
+            tail = last if self._body is _UNTIL_CLOSE_BODY else b""  # HEAD, 204, 304: the head only
         self._protocol.write(self._held_head + tail)
         self._held_head = b""
 
@@ -409,7 +427,7 @@ class HttpProtocol(StreamProtocol):
         self.client = ""
         self.ip = ""
         self.closed = False
-        self.phase = Phase.IDLE
+        self.phase = _IDLE
         self._timer: asyncio.TimerHandle | None = None  # the current phase's deadline
         # While _process runs, a phase's deadline waits here and is armed once, at its end: a
         # request that arrives whole passes HEAD and BODY without a timer made for either.
@@ -435,7 +453,7 @@ class HttpProtocol(StreamProtocol):
     @property
     def writer(self) -> ResponseWriter | None:
         """The writer of the answer a handler is writing, if one is."""
-        return self.cycle.writer if self.cycle is not None and self.phase is Phase.HANDLING else None
+        return self.cycle.writer if self.cycle is not None and self.phase is _HANDLING else None
 
     # -- asyncio callbacks -------------------------------------------------------------
 
@@ -453,7 +471,7 @@ class HttpProtocol(StreamProtocol):
             log.warning("connection cap reached (%s); refusing %s", refusal, self.client)
             self._refuse_connection(refusal)
             return
-        self._enter(Phase.IDLE, self.limits.header_timeout)
+        self._enter(_IDLE, self.limits.header_timeout)
 
     def _refuse_connection(self, message: str) -> None:
         # No request has been read: the answer has no request id, and the connection closes.
@@ -471,7 +489,7 @@ class HttpProtocol(StreamProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._enter(Phase.CLOSED)
+        self._enter(_CLOSED)
         self.tracker.remove(self)
         if self.cycle is not None and self.cycle.task is not None:
             self.cycle.task.cancel()
@@ -482,7 +500,7 @@ class HttpProtocol(StreamProtocol):
         return None
 
     def data_received(self, data: bytes) -> None:
-        if self.phase is Phase.LINGERING:
+        if self.phase is _LINGERING:
             self._discard(data)
             return
         self._inbuf += data
@@ -490,7 +508,7 @@ class HttpProtocol(StreamProtocol):
 
     def resume_writing(self) -> None:
         super().resume_writing()
-        if self.phase is Phase.DRAINING:
+        if self.phase is _DRAINING:
             self._next_request()
 
     # -- writing -------------------------------------------------------------------------
@@ -511,10 +529,10 @@ class HttpProtocol(StreamProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self.phase is Phase.IDLE and phase is not Phase.IDLE:
+        if self.phase is _IDLE and phase is not _IDLE:
             self.tracker.idle.pop(self, None)
         self.phase = phase
-        if phase is Phase.IDLE and not self.closed:
+        if phase is _IDLE and not self.closed:
             self.tracker.idle[self] = None
         if self._reading:
             self._deadline = deadline
@@ -524,9 +542,9 @@ class HttpProtocol(StreamProtocol):
     def _on_timeout(self) -> None:
         self._timer = None
         phase = self.phase
-        if phase is Phase.BODY:
+        if phase is _BODY:
             self._reject(408, "timed out waiting for the request body")
-        elif phase in (Phase.HANDLING, Phase.DRAINING):
+        elif phase in (_HANDLING, _DRAINING):
             self._watch_writes()
         else:  # idle too long, a head too slow, or lingering done
             self.close()
@@ -552,14 +570,14 @@ class HttpProtocol(StreamProtocol):
     def _read_on(self) -> None:
         while not self.closed:
             phase = self.phase
-            if phase is Phase.IDLE:
+            if phase is _IDLE:
                 if not self._skip_empty_lines():
                     break
-                self._enter(Phase.HEAD, self.limits.header_timeout)
-            elif phase is Phase.HEAD:
+                self._enter(_HEAD, self.limits.header_timeout)
+            elif phase is _HEAD:
                 if not self._read_head():
                     break
-            elif phase is Phase.BODY:
+            elif phase is _BODY:
                 if not self._read_body():
                     break
             else:
@@ -569,9 +587,9 @@ class HttpProtocol(StreamProtocol):
         """Read on only while the bytes can be used: never ahead of a request in progress
         (a pipelined request waits, unread, until the previous answer is written out), and
         not while a chunked body's step waits for its turn."""
-        if self.closed or self.phase is Phase.LINGERING:
+        if self.closed or self.phase is _LINGERING:
             return
-        busy = self.phase in (Phase.HANDLING, Phase.DRAINING) and bool(self._inbuf)
+        busy = self.phase in (_HANDLING, _DRAINING) and bool(self._inbuf)
         if busy or self._stepping:
             self.flow.pause_reading()
         else:
@@ -670,7 +688,7 @@ class HttpProtocol(StreamProtocol):
             # The client holds its body back until told to send it (curl does, for bodies
             # over 1 MB); h11: a server must answer 100 before it blocks on the body.
             self.write(CONTINUE)
-        self._enter(Phase.BODY, limits.body_timeout)
+        self._enter(_BODY, limits.body_timeout)
 
     def _read_body(self) -> bool:
         """The body, read here (the head was parsed by request_head.py; its Content-Length checked):
@@ -710,7 +728,7 @@ class HttpProtocol(StreamProtocol):
 
     def _next_step(self) -> None:
         self._stepping = False
-        if self.phase is Phase.BODY:
+        if self.phase is _BODY:
             self._process()
 
     def _reject_too_large(self) -> None:
@@ -721,7 +739,7 @@ class HttpProtocol(StreamProtocol):
         self._answer_unread(self._render_error(status, message))
 
     def _answer_unread(self, response: ErrorResponse, request_id: str | None = None) -> None:
-        if self.phase in (Phase.IDLE, Phase.HEAD, Phase.BODY):  # no answer begun yet
+        if self.phase in (_IDLE, _HEAD, _BODY):  # no answer begun yet
             try:
                 writer = ResponseWriter(self, request_id or new_request_id(), self._asker)
                 writer.send_error(response, close=True)
@@ -747,7 +765,7 @@ class HttpProtocol(StreamProtocol):
         self.cycle = None
         self._inbuf = bytearray()
         self._linger_left = self.limits.linger_bytes
-        self._enter(Phase.LINGERING, self.limits.linger_seconds)
+        self._enter(_LINGERING, self.limits.linger_seconds)
         self.flow.resume_reading()
         try:
             transport.write_eof()  # after what is buffered
@@ -768,7 +786,7 @@ class HttpProtocol(StreamProtocol):
         cycle.body = bytearray()
         self._acked = -1  # the write watchdog's first tick only takes the measure
         self._progress_at = self._loop.time()
-        self._enter(Phase.HANDLING, self._write_tick())
+        self._enter(_HANDLING, self._write_tick())
         cycle.task = self._loop.create_task(cycle.run(self._handler, self._render_error, self))
 
     def cycle_done(self) -> None:
@@ -776,7 +794,7 @@ class HttpProtocol(StreamProtocol):
         self.flow.set_listener(None)
         self.tracker.idle_changed.set()
         cycle = self.cycle
-        if self.closed or self.phase is not Phase.HANDLING or cycle is None:
+        if self.closed or self.phase is not _HANDLING or cycle is None:
             return
         self.cycle = None
         # The body was read whole before the handler ran (_dispatch): the answer decides.
@@ -785,7 +803,7 @@ class HttpProtocol(StreamProtocol):
             if self.flow.writing_paused:
                 # The answer waits in our buffer: the next request is read once it has left
                 # (nginx and uvicorn do the same), or the watchdog cuts a client that takes none.
-                self._enter(Phase.DRAINING, self._write_tick())
+                self._enter(_DRAINING, self._write_tick())
                 self._update_reading()
             else:
                 self._next_request()
@@ -793,7 +811,7 @@ class HttpProtocol(StreamProtocol):
             self.close()
 
     def _next_request(self) -> None:
-        self._enter(Phase.IDLE, self.limits.keepalive_timeout)
+        self._enter(_IDLE, self.limits.keepalive_timeout)
         self._process()
 
     # -- the write watchdog: a client that stops reading -----------------------------------
@@ -851,7 +869,7 @@ class HttpProtocol(StreamProtocol):
         """Graceful shutdown: close this connection now if no request is in progress; from
         the first call on, every answer on any connection says `connection: close`."""
         self.tracker.draining = True
-        if self.phase in (Phase.IDLE, Phase.HEAD):
+        if self.phase in (_IDLE, _HEAD):
             self.close()
             return True
         return False

@@ -16,7 +16,7 @@ import enum
 import functools
 import re
 from collections.abc import Callable
-from typing import cast
+from typing import Final, cast
 
 from casedesk.http.chunked import ChunkedDecoder, ChunkedError
 from casedesk.http.flow import StreamProtocol
@@ -77,11 +77,19 @@ class ConnectionState(enum.Enum):
     CLOSED = "closed"  # the socket is gone
 
 
-_CHUNKED = ConnectionState.RELAYING_CHUNKED
-_RELAYING = ConnectionState.RELAYING
-_HEAD_RECEIVED = ConnectionState.HEAD_RECEIVED
-_BODY_STATES = frozenset({ConnectionState.READING_BODY, _RELAYING, _CHUNKED})
-_IN_FLIGHT = frozenset({ConnectionState.AWAITING_HEAD, _HEAD_RECEIVED, *_BODY_STATES})
+# The states by module globals: Python 3.11's EnumType makes each `ConnectionState.X` in code a
+# metaclass call (~850 instructions; http/server.py says more).
+_CONNECTING: Final = ConnectionState.CONNECTING
+_HELD: Final = ConnectionState.HELD
+_AWAITING_HEAD: Final = ConnectionState.AWAITING_HEAD
+_HEAD_RECEIVED: Final = ConnectionState.HEAD_RECEIVED
+_READING_BODY: Final = ConnectionState.READING_BODY
+_RELAYING: Final = ConnectionState.RELAYING
+_CHUNKED: Final = ConnectionState.RELAYING_CHUNKED
+_SPENT: Final = ConnectionState.SPENT
+_CLOSED: Final = ConnectionState.CLOSED
+_BODY_STATES = frozenset({_READING_BODY, _RELAYING, _CHUNKED})
+_IN_FLIGHT = frozenset({_AWAITING_HEAD, _HEAD_RECEIVED, *_BODY_STATES})
 
 
 class UpstreamConnection(StreamProtocol):
@@ -91,7 +99,7 @@ class UpstreamConnection(StreamProtocol):
         super().__init__()
         self._loop = loop
         self._on_lost = on_lost
-        self.state = ConnectionState.CONNECTING
+        self.state = _CONNECTING
         self.requests_sent = 0
         self.max_requests = 100  # the server's Keep-Alive `max`
         self.keepalive_timeout = 5.0
@@ -124,8 +132,8 @@ class UpstreamConnection(StreamProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        if self.state is ConnectionState.CONNECTING:
-            self.state = ConnectionState.HELD
+        if self.state is _CONNECTING:
+            self.state = _HELD
 
     def connection_lost(self, exc: Exception | None) -> None:
         state = self.state
@@ -141,12 +149,12 @@ class UpstreamConnection(StreamProtocol):
         elif state in _IN_FLIGHT:
             reason = f"upstream closed the connection ({exc})" if exc else "upstream closed the connection"
             self._fail(UpstreamError(reason, retryable=not self.received_any and self.waited))
-        self.state = ConnectionState.CLOSED
+        self.state = _CLOSED
         self._on_lost(self)
 
     def eof_received(self) -> bool | None:
         state = self.state
-        if state is ConnectionState.AWAITING_HEAD:
+        if state is _AWAITING_HEAD:
             if not self.received_any:
                 # Closed before answering: on a reused socket the server never saw the request.
                 self._fail(UpstreamError("upstream closed the connection before answering", retryable=self.waited))
@@ -193,11 +201,11 @@ class UpstreamConnection(StreamProtocol):
                 sink(body)
             if decoder.done and self.state is state:  # (the sink may have cut it short)
                 self._finish_body()
-        elif state is ConnectionState.AWAITING_HEAD:
+        elif state is _AWAITING_HEAD:
             self._head_bytes(data)
         elif state is _HEAD_RECEIVED:
             self._pending.append(data)
-        elif state is ConnectionState.READING_BODY:
+        elif state is _READING_BODY:
             self._collect(data)
         else:
             # Bytes nobody asked for: the connection is out of step; never reuse it.
@@ -211,7 +219,7 @@ class UpstreamConnection(StreamProtocol):
         """Write the request and return a future for its ResponseHead."""
         future: asyncio.Future[ResponseHead] = self._loop.create_future()
         transport = self.transport
-        if self.state is not ConnectionState.HELD or transport is None or transport.is_closing():
+        if self.state is not _HELD or transport is None or transport.is_closing():
             # Closed by the server since it was last checked: it never saw this request.
             future.set_exception(UpstreamError("upstream closed the connection before the request", retryable=True))
             return future
@@ -222,7 +230,7 @@ class UpstreamConnection(StreamProtocol):
         self._parser = HeadParser()
         self._head = None
         self._pending = []
-        self.state = ConnectionState.AWAITING_HEAD
+        self.state = _AWAITING_HEAD
         self._future = future
         transport.write(data)
         return future
@@ -258,7 +266,7 @@ class UpstreamConnection(StreamProtocol):
         self._sink = self._raw = None
         future: asyncio.Future[bytes] = self._loop.create_future()
         self._future = future
-        self._start_body(ConnectionState.READING_BODY)
+        self._start_body(_READING_BODY)
         return future
 
     def stream_body(
@@ -325,9 +333,9 @@ class UpstreamConnection(StreamProtocol):
             and self.requests_sent < self.max_requests
         )
         if self._eof:
-            self.state = ConnectionState.CLOSED  # it closed while the caller had the head
+            self.state = _CLOSED  # it closed while the caller had the head
         else:
-            self.state = ConnectionState.HELD if reusable else ConnectionState.SPENT
+            self.state = _HELD if reusable else _SPENT
         self._resolve(body)
 
     def _resolve(self, result: object) -> None:
@@ -338,8 +346,8 @@ class UpstreamConnection(StreamProtocol):
             future.set_result(result)  # type: ignore[arg-type]
 
     def _fail(self, error: UpstreamError) -> None:
-        if self.state is not ConnectionState.CLOSED:
-            self.state = ConnectionState.SPENT
+        if self.state is not _CLOSED:
+            self.state = _SPENT
         future, self._future = self._future, None
         if future is not None and not future.done():
             future.set_exception(error)
@@ -380,13 +388,13 @@ class UpstreamConnection(StreamProtocol):
 
     def abort(self) -> None:
         """Close now, dropping unsent bytes: used for streams cut short (frees the slot)."""
-        if self.state is not ConnectionState.CLOSED:
+        if self.state is not _CLOSED:
             self._fail(UpstreamError("the gateway closed the connection"))  # ends what waits
             if self.transport is not None:
                 self.transport.abort()
 
     def close(self) -> None:
-        if self.state is not ConnectionState.CLOSED:
-            self.state = ConnectionState.SPENT
+        if self.state is not _CLOSED:
+            self.state = _SPENT
             if self.transport is not None:
                 self.transport.close()

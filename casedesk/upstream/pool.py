@@ -17,8 +17,17 @@ import functools
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Final
 
 from casedesk.upstream.connection import ConnectionState, UpstreamConnection, UpstreamError
+
+# The states by module globals: Python 3.11's EnumType makes each `ConnectionState.X` in code a
+# metaclass call (~850 instructions; http/server.py says more).
+_CONNECTING: Final = ConnectionState.CONNECTING
+_IDLE: Final = ConnectionState.IDLE
+_HELD: Final = ConnectionState.HELD
+_SPENT: Final = ConnectionState.SPENT
+_CLOSED: Final = ConnectionState.CLOSED
 
 # Out of descriptors or buffers in this process: the gateway's failure, never the upstream's.
 _LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -81,11 +90,11 @@ class UpstreamPool:
     def in_flight(self) -> int:
         """Connections held by callers (a request in flight, or its socket being opened);
         a spare being opened is nobody's request."""
-        return sum(1 for c in self._connections if c.state is not ConnectionState.IDLE and not c.spare)
+        return sum(1 for c in self._connections if c.state is not _IDLE and not c.spare)
 
     def carries_one(self) -> bool:
         """Exactly one request holds a connection (in_flight == 1, counted no further than 2)."""
-        held = (c for c in self._connections if c.state is not ConnectionState.IDLE and not c.spare)
+        held = (c for c in self._connections if c.state is not _IDLE and not c.spare)
         return sum(1 for _ in itertools.islice(held, 2)) == 1
 
     @property
@@ -112,7 +121,7 @@ class UpstreamPool:
             else:  # handed a connection as the cancellation landed: give it back
                 self.release(waiter.future.result())
             raise
-        if conn.state is ConnectionState.CONNECTING:
+        if conn.state is _CONNECTING:
             opening = self._opening.get(conn)
             if opening is None:
                 await self._connect(conn)
@@ -131,12 +140,12 @@ class UpstreamPool:
             else:
                 conn.spare = True  # idle in the pool once open
             raise
-        return conn.state is ConnectionState.HELD
+        return conn.state is _HELD
 
     def _top_up(self, loop: asyncio.AbstractEventLoop) -> None:
         """Open spares (in the background) until `spares` are idle or opening, within the cap."""
         live = self._connections
-        ready = sum(1 for c in live if c.spare or c.state is ConnectionState.IDLE)
+        ready = sum(1 for c in live if c.spare or c.state is _IDLE)
         for _ in range(min(self.spares - ready, self.max_connections - len(live))):
             conn = self._new_connection()
             conn.opened_ahead = conn.spare = True
@@ -155,10 +164,10 @@ class UpstreamPool:
             await self._connect(conn)
         except UpstreamError:
             return  # (closed, and the pool told)
-        if conn.spare and conn.state is ConnectionState.HELD:  # (nobody took it, nor closed it)
-            conn.state = ConnectionState.IDLE
+        if conn.spare and conn.state is _HELD:  # (nobody took it, nor closed it)
+            conn.state = _IDLE
             conn.idle_since = self._loop().time()
-        elif conn.state is ConnectionState.CLOSED and conn.transport is not None:
+        elif conn.state is _CLOSED and conn.transport is not None:
             conn.transport.abort()  # given up on while it opened
         self._run(self._assign(self._loop().time()))
 
@@ -171,7 +180,7 @@ class UpstreamPool:
             async with asyncio.timeout(self.connect_timeout):
                 await loop.create_connection(lambda: conn, self.host, self.port)
         except BaseException as exc:
-            conn.state = ConnectionState.CLOSED
+            conn.state = _CLOSED
             if conn.transport is not None:
                 conn.transport.abort()
             self._run(self._assign(loop.time()))
@@ -192,15 +201,15 @@ class UpstreamPool:
         """Give a connection back: kept for reuse only if its last response ended cleanly."""
         loop = self._loop()
         now = loop.time()
-        if conn.state is ConnectionState.CONNECTING:
+        if conn.state is _CONNECTING:
             if conn in self._opening:
                 conn.spare = True  # a spare still opening: the pool's again
             else:
-                conn.state = ConnectionState.CLOSED  # handed out but never opened
+                conn.state = _CLOSED  # handed out but never opened
         elif not reusable:
             conn.abort()  # cut short: llama-server learns at once that nobody reads it
-        elif conn.state is ConnectionState.HELD:
-            conn.state = ConnectionState.IDLE
+        elif conn.state is _HELD:
+            conn.state = _IDLE
             conn.idle_since = now
         else:
             conn.close()
@@ -221,9 +230,9 @@ class UpstreamPool:
         live: list[UpstreamConnection] = []
         for conn in self._connections:
             state = conn.state
-            if state is ConnectionState.CLOSED:
+            if state is _CLOSED:
                 continue
-            if state is ConnectionState.SPENT or (state is ConnectionState.IDLE and conn.expired(now)):
+            if state is _SPENT or (state is _IDLE and conn.expired(now)):
                 todo.close.append(conn)
                 continue
             live.append(conn)
@@ -234,8 +243,8 @@ class UpstreamPool:
             if waiter.future.done():  # cancelled while waiting
                 queue.popleft()
                 continue
-            idle = [c for c in live if c.state is ConnectionState.IDLE]
-            opening = [c for c in live if c.spare and c.state is ConnectionState.CONNECTING]
+            idle = [c for c in live if c.state is _IDLE]
+            opening = [c for c in live if c.spare and c.state is _CONNECTING]
             if idle and not waiter.fresh:
                 conn = idle[-1]
             elif opening and not waiter.fresh:
@@ -246,7 +255,7 @@ class UpstreamPool:
                 live.append(conn)
             elif idle:
                 oldest = idle[0]
-                oldest.state = ConnectionState.SPENT
+                oldest.state = _SPENT
                 live.remove(oldest)
                 todo.close.append(oldest)
                 conn = self._new_connection()
@@ -254,8 +263,8 @@ class UpstreamPool:
             else:
                 break
             queue.popleft()
-            if conn.state is ConnectionState.IDLE:
-                conn.state = ConnectionState.HELD
+            if conn.state is _IDLE:
+                conn.state = _HELD
                 conn.spare = False  # a request's now
             todo.hand.append((waiter, conn))
         return todo
@@ -274,6 +283,6 @@ class UpstreamPool:
         for task in self._opening.values():
             task.cancel()
         for conn in self._connections:
-            if conn.state is ConnectionState.IDLE:
+            if conn.state is _IDLE:
                 conn.close()
-        self._connections = [c for c in self._connections if c.state is not ConnectionState.SPENT]
+        self._connections = [c for c in self._connections if c.state is not _SPENT]
