@@ -441,6 +441,8 @@ class _Attempt:
                             self.flush()
                             self.exchange.abort()  # the answer is complete; llama-server stops here
                             return pos
+                    if pos == size:
+                        break  # (the read was all text: nothing left for wire_events to look at)
                 events = wire_events(wire, pos)
                 if events is None:
                     break
