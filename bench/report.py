@@ -120,6 +120,16 @@ def real_section(result: dict[str, Any]) -> list[str]:
             f"| {s['ttft_ms_median']:.1f} |"
         )
     lines += ["", f"CaseDesk tokens/s ÷ llama-server's own /v1/messages: **{result['ratio']:.4f}**"]
+    pairs = result.get("ttft_pairs")
+    if pairs:
+        low, high = pairs["added_ms_quartiles"]
+        lines += [
+            "",
+            f"Time to first token in {pairs['pairs']} pairs of 3-token requests (one to each, who goes first "
+            f"alternating): llama-server's own {pairs['own_ms_median']:.2f} ms, CaseDesk "
+            f"{pairs['casedesk_ms_median']:.2f} ms (medians); CaseDesk's added time in a pair "
+            f"**{pairs['added_ms_median']:+.2f} ms** (median; middle half {low:+.2f} to {high:+.2f}).",
+        ]
     return lines
 
 
