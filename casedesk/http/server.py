@@ -248,7 +248,8 @@ class ResponseWriter:
         if self._protocol.tracker.draining and ("connection", "close") not in headers:
             headers.append(("connection", "close"))  # shutting down: no next request here
         head = response_head_of(status, tuple(headers), self._asker)
-        return replace(head, data=head.data.replace(_ID_LINE, b"request-id: %b\r\n" % self.request_id.encode(), 1))
+        data = head.data.replace(_ID_LINE, b"request-id: %b\r\n" % self.request_id.encode(), 1)
+        return Head(data, head.body, head.keep_alive)  # (dataclasses.replace: 0.7 µs more, every answer)
 
     def _commit(self, status: int, head: Head) -> bytes:
         self.started = True
