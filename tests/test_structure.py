@@ -43,3 +43,28 @@ def test_the_import_graph_has_no_cycle() -> None:
     for module in graph:
         visit(module, [module])
     assert "casedesk.app" in graph and "casedesk.endpoints.messages" in graph  # the walk saw the package
+
+
+def test_the_request_path_names_enum_members_by_module_globals() -> None:
+    """docs/design.md, "The hot path": on Python 3.11 `Phase.IDLE` in code calls the enum
+    metaclass's __getattribute__ (~850 instructions); the modules every request runs through
+    name the members they test by module globals, defined once at module level."""
+    hot = {
+        "http/server.py": {"Phase", "Body"},
+        "upstream/connection.py": {"ConnectionState"},
+        "upstream/pool.py": {"ConnectionState"},
+    }
+    for module, enums in hot.items():
+        tree = ast.parse((PACKAGE / module).read_text(encoding="utf-8"))
+        functions = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        assert functions, module
+        found = [
+            f"{module}:{node.lineno} {node.value.id}.{node.attr}"
+            for function in functions
+            for node in ast.walk(function)
+            if isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in enums
+            and node.attr.isupper()
+        ]
+        assert not found, found
