@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from casedesk.http.chunked import ChunkedDecoder, ChunkedError
 from casedesk.translate import fast_delta
 from casedesk.http.sse import SseDecoder
-from casedesk.translate.fast_delta import text_delta, wire_events, wire_text_delta, wire_text_deltas
+from casedesk.translate.fast_delta import WireTexts, text_delta, wire_events, wire_text_delta
 from casedesk.upstream import relay
 from tests.support.gateway import GatewayFactory, gateway_config
 from tests.support.wire import raw_events
@@ -64,22 +64,22 @@ def test_every_recorded_text_chunk_is_taken_with_its_text() -> None:
 
 
 def test_a_read_of_many_is_taken_in_one_call_up_to_the_first_chunk_of_another_shape() -> None:
-    """`wire_text_deltas` (the relay's one call per read) takes what `wire_text_delta` would
+    """`WireTexts.take` (the relay's one call per read) takes what `wire_text_delta` would
     take one by one, and stops where it would stop: at a chunk of another shape, or a part."""
     other = framed(PAYLOADS[-2]) if text_delta(PAYLOADS[-2]) is None else framed(PAYLOADS[1])
     head, tail = b"".join(framed(p) for p in TEXTS[:5]), b"".join(framed(p) for p in TEXTS[5:8])
     wire = head + other + tail
     texts: list[str] = []
-    assert wire_text_deltas(wire, 0, texts) == len(head)
+    assert WireTexts().take(wire, 0, texts) == len(head)
     assert texts == [text_delta(p) for p in TEXTS[:5]]
     texts.clear()
-    assert wire_text_deltas(wire, len(head) + len(other), texts) == len(wire)
+    assert WireTexts().take(wire, len(head) + len(other), texts) == len(wire)
     assert texts == [text_delta(p) for p in TEXTS[5:8]]
     texts.clear()
-    assert wire_text_deltas(head + tail[:-1], 0, texts, most=2) == len(framed(TEXTS[0]) + framed(TEXTS[1]))
+    assert WireTexts().take(head + tail[:-1], 0, texts, most=2) == len(framed(TEXTS[0]) + framed(TEXTS[1]))
     assert len(texts) == 2
     texts.clear()
-    assert wire_text_deltas(tail[:-1], 0, texts) == len(framed(TEXTS[5]) + framed(TEXTS[6]))  # the last is cut
+    assert WireTexts().take(tail[:-1], 0, texts) == len(framed(TEXTS[5]) + framed(TEXTS[6]))  # the last is cut
     assert len(texts) == 2
 
 
@@ -156,7 +156,7 @@ def test_a_read_of_many_takes_what_one_chunk_at_a_time_takes(payloads: list[byte
         one_at_a_time.append(found[0])
         pos = found[1]
     texts: list[str] = []
-    assert wire_text_deltas(wire, 0, texts) == pos
+    assert WireTexts().take(wire, 0, texts) == pos
     assert texts == one_at_a_time
 
 
@@ -170,7 +170,7 @@ def test_a_chunk_in_another_envelope_is_checked_afresh() -> None:
     escaped_model = later.replace(b'"model":"', b'"model":"\\u0041')
     for second, taken in ((later, True), (next_second, True), (escaped_model, False)):
         texts: list[str] = []
-        end = wire_text_deltas(first + framed(second) + framed(TEXTS[2]), 0, texts)
+        end = WireTexts().take(first + framed(second) + framed(TEXTS[2]), 0, texts)
         if taken:
             assert len(texts) == 3 and end == len(first) + len(framed(second)) + len(framed(TEXTS[2]))
         else:
