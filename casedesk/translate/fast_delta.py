@@ -13,10 +13,11 @@ caller then parses the chunk in full. Agreement with the full parse, over record
 generated ones, is checked in tests/test_fast_delta.py.
 
 `WireTexts` (one stream's reads; `wire_text_delta` for one chunk) goes one step further down
-for the relay's per-token path: it takes such chunks straight off the wire, its HTTP chunk framing and SSE line included (one chunk holds one
-event, as llama-server writes them), so that a read of many tokens is not split three times
-over (chunks, events, chunk JSON) before the text is found. Anything but the exact canonical
-shape is declined, and the caller hands the bytes to the chunked and SSE decoders as before.
+for the relay's per-token path: it takes such chunks straight off the wire, their HTTP chunk
+framing and SSE line included (one chunk holds one event, as llama-server writes them), so
+that a read of many tokens is not split three times over (chunks, events, chunk JSON) before
+the text is found. Anything but the exact canonical shape is declined, and the caller hands
+the bytes to the chunked and SSE decoders as before.
 
 Splicing llama-server's JSON string into our event unparsed (it is byte for byte what
 `orjson.dumps(text)` writes when it holds no backslash) was measured too, and is no faster:
