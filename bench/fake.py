@@ -5,6 +5,17 @@ after every stream; tokens sent as fast as the socket takes them), each server u
 its own process. Per concurrency the targets run one after the other, so that all of them see
 the same machine; CaseDesk's figures are also given against the direct upstream (added time
 to first token) and against the floor (CPU per token ÷ the bare relay's: bench/floor.py).
+
+The processes are pinned (bench/procs.py `two_cpus`, `pin`): the fake upstream on one CPU, the
+server under test and this load generator on the other. Left to the scheduler, three busy
+processes on the 2-core box took one of two layouts from run to run, and the one-stream row
+followed the layout, not the code: the floor's added first token was +0.19–0.28 ms in some runs
+and +0.52–0.55 in others, its CPU 3.2–5.2 µs a token, so CaseDesk's ÷ floor read 1.41–1.91 in
+five runs of the same code (2026-12-04). Pinning each layout by hand reproduced each mode. This
+layout is the one that flatters CaseDesk least against the direct upstream: the direct client
+has a core to itself, while a gateway's client shares the gateway's, so that the first token
+waits for the gateway to let its client run. Pinned, three runs gave CaseDesk ÷ floor 1.29,
+1.31, 1.29 and +0.57 ms of added first token each time. `--no-pin` measures the old way.
 """
 
 from __future__ import annotations
@@ -12,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +39,16 @@ from bench.load import (
     scenario,
     slow_streams_rss,
 )
-from bench.procs import Processes, free_port, python_module, start_casedesk, start_fake_llama, wait_port
+from bench.procs import (
+    Processes,
+    free_port,
+    pin,
+    python_module,
+    start_casedesk,
+    start_fake_llama,
+    two_cpus,
+    wait_port,
+)
 from bench.profiling import profile_gateway
 from bench.report import fmt_row
 
@@ -47,12 +68,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also the CaseDesk of the checkout at PATH, as target NAME (before and after in one run)",
     )
     parser.add_argument("--no-profile", action="store_true", help="skip the cProfile tables")
+    parser.add_argument(
+        "--no-pin", action="store_true", help="leave the processes where the scheduler puts them (see the docstring)"
+    )
 
 
-def start_floor(procs: Processes, upstream_port: int) -> tuple[int, int]:
+def start_floor(procs: Processes, upstream_port: int, cpus: frozenset[int] | None = None) -> tuple[int, int]:
     port = free_port()
     process = procs.start(python_module("bench.floor", "--port", str(port), "--upstream-port", str(upstream_port)))
     wait_port(port)
+    pin(process.pid, cpus)
     return port, process.pid
 
 
@@ -64,11 +89,14 @@ def peer_target(url: str, tokens: int) -> Target:
 
 
 async def run(args: argparse.Namespace, procs: Processes, config_dir: Path) -> dict[str, Any]:
-    fast_port = start_fake_llama(procs, args.tokens, 0)
-    slow_port = start_fake_llama(procs, 50, 0.02)
+    cpus = None if args.no_pin else two_cpus()
+    upstream_cpu, tested_cpu = cpus or (None, None)
+    pin(os.getpid(), tested_cpu)  # the load generator
+    fast_port = start_fake_llama(procs, args.tokens, 0, upstream_cpu)
+    slow_port = start_fake_llama(procs, 50, 0.02, upstream_cpu)
     upstream = f"http://127.0.0.1:{fast_port}"
-    floor_port, floor_pid = start_floor(procs, fast_port)
-    gw_port, gw = start_casedesk(procs, upstream, config_dir)
+    floor_port, floor_pid = start_floor(procs, fast_port, tested_cpu)
+    gw_port, gw = start_casedesk(procs, upstream, config_dir, cpus=tested_cpu)
     targets = [
         Target("direct", fast_port, OPENAI_PATH, OPENAI_BODY, OPENAI_MARKER),
         Target("floor", floor_port, OPENAI_PATH, OPENAI_BODY, OPENAI_MARKER, pid=floor_pid),
@@ -76,7 +104,7 @@ async def run(args: argparse.Namespace, procs: Processes, config_dir: Path) -> d
     ]
     for spec in args.checkout:
         name, _, path = spec.partition("=")
-        port, process = start_casedesk(procs, upstream, config_dir, Path(path).resolve())
+        port, process = start_casedesk(procs, upstream, config_dir, Path(path).resolve(), tested_cpu)
         targets.append(anthropic_target(name, port, args.tokens, process.pid))
     if args.peer:
         targets.append(peer_target(args.peer, args.tokens))
@@ -91,18 +119,29 @@ async def run(args: argparse.Namespace, procs: Processes, config_dir: Path) -> d
         for row in await interleaved(targets, concurrency, streams, args.rounds):
             rows.append(row)
             print(fmt_row(row), flush=True)
-    result: dict[str, Any] = {"rows": rows, "gateways": [t.name for t in targets if t.path != OPENAI_PATH]}
+    result: dict[str, Any] = {
+        "rows": rows,
+        "gateways": [t.name for t in targets if t.path != OPENAI_PATH],
+        "layout": _layout(cpus),
+    }
     result["per_request"] = await cpu_per_request([t for t in targets if t.pid])
     if not args.no_profile:
         result["profile"] = await profile_gateway(procs, fast_port, config_dir, tokens=args.tokens)
     if args.slow_streams:
-        slow_gw_port, slow_gw = start_casedesk(procs, f"http://127.0.0.1:{slow_port}", config_dir)
+        slow_gw_port, slow_gw = start_casedesk(procs, f"http://127.0.0.1:{slow_port}", config_dir, cpus=tested_cpu)
         slow = anthropic_target("casedesk", slow_gw_port, 50, slow_gw.pid)
         result["slow_streams"] = await slow_streams_rss(slow, args.slow_streams)
         print(f"slow streams: {result['slow_streams']}", flush=True)
     result["upstream_connections"] = await upstream_connections(procs, config_dir)
     print(f"upstream connections opened per 200 requests: {result['upstream_connections']}", flush=True)
     return result
+
+
+def _layout(cpus: tuple[frozenset[int], frozenset[int]] | None) -> str:
+    if cpus is None:
+        return "processes where the scheduler put them (--no-pin, or one CPU)"
+    upstream, tested = (", ".join(map(str, sorted(c))) for c in cpus)
+    return f"the fake upstream on CPU {upstream}; the server under test and the load generator on CPU {tested}"
 
 
 async def cpu_per_request(targets: list[Target], requests: int = 200) -> list[dict[str, Any]]:

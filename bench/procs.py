@@ -50,6 +50,28 @@ def rss_mb(pid: int) -> float:
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE / 2**20
 
 
+def two_cpus() -> tuple[frozenset[int], frozenset[int]] | None:
+    """Two CPUs this process may run on: (the upstream's, everyone else's); None with one.
+
+    Left to the scheduler, three busy processes on two cores (load generator, server under
+    test, fake upstream) land in one of two layouts from run to run, and the one-stream figures
+    follow the layout, not the code (bench/fake.py says how far). Two CPUs, not all of them,
+    so that a bigger machine measures what the 2-core CI box does."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return (frozenset(cpus[:1]), frozenset(cpus[1:2])) if len(cpus) >= 2 else None
+
+
+def pin(pid: int, cpus: frozenset[int] | None) -> None:
+    """Every thread of `pid` on `cpus` (threads it starts later inherit it); None: left alone."""
+    if cpus is None:
+        return
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            os.sched_setaffinity(int(task.name), cpus)
+        except ProcessLookupError:
+            continue  # a thread that just ended
+
+
 def wait_http(url: str, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -104,19 +126,21 @@ def python_module(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
-def start_fake_llama(procs: Processes, tokens: int, token_delay: float) -> int:
-    """tests/fake_llama.py in its own process (the real server's bytes); its port."""
+def start_fake_llama(procs: Processes, tokens: int, token_delay: float, cpus: frozenset[int] | None = None) -> int:
+    """tests/fake_llama.py in its own process (the real server's bytes), on `cpus`; its port."""
     port = free_port()
     command = python_module("tests.fake_llama", "--port", str(port), "--tokens", str(tokens))
-    procs.start([*command, "--token-delay", str(token_delay)], cwd=ROOT)
+    process = procs.start([*command, "--token-delay", str(token_delay)], cwd=ROOT)
     wait_http(f"http://127.0.0.1:{port}/health", 30)
+    pin(process.pid, cpus)
     return port
 
 
 def start_casedesk(
-    procs: Processes, upstream: str, config_dir: Path, checkout: Path = ROOT
+    procs: Processes, upstream: str, config_dir: Path, checkout: Path = ROOT, cpus: frozenset[int] | None = None
 ) -> tuple[int, subprocess.Popen[bytes]]:
-    """A CaseDesk (that of `checkout`) with one deployment `bench`, model `m`, on `upstream`."""
+    """A CaseDesk (that of `checkout`) with one deployment `bench`, model `m`, on `upstream`,
+    on `cpus`."""
     port = free_port()
     config = config_dir / f"casedesk-{port}.toml"
     config.write_text(
@@ -127,4 +151,5 @@ def start_casedesk(
     command = python_module("casedesk", "serve", "--config", str(config), "--log-level", "warning")
     process = procs.start(command, cwd=checkout, env={**os.environ, "PYTHONPATH": str(checkout)})
     wait_http(f"http://127.0.0.1:{port}/healthz", 60)
+    pin(process.pid, cpus)
     return port, process

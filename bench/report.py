@@ -62,6 +62,8 @@ def floor_section(result: dict[str, Any]) -> list[str]:
 def fake_section(result: dict[str, Any]) -> list[str]:
     """`make bench`: every target's row, the comparisons, memory and connections."""
     lines: list[str] = []
+    if result.get("layout"):
+        lines += [f"Processes: {result['layout']}.", ""]
     lines += [
         "| target | streams at once | tokens/s | gateway CPU µs/token | TTFT p50 ms | TTFT p99 ms"
         " | gap p50 ms | gap p99 ms | RSS MB |",
