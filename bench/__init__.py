@@ -14,7 +14,7 @@ Modules, one job each:
   instructions.py      `make bench-instructions`: CaseDesk's user-space instructions (callgrind), per request and token
   slot_pinning.py      id_slot vs llama-server's own slot choice, inside one server
   llama.py             starting real llama-servers on the real model
-  procs.py             processes, ports, CPU and memory from /proc, starting a CaseDesk
+  procs.py             processes, ports, CPU and memory from /proc, CPU pinning, starting a CaseDesk
   report.py            lines while running, Markdown and chart after
   loop.py              uvloop when installed, chosen before anything runs
 """
