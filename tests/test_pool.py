@@ -70,6 +70,22 @@ async def test_assign_makes_room_for_a_fresh_connection_by_closing_the_oldest_id
     assert pool._connections == [newest, conn]
 
 
+async def test_assign_hands_a_spare_whose_socket_opened_before_its_opener_resumed() -> None:
+    """A spare's socket is open (HELD) a loop turn or more before its opener makes it IDLE. A
+    request that comes then takes it, open ones before those still connecting; it opens no
+    socket of its own (that request's first token would wait for the connect)."""
+    pool = UpstreamPool("127.0.0.1", 1, max_connections=4, spares=2)
+    connecting = connection(pool, State.CONNECTING)
+    opened = connection(pool, State.HELD)
+    connecting.spare = opened.spare = True
+    first, second = waiting(pool), waiting(pool)
+    todo = pool._assign(now=1.0)
+    assert todo.hand == [(first, opened), (second, connecting)]
+    assert pool._connections == [connecting, opened]  # none opened besides
+    assert not opened.spare and not connecting.spare  # the requests' now
+    assert pool.in_flight == 2
+
+
 async def test_assign_lets_requests_wait_while_every_connection_is_held() -> None:
     pool = UpstreamPool("127.0.0.1", 1, max_connections=1)
     connection(pool, State.AWAITING_HEAD)

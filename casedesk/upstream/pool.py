@@ -223,9 +223,10 @@ class UpstreamPool:
 
     def _assign(self, now: float) -> Assignment:
         """Drop closed connections and close spent and expired idle ones; then serve waiting
-        requests in order: an idle connection (the newest), else a spare still opening, else a
-        new one while below the cap, else (a fresh one wanted and the pool full) close the oldest idle one to make
-        room for a new one; else they keep waiting. No I/O: returns what to do."""
+        requests in order: an idle connection (the newest), else a spare just opened or still
+        opening, else a new one while below the cap, else (a fresh one wanted and the pool full)
+        close the oldest idle one to make room for a new one; else they keep waiting. No I/O:
+        returns what to do."""
         todo = Assignment()
         live: list[UpstreamConnection] = []
         for conn in self._connections:
@@ -244,11 +245,16 @@ class UpstreamPool:
                 queue.popleft()
                 continue
             idle = [c for c in live if c.state is _IDLE]
-            opening = [c for c in live if c.spare and c.state is _CONNECTING]
+            # A spare on its way, the open ones first: a spare's socket is open (HELD) a loop
+            # turn or more before its opener resumes to make it IDLE, and a request that comes
+            # then (the client's next turn, on a core it shares with this process) would open
+            # a socket of its own, its first token waiting for the connect.
+            opening = [c for c in live if c.spare and c.state is _HELD]
+            opening += [c for c in live if c.spare and c.state is _CONNECTING]
             if idle and not waiter.fresh:
                 conn = idle[-1]
             elif opening and not waiter.fresh:
-                conn = opening[0]  # a spare on its way: it opens before a new one would
+                conn = opening[0]  # it opens (or opened) before a new one would
                 conn.spare = False
             elif len(live) < self.max_connections:
                 conn = self._new_connection()
