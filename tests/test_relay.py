@@ -112,6 +112,23 @@ async def test_the_cpu_is_offered_once_a_stream_right_after_its_first_token_and_
     assert [name for name, _ in await slow][-1] == "message_stop"
 
 
+async def test_a_streams_spare_opens_while_it_runs_and_carries_the_next_request(
+    fake: FakeLlamaServer, gateway: RunningGateway
+) -> None:
+    """The socket a stream spends is replaced as its first token goes out (upstream/pool.py
+    `answer_begun`), not as it ends: the next request, an agent's next turn right after, finds
+    the spare open and is sent on it, its first token waiting for no connect."""
+    fake.replies.extend([Reply(tokens=["a", "b", "c"], token_delay=0.2), Reply(tokens=["d"])])
+    before = fake.connections_accepted
+    first = asyncio.ensure_future(raw_events(gateway, {}))
+    await until(lambda: fake.connections_accepted == before + 2)  # its own socket, and the spare
+    assert not first.done()  # while it runs
+    spare = fake.connections_accepted  # the spare's serial
+    assert [name for name, _ in await first][-1] == "message_stop"
+    assert [name for name, _ in await raw_events(gateway, {})][-1] == "message_stop"
+    assert fake.chat_requests()[-1].connection == spare
+
+
 async def test_upstream_request_asks_for_stream_usage_and_progress(
     fake: FakeLlamaServer, gateway: RunningGateway
 ) -> None:

@@ -499,8 +499,11 @@ class _Attempt:
                 self._before_first_writes()
             (write or self.write)(pending[0] if len(pending) == 1 else b"".join(pending))
             pending.clear()
-            if first and not self.waiting and self.streamed and self.exchange.pool.carries_one():
-                hand_over_cpu()  # (alone: with other streams in flight, they would wait instead)
+            if first and not self.waiting:
+                pool = self.exchange.pool
+                if self.streamed and pool.carries_one():
+                    hand_over_cpu()  # (alone: with other streams in flight, they would wait instead)
+                pool.answer_begun()  # (its spare opens while it runs)
 
     def _bounded(self, write: Callable[[bytes], None]) -> Callable[[bytes], None]:
         """`write`, ending the answer once it would take more than `limit` bytes."""
