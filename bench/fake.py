@@ -9,15 +9,15 @@ to first token) and against the floor (CPU per token ÷ the bare relay's: bench/
 The processes are pinned (bench/procs.py `two_cpus`, `pin`): the fake upstream on one CPU, the
 server under test and this load generator on the other. Left to the scheduler, three busy
 processes on the 2-core box took one of two layouts from run to run, and the one-stream row
-followed the layout, not the code: in five runs of the same code (2026-12-04) the floor's added
-first token was +0.19–0.28 ms in four and +0.52 in the fifth, its CPU 3.2–5.2 µs a token, and
+followed the layout, not the code: in five runs of 1c5f739 (2026-12-04) the floor's added first
+token was +0.19–0.28 ms in four and +0.52 in the fifth, its CPU 3.2–5.2 µs a token, and
 CaseDesk's ÷ floor read 1.41–1.91. Pinning each layout by hand reproduced each mode (the
 floor's first token at 0.39 ms with the load generator on the upstream's CPU, 0.77 on the
-relay's). This
-layout is the one that flatters CaseDesk least against the direct upstream: the direct client
-has a core to itself, while a gateway's client shares the gateway's, so that the first token
-waits for the gateway to let its client run. Pinned, three runs gave CaseDesk ÷ floor 1.29,
-1.31, 1.29 and +0.57 ms of added first token each time. `--no-pin` measures the old way.
+relay's; bench/results/issue23-session6-runs.md). This layout is the one that flatters CaseDesk
+least against the direct upstream: the direct client has a core to itself, while a gateway's
+client shares the gateway's, so that the first token waits for the gateway to let its client
+run. Pinned, three runs of 1c5f739 gave CaseDesk ÷ floor 1.29, 1.31, 1.29 and +0.57 ms of added
+first token each time. `--no-pin` measures the old way.
 """
 
 from __future__ import annotations
